@@ -1,0 +1,19 @@
+//! The NATS contract shared by every windrow role.
+//!
+//! The bridge writes and the workers read the same subjects and headers; keeping
+//! both sides in one crate means a change to the contract is one change.
+//!
+//! # Layout
+//! - [`subject`]: the lossless MQTT topic ⇄ NATS subject codec.
+//! - [`headers`]: the header names windrow puts on every message.
+//! - [`connection`]: NATS connection options (auth, TLS) and connecting with them.
+//! - [`error`]: this crate's error type.
+
+pub mod connection;
+pub mod error;
+pub mod headers;
+pub mod subject;
+
+pub use connection::{connect, NatsConfig};
+pub use error::Error;
+pub use subject::{decode_subject, encode_filter, encode_topic, SubjectError};
