@@ -1,1 +1,137 @@
-fn main() {}
+//! The `windrow` binary: flags, configuration and telemetry, then a role library.
+
+mod bridge;
+mod cli;
+mod settings;
+mod telemetry;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cli::{Cli, Command, ConfigCommand},
+    settings::Settings,
+};
+
+/// Exit code for configuration errors (nothing was started).
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(cli))
+}
+
+/// Prints a configuration error and returns exit code 2.
+fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return config_error(&e),
+    };
+    match cli.command {
+        Command::Config(ConfigCommand::Default) => {
+            match toml::to_string_pretty(&settings::Defaults::new()) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Config(ConfigCommand::Check) => {
+            let res = settings
+                .role::<windrow_bridge::Config>("bridge")
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()));
+            match res {
+                Ok(()) => {
+                    println!("configuration is valid");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_error(&e),
+            }
+        }
+        Command::Bridge(args) => {
+            let mut config: windrow_bridge::Config = match settings.role("bridge") {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            if let Err(e) = bridge::apply(&mut config, &args) {
+                return config_error(&e);
+            }
+            if let Err(e) = config.validate() {
+                return config_error(&e);
+            }
+            let telemetry = match telemetry::init(cli.log_format, "windrow-bridge") {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            tracing::info!(
+                otlp = telemetry.otlp_enabled(),
+                trace_sample_ratio = telemetry.sample_ratio(),
+                "starting bridge"
+            );
+            let shutdown = shutdown_on_signal();
+            let res =
+                windrow_bridge::run_with_ratio(config, shutdown, telemetry.sample_ratio()).await;
+            telemetry.shutdown();
+            exit_code(res.map_err(|e| (e.is_config(), anyhow::Error::from(e))))
+        }
+    }
+}
+
+fn exit_code(res: Result<(), (bool, anyhow::Error)>) -> ExitCode {
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((true, e)) => config_error(&format!("{e:#}")),
+        Err((false, e)) => {
+            tracing::error!(error = format!("{e:#}"), "exiting");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}

@@ -25,9 +25,11 @@ pub struct Config {
     pub retry_min_ms: u64,
     /// Largest delay between JetStream publish retries, in milliseconds. Default 5000.
     pub retry_max_ms: u64,
-    /// Subject that receives the metadata of messages the bridge cannot forward
-    /// (e.g. over `max_payload`). Default `windrow.deadletter.bridge`; `--no-dead-letter` turns it off.
-    pub dead_letter_subject: Option<String>,
+    /// Publish the metadata of messages the bridge cannot forward (e.g. over
+    /// `max_payload`) to `dead_letter_subject`. Default true.
+    pub dead_letter: bool,
+    /// Subject of dead-letter records. Default `windrow.deadletter.bridge`.
+    pub dead_letter_subject: String,
     /// Address of the `/metrics`, `/healthz`, `/readyz` server. Default `0.0.0.0:9464`.
     pub http_listen: SocketAddr,
     /// Upper bound on the drain after SIGTERM, in seconds. Default 20.
@@ -52,9 +54,11 @@ pub struct MqttConfig {
     pub client_id: String,
     /// MQTT connections per bridge process, all in the same shared-subscription group. Default 4.
     pub connections: usize,
-    /// Shared-subscription group: subscribe as `$share/<group>/<filter>` so that
-    /// replicas split the load. Default `windrow`; `--no-shared-group` subscribes plainly.
-    pub shared_group: Option<String>,
+    /// Subscribe as `$share/<shared_group>/<filter>` so that replicas and
+    /// connections split the load. Default true.
+    pub shared_subscription: bool,
+    /// Shared-subscription group name. Default `windrow`.
+    pub shared_group: String,
     /// Start a new session on every connect, dropping queued messages. Default false.
     pub clean_session: bool,
     /// MQTT keep-alive, in seconds. Default 30.
@@ -155,7 +159,8 @@ impl Default for Config {
             max_in_flight: 4096,
             retry_min_ms: 100,
             retry_max_ms: 5000,
-            dead_letter_subject: Some("windrow.deadletter.bridge".to_owned()),
+            dead_letter: true,
+            dead_letter_subject: "windrow.deadletter.bridge".to_owned(),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
             shutdown_timeout_secs: 20,
             trace_sample_ratio: None,
@@ -170,7 +175,8 @@ impl Default for MqttConfig {
             port: 1883,
             client_id: default_client_id(),
             connections: 4,
-            shared_group: Some("windrow".to_owned()),
+            shared_subscription: true,
+            shared_group: "windrow".to_owned(),
             clean_session: false,
             keep_alive_secs: 30,
             max_packet_bytes: 16 * 1024 * 1024,
@@ -212,9 +218,9 @@ impl Config {
                 m.client_id
             ));
         }
-        if m.client_id.contains(['+', '#', '/']) {
+        if m.client_id.contains(['+', '#', '/']) || m.client_id.starts_with(' ') {
             p.push(format!(
-                "bridge.mqtt.client_id: must not contain '+', '#' or '/', got {:?}",
+                "bridge.mqtt.client_id: must not contain '+', '#', '/' or start with a space, got {:?}",
                 m.client_id
             ));
         }
@@ -224,12 +230,14 @@ impl Config {
                 m.connections
             ));
         }
-        if let Some(g) = &m.shared_group {
-            if g.is_empty() || g.contains(['+', '#', '/']) {
-                p.push(format!(
-                    "bridge.mqtt.shared_group: must be non-empty without '+', '#', '/', got {g:?}"
-                ));
-            }
+        let g = &m.shared_group;
+        if m.shared_subscription && (g.is_empty() || g.contains(['+', '#', '/'])) {
+            p.push(format!(
+                "bridge.mqtt.shared_group: must be non-empty without '+', '#', '/', got {g:?}"
+            ));
+        }
+        if m.shared_subscription && m.clean_session {
+            p.push("bridge.mqtt.clean_session: must be false with a shared subscription, or messages dealt to this member while it reconnects are lost".into());
         }
         if m.keep_alive_secs < 5 {
             p.push(format!(
@@ -301,12 +309,11 @@ impl Config {
                 self.retry_max_ms, self.retry_min_ms
             ));
         }
-        if let Some(s) = &self.dead_letter_subject {
-            if !subject::is_valid_subject(s) {
-                p.push(format!(
-                    "bridge.dead_letter_subject: not a literal NATS subject: {s:?}"
-                ));
-            }
+        if self.dead_letter && !subject::is_valid_subject(&self.dead_letter_subject) {
+            p.push(format!(
+                "bridge.dead_letter_subject: not a literal NATS subject: {:?}",
+                self.dead_letter_subject
+            ));
         }
         if self.shutdown_timeout_secs == 0 {
             p.push("bridge.shutdown_timeout_secs: must be ≥ 1, got 0".into());

@@ -62,6 +62,13 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
 fn delivery_str(d: Delivery) -> &'static str {
     match d {
         Delivery::Core => "core",
@@ -95,16 +102,21 @@ impl Metrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let received_family = Family::<QosLabel, Counter>::default();
-        let received = [0u8, 1, 2].map(|qos| received_family.get_or_create(&QosLabel { qos }).clone());
+        let received =
+            [0u8, 1, 2].map(|qos| received_family.get_or_create(&QosLabel { qos }).clone());
         registry.register(
             "windrow_bridge_received_messages",
             "MQTT messages received, by QoS",
             received_family,
         );
         let forwarded = Family::<DeliveryLabel, Counter>::default();
-        let forwarded_core = forwarded.get_or_create(&DeliveryLabel { delivery: "core" }).clone();
+        let forwarded_core = forwarded
+            .get_or_create(&DeliveryLabel { delivery: "core" })
+            .clone();
         let forwarded_jetstream = forwarded
-            .get_or_create(&DeliveryLabel { delivery: "jetstream" })
+            .get_or_create(&DeliveryLabel {
+                delivery: "jetstream",
+            })
             .clone();
         registry.register(
             "windrow_bridge_forwarded_messages",
@@ -119,7 +131,7 @@ impl Metrics {
         );
         let dropped = Family::<ReasonLabel, Counter>::default();
         for r in DropReason::ALL {
-            dropped.get_or_create(&ReasonLabel { reason: r.as_str() });
+            let _ = dropped.get_or_create(&ReasonLabel { reason: r.as_str() });
         }
         registry.register(
             "windrow_bridge_dropped_messages",
@@ -162,16 +174,16 @@ impl Metrics {
             "1 while the NATS connection is up",
             nats_connected.clone(),
         );
-        let buckets = [
-            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
-            0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ];
-        let latency = Family::<DeliveryLabel, Histogram>::new_with_constructor(move || {
-            Histogram::new(buckets)
-        });
-        let latency_core = latency.get_or_create(&DeliveryLabel { delivery: "core" }).clone();
+        let latency = Family::<DeliveryLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let latency_core = latency
+            .get_or_create(&DeliveryLabel { delivery: "core" })
+            .clone();
         let latency_jetstream = latency
-            .get_or_create(&DeliveryLabel { delivery: "jetstream" })
+            .get_or_create(&DeliveryLabel {
+                delivery: "jetstream",
+            })
             .clone();
         registry.register(
             "windrow_bridge_publish_latency_seconds",

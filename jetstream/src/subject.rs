@@ -321,17 +321,29 @@ mod tests {
         assert!(encode_topic(P, "a/+/b").is_err());
         assert!(encode_topic(P, "a/#").is_err());
         assert!(decode_subject(P, "other.a").is_err());
-        assert!(decode_subject(P, "windrow.telemetry.a%2e").is_err(), "lower-case hex");
-        assert!(decode_subject(P, "windrow.telemetry.%41").is_err(), "needless escape");
+        assert!(
+            decode_subject(P, "windrow.telemetry.a%2e").is_err(),
+            "lower-case hex"
+        );
+        assert!(
+            decode_subject(P, "windrow.telemetry.%41").is_err(),
+            "needless escape"
+        );
         assert!(decode_subject(P, "windrow.telemetry.a%2").is_err());
-        assert!(decode_subject(P, "windrow.telemetry.%FF").is_err(), "not UTF-8");
+        assert!(
+            decode_subject(P, "windrow.telemetry.%FF").is_err(),
+            "not UTF-8"
+        );
         assert!(decode_subject(P, "windrow.telemetry").is_err());
     }
 
     #[test]
     fn filters_map_wildcards() {
         assert_eq!(encode_filter(P, "#").unwrap(), "windrow.telemetry.>");
-        assert_eq!(encode_filter(P, "a/+/c.d").unwrap(), "windrow.telemetry.a.*.c%2Ed");
+        assert_eq!(
+            encode_filter(P, "a/+/c.d").unwrap(),
+            "windrow.telemetry.a.*.c%2Ed"
+        );
         assert_eq!(encode_filter(P, "a//#").unwrap(), "windrow.telemetry.a.%.>");
         assert!(encode_filter(P, "a/#/b").is_err());
         assert!(encode_filter(P, "a/b+").is_err());
