@@ -239,10 +239,12 @@ impl Connection {
                         "MQTT connected"
                     );
                     // Subscribe when the broker has no session for us, and once per
-                    // process so that changed routes take effect; a resumed session
-                    // keeps its subscriptions (and re-subscribing would replay
-                    // retained messages).
-                    if !ack.session_present || !subscribed_once {
+                    // process so that changed routes take effect. A resumed session
+                    // keeps plain subscriptions (re-subscribing would replay retained
+                    // messages), but Mosquitto 2.0 does not restore *shared*
+                    // subscriptions from its persistence file after a restart while
+                    // still reporting session-present, so those are always renewed.
+                    if !ack.session_present || !subscribed_once || config.mqtt.shared_subscription {
                         if let Err(e) = client.try_subscribe_many(subscriptions(&config)) {
                             tracing::error!(connection = index, error = %e, "cannot queue SUBSCRIBE");
                         }
