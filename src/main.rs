@@ -46,7 +46,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
     };
     match cli.command {
         Command::Config(ConfigCommand::Default) => {
-            match toml::to_string_pretty(&settings::Defaults::new()) {
+            match toml::to_string_pretty(&settings::defaults()) {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

@@ -118,31 +118,35 @@ fn describe(section: &str, error: figment::Error) -> Vec<String> {
         .collect()
 }
 
-/// The whole file's defaults, for `windrow config default`.
-#[derive(Serialize)]
-pub struct Defaults {
-    nats: windrow_jetstream::NatsConfig,
-    bridge: BridgeDefaults,
+/// The defaults of every section as a TOML-ready value, for `windrow config default`.
+///
+/// Keys without a default (optional settings) are left out; the bridge's `nats`
+/// key is shown once, as the shared `[nats]` section.
+pub fn defaults() -> serde_json::Value {
+    let mut bridge = serde_json::to_value(windrow_bridge::Config::default())
+        .unwrap_or(serde_json::Value::Null);
+    if let Some(obj) = bridge.as_object_mut() {
+        obj.remove("nats");
+        // Derived from $POD_NAME/$HOSTNAME per replica; pinning it in a shared
+        // file would give every replica the same MQTT identity.
+        if let Some(mqtt) = obj.get_mut("mqtt").and_then(|m| m.as_object_mut()) {
+            mqtt.remove("client_id");
+        }
+    }
+    let mut all = serde_json::json!({
+        "nats": serde_json::to_value(windrow_jetstream::NatsConfig::default())
+            .unwrap_or(serde_json::Value::Null),
+        "bridge": bridge,
+    });
+    strip_nulls(&mut all);
+    all
 }
 
-/// The bridge section without its `nats` key (that lives in `[nats]`).
-#[derive(Serialize)]
-struct BridgeDefaults {
-    #[serde(flatten)]
-    inner: serde_json::Value,
-}
-
-impl Defaults {
-    /// The defaults of every section.
-    pub fn new() -> Self {
-        let mut bridge = serde_json::to_value(windrow_bridge::Config::default())
-            .unwrap_or(serde_json::Value::Null);
-        if let Some(obj) = bridge.as_object_mut() {
-            obj.remove("nats");
-        }
-        Self {
-            nats: windrow_jetstream::NatsConfig::default(),
-            bridge: BridgeDefaults { inner: bridge },
-        }
+fn strip_nulls(v: &mut serde_json::Value) {
+    if let Some(obj) = v.as_object_mut() {
+        obj.retain(|_, v| !v.is_null());
+        obj.values_mut().for_each(strip_nulls);
+    } else if let Some(arr) = v.as_array_mut() {
+        arr.iter_mut().for_each(strip_nulls);
     }
 }

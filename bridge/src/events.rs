@@ -256,7 +256,7 @@ impl Metrics {
     /// A JetStream publish failed and will be retried with the same id.
     pub fn publish_retry(&self, attempt: u32, error: &dyn std::fmt::Display) {
         self.retries.inc();
-        if attempt == 1 || attempt % 20 == 0 {
+        if attempt == 1 || attempt.is_multiple_of(20) {
             tracing::warn!(attempt, %error, "JetStream publish failed; retrying with the same Nats-Msg-Id");
         }
     }

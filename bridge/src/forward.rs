@@ -32,7 +32,7 @@ pub(crate) enum ToAcker {
     /// Send this MQTT ack (already handled; no JetStream ack to wait for).
     Ack(Ack),
     /// Wait for the JetStream ack, retrying with the same id, then send the MQTT ack.
-    Pending(InFlight),
+    Pending(Box<InFlight>),
 }
 
 /// An MQTT acknowledgement owed for a packet of connection generation `generation`.
@@ -178,14 +178,14 @@ impl Forwarder {
                     }
                 };
                 self.metrics.in_flight.inc();
-                Some(ToAcker::Pending(InFlight {
+                Some(ToAcker::Pending(Box::new(InFlight {
                     envelope: env,
                     ack,
                     received,
                     attempt: u32::from(first.is_none()),
                     first,
                     _span: span,
-                }))
+                })))
             }
         }
     }
@@ -329,7 +329,7 @@ pub(crate) async fn run_acker(
             },
             msg = rx.recv(), if open => match msg {
                 Some(ToAcker::Ack(a)) => backlog.push_back(a),
-                Some(ToAcker::Pending(f)) => pending.push(wait(fwd.clone(), f)),
+                Some(ToAcker::Pending(f)) => pending.push(wait(fwd.clone(), *f)),
                 None => open = false,
             },
             () = tokio::time::sleep(Duration::from_millis(1)), if !backlog.is_empty() => {},
