@@ -123,8 +123,8 @@ fn describe(section: &str, error: figment::Error) -> Vec<String> {
 /// Keys without a default (optional settings) are left out; the bridge's `nats`
 /// key is shown once, as the shared `[nats]` section.
 pub fn defaults() -> serde_json::Value {
-    let mut bridge = serde_json::to_value(windrow_bridge::Config::default())
-        .unwrap_or(serde_json::Value::Null);
+    let mut bridge =
+        serde_json::to_value(windrow_bridge::Config::default()).unwrap_or(serde_json::Value::Null);
     if let Some(obj) = bridge.as_object_mut() {
         obj.remove("nats");
         // Derived from $POD_NAME/$HOSTNAME per replica; pinning it in a shared

@@ -251,3 +251,133 @@ async fn topics_starting_with_dollar_are_bridged_by_a_plain_subscription() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sampled_messages_carry_a_w3c_traceparent() {
+    let nats = NatsServer::start().await;
+    let mqtt = Mosquitto::start().await;
+    // An OTLP endpoint that refuses connections: export fails (logged), but the
+    // spans exist and their context travels in the headers.
+    let dead_collector = format!("http://127.0.0.1:{}", windrow_harness::free_port());
+    let http_port = windrow_harness::free_port();
+    let args = [
+        "bridge",
+        "--nats-url",
+        &nats.url(),
+        "--mqtt-port",
+        &mqtt.port().to_string(),
+        "--client-id",
+        "trace-test",
+        "--http-listen",
+        &format!("127.0.0.1:{http_port}"),
+    ];
+    let envs = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", dead_collector.as_str()),
+        ("OTEL_TRACES_SAMPLER", "traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+    ];
+    let bridge = RoleProcess::spawn(common::windrow(), &args, &envs);
+    bridge.wait_ready(http_port, Duration::from_secs(20)).await;
+    let mut collector = Collector::subscribe(&nats.url(), "windrow.telemetry.>").await;
+    let topics = vec!["t/1".to_owned()];
+    mqtt_publish(
+        mqtt.port(),
+        "publisher",
+        numbered_messages(100, &topics),
+        QoS::AtLeastOnce,
+        None,
+    )
+    .await;
+    assert_eq!(collector.wait_for(100, Duration::from_secs(5)).await, 100);
+    let traced: Vec<&String> = collector
+        .messages
+        .iter()
+        .filter_map(|m| m.headers.get("traceparent"))
+        .collect();
+    assert_eq!(traced.len(), 50, "every second message is traced");
+    for tp in traced {
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!(parts[0], "00");
+        assert_eq!(parts[1].len(), 32);
+        assert_ne!(parts[1], "0".repeat(32));
+        assert_eq!(parts[3], "01", "sampled flag");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retained_messages_are_forwarded_or_ignored_per_route() {
+    let nats = NatsServer::start().await;
+    let mqtt = Mosquitto::start().await;
+    // Retained messages exist before the bridge subscribes.
+    let retained = |topic: &str| {
+        let status = std::process::Command::new("mosquitto_pub")
+            .args([
+                "-p",
+                &mqtt.port().to_string(),
+                "-r",
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-m",
+                "{\"seq\":0,\"v\":1}",
+            ])
+            .status()
+            .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+        assert!(status.success());
+    };
+    retained("keep/a");
+    retained("drop/a");
+    let _bridge = Bridge::start(
+        &nats,
+        &mqtt,
+        "retain-test",
+        &[
+            "--no-shared-subscription",
+            "--connections",
+            "1",
+            "--route",
+            "keep/#,qos=1",
+            "--route",
+            "drop/#,qos=1,retained=ignore",
+        ],
+    )
+    .await;
+    let mut collector = Collector::subscribe(&nats.url(), "windrow.telemetry.>").await;
+    // Live (non-retained) messages on both routes are forwarded.
+    let live = vec![
+        ("keep/b".to_owned(), b"1".to_vec()),
+        ("drop/b".to_owned(), b"2".to_vec()),
+    ];
+    mqtt_publish(mqtt.port(), "publisher", live, QoS::AtLeastOnce, None).await;
+    collector.wait_for(4, Duration::from_secs(3)).await;
+    let mut got: Vec<(String, Option<String>)> = collector
+        .messages
+        .iter()
+        .map(|m| {
+            (
+                m.subject.clone(),
+                m.headers.get("Windrow-Mqtt-Retain").cloned(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (
+                "windrow.telemetry.drop.b".to_owned(),
+                Some("false".to_owned())
+            ),
+            (
+                "windrow.telemetry.keep.a".to_owned(),
+                Some("true".to_owned())
+            ),
+            (
+                "windrow.telemetry.keep.b".to_owned(),
+                Some("false".to_owned())
+            ),
+        ]
+    );
+}

@@ -34,7 +34,11 @@ impl Sampler {
 
     /// Whether the next message is traced.
     pub fn sample(&self) -> bool {
-        self.every != 0 && self.seen.fetch_add(1, Ordering::Relaxed).is_multiple_of(self.every)
+        self.every != 0
+            && self
+                .seen
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(self.every)
     }
 }
 
