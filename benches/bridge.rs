@@ -1,1 +1,1620 @@
-fn main() {}
+//! Throughput of `windrow bridge` against what Mosquitto alone delivers.
+//!
+//! `cargo bench --bench bridge` runs, with private brokers from the test harness
+//! (never the machine's 1883/4222), R interleaved rounds of:
+//!
+//! - (a) ceiling QoS 0: publisher → Mosquitto → one rumqttc QoS 0 subscriber;
+//! - (b) bridge QoS 0: publisher → Mosquitto → `windrow bridge` (core NATS) →
+//!   nats-server → one async-nats subscriber;
+//! - (c) ceiling QoS 1: QoS 1 publisher → Mosquitto → C rumqttc QoS 1
+//!   subscribers in one shared group;
+//! - (c) bridge QoS 1: QoS 1 publisher → Mosquitto → `windrow bridge` (C
+//!   connections, JetStream) → a file stream, observed by a core subscriber;
+//!
+//! then (d) (a) and (b) once more with Mosquitto's default queue limits. Every
+//! scenario gets fresh brokers. The rate is the number of messages the measuring
+//! subscriber received divided by the time between its first and its last
+//! message. Progress goes to stderr, a Markdown report to stdout.
+//!
+//! Environment: `WINDROW_BENCH_MESSAGES` (default 1,000,000),
+//! `WINDROW_BENCH_QOS1_MESSAGES` (default: the same), `WINDROW_BENCH_RUNS`
+//! (default 3), `WINDROW_BENCH_PUBLISHER` (`raw`, the default: pre-encoded MQTT
+//! packets written straight to the socket; or `rumqttc`).
+//!
+//! Without `--bench` (e.g. `cargo test --all-targets`) it does nothing.
+#![allow(missing_docs)]
+
+use std::{
+    fmt::Write as _,
+    io::{self, Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::Command,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use futures::StreamExt;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
+use windrow_harness::{
+    clients::{create_stream, stream_len},
+    free_port, http_get, require_binary, Mosquitto, MosquittoOptions, NatsServer, RoleProcess,
+};
+
+/// Distinct topics of the workload.
+const TOPICS: usize = 1000;
+/// Size of every payload.
+const PAYLOAD_BYTES: usize = 200;
+/// Bridge MQTT connections for QoS 0 (b, d).
+const QOS0_CONNECTIONS: usize = 2;
+/// Bridge connections and shared ceiling subscribers for QoS 1 (c).
+const QOS1_CONNECTIONS: usize = 4;
+/// Mosquitto `max_inflight_messages` per client in (c), for the bridge and the ceiling alike.
+const MOSQUITTO_INFLIGHT: u32 = 100;
+/// Unacknowledged QoS 1 publishes the publisher keeps in flight.
+const PUBLISHER_WINDOW: usize = 1000;
+/// JetStream stream of (c).
+const STREAM: &str = "BENCH";
+/// NATS subjects of the workload's messages.
+const BENCH_SUBJECTS: &str = "windrow.telemetry.bench.";
+/// A QoS 0 scenario ends this long after the last message once the publisher is done.
+const IDLE_END_QOS0: Duration = Duration::from_secs(2);
+/// A QoS 1 scenario should lose nothing: it waits longer before giving up.
+const IDLE_END_QOS1: Duration = Duration::from_secs(10);
+/// A scenario with no message for this long is stopped as stalled.
+const STALL: Duration = Duration::from_secs(10);
+/// How often the controller looks at the counters.
+const POLL: Duration = Duration::from_millis(20);
+/// Before each scenario, wait (up to `QUIET_WAIT`) until the machine's busy
+/// cores over one second fall below this: other processes would skew the rates.
+const QUIET_CORES: f64 = 0.3;
+/// A run during which more than this many cores went to other work is marked †.
+const DISTURBED_CORES: f64 = 0.25;
+/// Longest wait for a quiet machine before going ahead anyway.
+const QUIET_WAIT: Duration = Duration::from_secs(600);
+/// Kernel clock ticks per second in /proc/*/stat (100 on Linux x86-64 and arm64).
+const CLK_TCK: f64 = 100.0;
+
+// ---------------------------------------------------------------------------
+// Settings and workload
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PublisherKind {
+    Raw,
+    Rumqttc,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    n: usize,
+    n_qos1: usize,
+    runs: usize,
+    publisher: PublisherKind,
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .replace(['_', ','], "")
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}={v:?}: {e}")),
+        Err(_) => default,
+    }
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let n = env_usize("WINDROW_BENCH_MESSAGES", 1_000_000);
+        let publisher = match std::env::var("WINDROW_BENCH_PUBLISHER").as_deref() {
+            Ok("rumqttc") => PublisherKind::Rumqttc,
+            Ok("raw") | Err(_) => PublisherKind::Raw,
+            Ok(other) => panic!("WINDROW_BENCH_PUBLISHER={other:?}: expected raw or rumqttc"),
+        };
+        let s = Settings {
+            n,
+            n_qos1: env_usize("WINDROW_BENCH_QOS1_MESSAGES", n),
+            runs: env_usize("WINDROW_BENCH_RUNS", 3),
+            publisher,
+        };
+        assert!(s.n > 0 && s.n_qos1 > 0 && s.runs > 0, "{s:?}");
+        s
+    }
+}
+
+/// MQTT PUBLISH packets, encoded once, back to back.
+struct Encoded {
+    bytes: Vec<u8>,
+    /// End offset of packet i.
+    ends: Vec<usize>,
+}
+
+impl Encoded {
+    fn new(n: usize, qos: u8, ts0: u64) -> Encoded {
+        let mut bytes = Vec::with_capacity(n * (PAYLOAD_BYTES + 32));
+        let mut ends = Vec::with_capacity(n);
+        for i in 0..n {
+            encode_publish(&mut bytes, &topic(i), &payload(i, ts0), qos, packet_id(i));
+            ends.push(bytes.len());
+        }
+        Encoded { bytes, ends }
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn start(&self, i: usize) -> usize {
+        if i == 0 {
+            0
+        } else {
+            self.ends[i - 1]
+        }
+    }
+
+    fn packet(&self, i: usize) -> &[u8] {
+        &self.bytes[self.start(i)..self.ends[i]]
+    }
+}
+
+fn topic(i: usize) -> String {
+    format!("bench/site-{}/temp", i % TOPICS)
+}
+
+/// `{"device":"d0123","seq":N,"ts":MS,"temp":21.37,"pad":"xx…"}`, exactly 200 bytes.
+fn payload(i: usize, ts0: u64) -> Vec<u8> {
+    let mut p = format!(
+        r#"{{"device":"d{:04}","seq":{i},"ts":{},"temp":{}.{:02},"pad":""#,
+        i % TOPICS,
+        ts0 + i as u64,
+        15 + (i * 7) % 20,
+        (i * 13) % 100
+    );
+    while p.len() < PAYLOAD_BYTES - 2 {
+        p.push('x');
+    }
+    p.push_str("\"}");
+    assert_eq!(p.len(), PAYLOAD_BYTES, "{p}");
+    p.into_bytes()
+}
+
+/// Packet ids 1..=65535, cycling; at most `PUBLISHER_WINDOW` are in flight.
+fn packet_id(i: usize) -> u16 {
+    u16::try_from(i % 65535 + 1).expect("below 65536")
+}
+
+fn push_remaining_length(out: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let mut byte = u8::try_from(len % 128).expect("below 128");
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    let len = u16::try_from(s.len()).expect("MQTT strings are shorter than 64 KiB");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Appends an MQTT 3.1.1 PUBLISH.
+fn encode_publish(out: &mut Vec<u8>, topic: &str, payload: &[u8], qos: u8, pkid: u16) {
+    out.push(0x30 | (qos << 1));
+    let id_len = if qos > 0 { 2 } else { 0 };
+    push_remaining_length(out, 2 + topic.len() + id_len + payload.len());
+    push_str(out, topic);
+    if qos > 0 {
+        out.extend_from_slice(&pkid.to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
+/// Topic and payload of a packet made by [`encode_publish`].
+fn split_publish(packet: &[u8]) -> (&str, &[u8]) {
+    let mut pos = 1;
+    while packet[pos] & 0x80 != 0 {
+        pos += 1;
+    }
+    pos += 1;
+    let topic_len = usize::from(u16::from_be_bytes([packet[pos], packet[pos + 1]]));
+    pos += 2;
+    let topic = std::str::from_utf8(&packet[pos..pos + topic_len]).expect("UTF-8 topic");
+    pos += topic_len;
+    if packet[0] & 0x06 != 0 {
+        pos += 2;
+    }
+    (topic, &packet[pos..])
+}
+
+/// MQTT 3.1.1 CONNECT, clean session, keep-alive 65535 s (no PINGs needed).
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0xFF, 0xFF];
+    push_str(&mut body, client_id);
+    let mut out = vec![0x10];
+    push_remaining_length(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Publishers (each on its own OS thread)
+
+fn raw_connect(port: u16, client_id: &str) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    s.write_all(&connect_packet(client_id))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack)?;
+    if ack != [0x20, 2, 0, 0] {
+        return Err(io::Error::other(format!("unexpected CONNACK {ack:?}")));
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
+
+/// Sends DISCONNECT and waits until the broker closes the connection, i.e.
+/// until it has processed everything sent before.
+fn raw_disconnect(mut s: TcpStream) -> io::Result<()> {
+    s.write_all(&[0xE0, 0])?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// QoS 0: the whole pre-encoded stream in one `write_all`.
+fn raw_qos0(port: u16, enc: &Encoded) -> io::Result<()> {
+    let mut s = raw_connect(port, "bench-publisher")?;
+    s.write_all(&enc.bytes)?;
+    raw_disconnect(s)
+}
+
+#[derive(Default)]
+struct AckState {
+    acked: usize,
+    failed: Option<String>,
+}
+
+type AckShared = (Mutex<AckState>, Condvar);
+
+fn lock(m: &Mutex<AckState>) -> MutexGuard<'_, AckState> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Counts PUBACKs (the only packets Mosquitto sends a publish-only client).
+fn read_pubacks(mut s: TcpStream, n: usize, shared: &AckShared) {
+    let result = (|| -> io::Result<()> {
+        s.set_read_timeout(Some(STALL * 3))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let (mut carry, mut total) = (0usize, 0usize);
+        while total < n {
+            let got = s.read(&mut buf[carry..])?;
+            if got == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let len = carry + got;
+            let whole = len / 4 * 4;
+            if let Some(p) = buf[..whole]
+                .chunks_exact(4)
+                .find(|p| p[0] != 0x40 || p[1] != 2)
+            {
+                return Err(io::Error::other(format!("expected PUBACK, got {p:?}")));
+            }
+            buf.copy_within(whole..len, 0);
+            carry = len - whole;
+            total += whole / 4;
+            lock(&shared.0).acked = total;
+            shared.1.notify_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        lock(&shared.0).failed = Some(e.to_string());
+        shared.1.notify_all();
+    }
+}
+
+/// QoS 1 with up to `PUBLISHER_WINDOW` unacknowledged publishes, written in batches.
+fn raw_qos1(port: u16, enc: &Encoded) -> io::Result<()> {
+    let mut s = raw_connect(port, "bench-publisher")?;
+    let reader = s.try_clone()?;
+    let n = enc.len();
+    let shared: Arc<AckShared> = Arc::default();
+    let acks = {
+        let shared = shared.clone();
+        std::thread::spawn(move || read_pubacks(reader, n, &shared))
+    };
+    let mut sent = 0;
+    while sent < n {
+        let batch = {
+            let mut st = lock(&shared.0);
+            let want = (PUBLISHER_WINDOW / 4).min(n - sent);
+            while st.failed.is_none() && sent - st.acked + want > PUBLISHER_WINDOW {
+                st = shared.1.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if let Some(e) = &st.failed {
+                return Err(io::Error::other(format!("reading PUBACKs: {e}")));
+            }
+            (PUBLISHER_WINDOW - (sent - st.acked)).min(n - sent)
+        };
+        s.write_all(&enc.bytes[enc.start(sent)..enc.ends[sent + batch - 1]])?;
+        sent += batch;
+    }
+    if acks.join().is_err() {
+        return Err(io::Error::other("PUBACK reader panicked"));
+    }
+    if let Some(e) = &lock(&shared.0).failed {
+        return Err(io::Error::other(format!("reading PUBACKs: {e}")));
+    }
+    raw_disconnect(s)
+}
+
+/// The same through rumqttc (one flush per publish), for comparison.
+fn rumqttc_publish(port: u16, enc: &Encoded, qos: u8) -> io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut o = MqttOptions::new("bench-publisher", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(60))
+            .set_clean_session(true)
+            .set_inflight(u16::try_from(PUBLISHER_WINDOW).expect("small window"))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(o, 10_000);
+        let q = if qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        let n = enc.len();
+        let producer = async {
+            for i in 0..n {
+                let (t, p) = split_publish(enc.packet(i));
+                client
+                    .publish(t, q, false, p.to_vec())
+                    .await
+                    .map_err(io::Error::other)?;
+            }
+            Ok::<_, io::Error>(())
+        };
+        let events = async {
+            let mut done = 0;
+            while done < n {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == 0 => done += 1,
+                    Ok(Event::Incoming(Packet::PubAck(_))) if qos == 1 => done += 1,
+                    Ok(_) => {}
+                    Err(e) => return Err(io::Error::other(e)),
+                }
+            }
+            Ok(())
+        };
+        let (produced, delivered) = tokio::join!(producer, events);
+        produced?;
+        delivered?;
+        client.disconnect().await.map_err(io::Error::other)?;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+    })
+}
+
+struct PubReport {
+    elapsed: Duration,
+    cpu_secs: f64,
+}
+
+fn spawn_publisher(
+    kind: PublisherKind,
+    port: u16,
+    enc: Arc<Encoded>,
+    qos: u8,
+) -> JoinHandle<io::Result<PubReport>> {
+    std::thread::Builder::new()
+        .name("bench-publisher".into())
+        .spawn(move || {
+            let cpu0 = cpu_secs("/proc/thread-self/stat").unwrap_or(0.0);
+            let t0 = Instant::now();
+            match (kind, qos) {
+                (PublisherKind::Raw, 0) => raw_qos0(port, &enc)?,
+                (PublisherKind::Raw, _) => raw_qos1(port, &enc)?,
+                (PublisherKind::Rumqttc, q) => rumqttc_publish(port, &enc, q)?,
+            }
+            Ok(PubReport {
+                elapsed: t0.elapsed(),
+                cpu_secs: cpu_secs("/proc/thread-self/stat").unwrap_or(0.0) - cpu0,
+            })
+        })
+        .expect("spawn the publisher thread")
+}
+
+// ---------------------------------------------------------------------------
+// Measuring subscribers
+
+/// Message count and first/last arrival, shared by the measuring subscribers.
+struct Meter {
+    base: Instant,
+    count: AtomicU64,
+    first: AtomicU64,
+    last: AtomicU64,
+}
+
+impl Meter {
+    fn new() -> Arc<Meter> {
+        Arc::new(Meter {
+            base: Instant::now(),
+            count: AtomicU64::new(0),
+            first: AtomicU64::new(u64::MAX),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    fn hit(&self) {
+        let t = self.base.elapsed().as_nanos() as u64;
+        if self.first.load(Relaxed) == u64::MAX {
+            self.first.fetch_min(t, Relaxed);
+        }
+        self.last.fetch_max(t, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn last_at(&self) -> Option<Instant> {
+        (self.count() > 0).then(|| self.base + Duration::from_nanos(self.last.load(Relaxed)))
+    }
+
+    /// Time from the first to the last message.
+    fn window(&self) -> Duration {
+        let first = self.first.load(Relaxed);
+        let last = self.last.load(Relaxed);
+        Duration::from_nanos(last.saturating_sub(first.min(last)))
+    }
+}
+
+/// A rumqttc subscriber counting publishes into `meter`; returns once subscribed.
+async fn mqtt_subscriber(
+    port: u16,
+    id: String,
+    filter: &str,
+    qos: QoS,
+    meter: Arc<Meter>,
+) -> tokio::task::JoinHandle<()> {
+    let mut o = MqttOptions::new(id.clone(), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(60))
+        .set_clean_session(true)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(o, 1000);
+    client
+        .subscribe(filter, qos)
+        .await
+        .expect("queue SUBSCRIBE");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    assert!(
+                        !ack.return_codes.contains(&SubscribeReasonCode::Failure),
+                        "{id}: subscription refused"
+                    );
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("subscriber {id}: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("subscriber {id}: no SUBACK within 10 s"));
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(_))) => meter.hit(),
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("[bench] subscriber {id}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+/// A core NATS subscriber on `windrow.telemetry.>` counting bench messages into a meter.
+struct NatsCounter {
+    task: tokio::task::JoinHandle<()>,
+    slow_consumer: Arc<AtomicU64>,
+    disconnects: Arc<AtomicU64>,
+}
+
+async fn nats_subscriber(url: &str, meter: Arc<Meter>) -> NatsCounter {
+    let slow_consumer = Arc::new(AtomicU64::new(0));
+    let disconnects = Arc::new(AtomicU64::new(0));
+    let (slow, disc) = (slow_consumer.clone(), disconnects.clone());
+    let client = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 21)
+        .event_callback(move |event| {
+            let (slow, disc) = (slow.clone(), disc.clone());
+            async move {
+                match event {
+                    async_nats::Event::SlowConsumer(_) => {
+                        slow.fetch_add(1, Relaxed);
+                    }
+                    async_nats::Event::Disconnected => {
+                        disc.fetch_add(1, Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .connect(url)
+        .await
+        .expect("connect the measuring subscriber to NATS");
+    let mut sub = client
+        .subscribe("windrow.telemetry.>")
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush the subscription");
+    let task = tokio::spawn(async move {
+        let _client = client;
+        while let Some(m) = sub.next().await {
+            if m.subject.as_str().starts_with(BENCH_SUBJECTS) {
+                meter.hit();
+            }
+        }
+        eprintln!("[bench] the NATS subscription ended");
+    });
+    NatsCounter {
+        task,
+        slow_consumer,
+        disconnects,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bridge
+
+struct Bridge {
+    process: RoleProcess,
+    http_port: u16,
+}
+
+async fn start_bridge(nats: &NatsServer, mqtt: &Mosquitto, extra: &[&str]) -> Bridge {
+    let http_port = free_port();
+    let mut args: Vec<String> = [
+        "bridge",
+        "--nats-url",
+        &nats.url(),
+        "--mqtt-host",
+        "127.0.0.1",
+        "--mqtt-port",
+        &mqtt.port().to_string(),
+        "--client-id",
+        "bench-bridge",
+        "--http-listen",
+        &format!("127.0.0.1:{http_port}"),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let process = RoleProcess::spawn(Path::new(env!("CARGO_BIN_EXE_windrow")), &refs, &[]);
+    process.wait_ready(http_port, Duration::from_secs(20)).await;
+    Bridge { process, http_port }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct BridgeCounts {
+    received: f64,
+    forwarded: f64,
+    dropped: f64,
+    duplicates: f64,
+}
+
+impl std::ops::Sub for BridgeCounts {
+    type Output = BridgeCounts;
+    fn sub(self, o: BridgeCounts) -> BridgeCounts {
+        BridgeCounts {
+            received: self.received - o.received,
+            forwarded: self.forwarded - o.forwarded,
+            dropped: self.dropped - o.dropped,
+            duplicates: self.duplicates - o.duplicates,
+        }
+    }
+}
+
+impl Bridge {
+    /// Sums the samples of metric `name` (all label sets).
+    fn metric(body: &str, name: &str) -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+
+    async fn counts(&self) -> BridgeCounts {
+        let body = match http_get(self.http_port, "/metrics").await {
+            Ok((200, body)) => body,
+            other => {
+                eprintln!("[bench] GET /metrics: {other:?}");
+                return BridgeCounts::default();
+            }
+        };
+        BridgeCounts {
+            received: Self::metric(&body, "windrow_bridge_received_messages_total"),
+            forwarded: Self::metric(&body, "windrow_bridge_forwarded_messages_total"),
+            dropped: Self::metric(&body, "windrow_bridge_dropped_messages_total"),
+            duplicates: Self::metric(&body, "windrow_bridge_jetstream_duplicates_total"),
+        }
+    }
+}
+
+/// Publishes QoS 0 probes until one comes out of the bridge, so that the
+/// bridge is subscribed before the measurement starts.
+async fn probe_bridge(mqtt_port: u16, nats_url: &str) {
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect the probe subscriber");
+    let mut sub = client
+        .subscribe("windrow.telemetry.warmup.>")
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    let mut s = raw_connect(mqtt_port, "bench-probe").expect("connect the probe publisher");
+    let mut packet = Vec::new();
+    encode_publish(&mut packet, "warmup/probe", b"probe", 0, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        s.write_all(&packet).expect("publish a probe");
+        match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            Ok(Some(_)) => break,
+            Ok(None) => panic!("the probe subscription ended"),
+            Err(_) => assert!(
+                Instant::now() < deadline,
+                "the bridge forwarded no probe within 20 s"
+            ),
+        }
+    }
+    raw_disconnect(s).expect("disconnect the probe publisher");
+    // Let straggling probes through before counters are read.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+// ---------------------------------------------------------------------------
+// Measurement
+
+/// CPU seconds (user + system) of a process or thread from its /proc stat file.
+fn cpu_secs(stat_path: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(stat_path).ok()?;
+    let fields: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / CLK_TCK)
+}
+
+#[derive(Clone)]
+struct CpuSample {
+    at: Instant,
+    secs: Vec<f64>,
+    /// Busy CPU seconds of the whole machine.
+    machine: f64,
+}
+
+/// Busy CPU seconds of the whole machine (user, nice, system, irq, softirq, steal) from /proc/stat.
+fn machine_busy_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| f.get(*i))
+        .sum::<f64>()
+        / CLK_TCK
+}
+
+fn sample(procs: &[(&'static str, String)]) -> CpuSample {
+    CpuSample {
+        at: Instant::now(),
+        secs: procs
+            .iter()
+            .map(|(_, p)| cpu_secs(p).unwrap_or(0.0))
+            .collect(),
+        machine: machine_busy_secs(),
+    }
+}
+
+fn procs(
+    mqtt: &Mosquitto,
+    bridge: Option<&Bridge>,
+    nats: Option<&NatsServer>,
+) -> Vec<(&'static str, String)> {
+    let stat = |pid: Option<u32>| pid.map_or_else(String::new, |p| format!("/proc/{p}/stat"));
+    let mut v = vec![
+        ("bench", "/proc/self/stat".to_owned()),
+        ("mosquitto", stat(mqtt.pid())),
+    ];
+    if let Some(b) = bridge {
+        v.push(("bridge", stat(Some(b.process.pid()))));
+    }
+    if let Some(n) = nats {
+        v.push(("nats-server", stat(n.pid())));
+    }
+    v
+}
+
+/// Waits until the machine is (nearly) idle, so that a concurrent build does
+/// not share the two cores with the scenario.
+async fn wait_for_quiet() {
+    let deadline = Instant::now() + QUIET_WAIT;
+    let mut reported = None::<Instant>;
+    let mut quiet_seconds = 0;
+    loop {
+        let (b0, t0) = (machine_busy_secs(), Instant::now());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let busy = (machine_busy_secs() - b0) / t0.elapsed().as_secs_f64();
+        if busy < QUIET_CORES {
+            quiet_seconds += 1;
+            if quiet_seconds >= 3 {
+                return;
+            }
+            continue;
+        }
+        quiet_seconds = 0;
+        if Instant::now() >= deadline {
+            eprintln!("[bench] still {busy:.2} cores busy after {QUIET_WAIT:?}; going ahead");
+            return;
+        }
+        if reported.is_none_or(|r| r.elapsed() >= Duration::from_secs(15)) {
+            eprintln!("[bench] {busy:.2} cores busy with other work; waiting for a quiet machine");
+            reported = Some(Instant::now());
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Every message arrived.
+    Complete,
+    /// The publisher was done and nothing arrived for a while.
+    Idle,
+    /// Nothing arrived for `STALL`.
+    Stalled,
+}
+
+struct Measured {
+    received: u64,
+    window: Duration,
+    end: End,
+    publisher: Option<PubReport>,
+    /// (process, CPU cores used) while messages flowed.
+    cpu: Vec<(&'static str, f64)>,
+    /// Busy cores of the whole machine meanwhile.
+    machine: f64,
+}
+
+/// Starts the publisher and watches `meter` until `expected` messages arrived,
+/// or the publisher is done and nothing arrived for `idle_end`, or nothing
+/// arrived for `STALL`.
+async fn measure(
+    meter: &Meter,
+    expected: u64,
+    publish: impl FnOnce() -> JoinHandle<io::Result<PubReport>>,
+    idle_end: Duration,
+    procs: &[(&'static str, String)],
+) -> Measured {
+    wait_for_quiet().await;
+    let cpu0 = sample(procs);
+    let start = Instant::now();
+    let mut publisher = Some(publish());
+    let mut report = None;
+    let mut cpu_last = cpu0.clone();
+    let mut seen = 0;
+    let end = loop {
+        tokio::time::sleep(POLL).await;
+        if publisher.as_ref().is_some_and(JoinHandle::is_finished) {
+            match publisher.take().map(JoinHandle::join) {
+                Some(Ok(Ok(r))) => report = Some(r),
+                Some(Ok(Err(e))) => eprintln!("[bench] publisher failed: {e}"),
+                _ => panic!("the publisher thread panicked"),
+            }
+        }
+        let count = meter.count();
+        if count != seen {
+            seen = count;
+            cpu_last = sample(procs);
+        }
+        if count >= expected {
+            break End::Complete;
+        }
+        let idle = meter.last_at().unwrap_or(start).max(start).elapsed();
+        if publisher.is_none() && idle >= idle_end {
+            break End::Idle;
+        }
+        if idle >= STALL {
+            break End::Stalled;
+        }
+    };
+    if let Some(h) = publisher.take() {
+        // Everything arrived before the publisher saw its last acks, or the
+        // scenario ended early: give it a moment. One still blocked is left
+        // behind and fails once its broker is gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !h.is_finished() && Instant::now() < deadline {
+            tokio::time::sleep(POLL).await;
+        }
+        if h.is_finished() {
+            match h.join() {
+                Ok(Ok(r)) => report = Some(r),
+                Ok(Err(e)) => eprintln!("[bench] publisher failed: {e}"),
+                Err(_) => panic!("the publisher thread panicked"),
+            }
+        }
+    }
+    let wall = cpu_last.at.duration_since(cpu0.at).as_secs_f64().max(1e-9);
+    let mut cpu: Vec<(&'static str, f64)> = procs
+        .iter()
+        .zip(cpu_last.secs.iter().zip(&cpu0.secs))
+        .map(|((name, _), (b, a))| (*name, (b - a) / wall))
+        .collect();
+    if let Some(r) = &report {
+        let publisher = r.cpu_secs / wall;
+        cpu.push(("publisher", publisher));
+        if let Some(bench) = cpu.iter_mut().find(|(n, _)| *n == "bench") {
+            *bench = ("subscriber", (bench.1 - publisher).max(0.0));
+        }
+    }
+    Measured {
+        received: meter.count(),
+        window: meter.window(),
+        end,
+        publisher: report,
+        cpu,
+        machine: (cpu_last.machine - cpu0.machine) / wall,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    CeilingQos0,
+    BridgeQos0,
+    CeilingQos1,
+    BridgeQos1,
+    CeilingQos0Defaults,
+    BridgeQos0Defaults,
+}
+
+impl Scenario {
+    fn short(self) -> &'static str {
+        match self {
+            Scenario::CeilingQos0 => "(a) ceiling QoS 0",
+            Scenario::BridgeQos0 => "(b) bridge QoS 0 → core NATS",
+            Scenario::CeilingQos1 => "(c) ceiling QoS 1",
+            Scenario::BridgeQos1 => "(c) bridge QoS 1 → JetStream",
+            Scenario::CeilingQos0Defaults => "(d) ceiling QoS 0, Mosquitto defaults",
+            Scenario::BridgeQos0Defaults => "(d) bridge QoS 0, Mosquitto defaults",
+        }
+    }
+
+    fn path(self) -> String {
+        match self {
+            Scenario::CeilingQos0 | Scenario::CeilingQos0Defaults => {
+                "publisher → Mosquitto → 1 rumqttc QoS 0 subscriber (`bench/#`)".into()
+            }
+            Scenario::BridgeQos0 | Scenario::BridgeQos0Defaults => format!(
+                "publisher → Mosquitto → windrow bridge ({QOS0_CONNECTIONS} connections, `#` QoS 0 core) \
+                 → nats-server → 1 async-nats subscriber"
+            ),
+            Scenario::CeilingQos1 => format!(
+                "QoS 1 publisher → Mosquitto → {QOS1_CONNECTIONS} rumqttc QoS 1 subscribers \
+                 (`$share/bench/bench/#`)"
+            ),
+            Scenario::BridgeQos1 => format!(
+                "QoS 1 publisher → Mosquitto → windrow bridge ({QOS1_CONNECTIONS} connections, \
+                 `#,qos=1,delivery=jetstream`) → JetStream file stream; rate at a core subscriber"
+            ),
+        }
+    }
+}
+
+struct Outcome {
+    scenario: Scenario,
+    sent: usize,
+    received: u64,
+    /// Messages that did not arrive (for the JetStream scenario: not in the stream).
+    loss: i64,
+    rate: f64,
+    window: Duration,
+    end: End,
+    publish: Option<Duration>,
+    cpu: Vec<(&'static str, f64)>,
+    machine: f64,
+    note: String,
+}
+
+impl Outcome {
+    fn new(scenario: Scenario, sent: usize, m: Measured, note: String) -> Outcome {
+        let secs = m.window.as_secs_f64();
+        Outcome {
+            scenario,
+            sent,
+            received: m.received,
+            loss: sent as i64 - m.received as i64,
+            rate: if secs > 0.0 && m.received > 1 {
+                m.received as f64 / secs
+            } else {
+                0.0
+            },
+            window: m.window,
+            end: m.end,
+            publish: m.publisher.map(|p| p.elapsed),
+            cpu: m.cpu,
+            machine: m.machine,
+            note,
+        }
+    }
+
+    /// Cores busy outside the tracked processes: other work on the machine.
+    fn others(&self) -> f64 {
+        self.machine - self.cpu.iter().map(|(_, c)| c).sum::<f64>()
+    }
+
+    /// Whether other work took a noticeable share of the machine meanwhile.
+    fn disturbed(&self) -> bool {
+        self.others() > DISTURBED_CORES
+    }
+
+    fn cpu_of(&self, name: &str) -> Option<f64> {
+        self.cpu.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
+    }
+
+    fn loss_text(&self) -> String {
+        match self.end {
+            End::Stalled => format!("{} (stalled)", group(self.loss)),
+            _ => group(self.loss),
+        }
+    }
+}
+
+struct Bench {
+    settings: Settings,
+    qos0: Arc<Encoded>,
+    qos1: Arc<Encoded>,
+}
+
+fn qos0_options() -> MosquittoOptions {
+    MosquittoOptions {
+        persistence: false,
+        ..MosquittoOptions::default()
+    }
+}
+
+fn qos1_options() -> MosquittoOptions {
+    MosquittoOptions {
+        max_inflight_messages: Some(MOSQUITTO_INFLIGHT),
+        persistence: true,
+        // The harness autosaves every second for its kill tests; Mosquitto's
+        // default (1800 s) is what a deployment runs with.
+        extra_config: "autosave_interval 1800".into(),
+        ..MosquittoOptions::default()
+    }
+}
+
+fn default_options() -> MosquittoOptions {
+    MosquittoOptions {
+        max_queued_messages: None,
+        max_inflight_messages: None,
+        persistence: false,
+        extra_config: String::new(),
+    }
+}
+
+impl Bench {
+    async fn ceiling_qos0(&self, scenario: Scenario, opts: MosquittoOptions) -> Outcome {
+        let mqtt = Mosquitto::start_with(opts).await;
+        let meter = Meter::new();
+        let sub = mqtt_subscriber(
+            mqtt.port(),
+            "bench-sub".into(),
+            "bench/#",
+            QoS::AtMostOnce,
+            meter.clone(),
+        )
+        .await;
+        let (kind, port, enc) = (self.settings.publisher, mqtt.port(), self.qos0.clone());
+        let m = measure(
+            &meter,
+            self.qos0.len() as u64,
+            move || spawn_publisher(kind, port, enc, 0),
+            IDLE_END_QOS0,
+            &procs(&mqtt, None, None),
+        )
+        .await;
+        sub.abort();
+        Outcome::new(scenario, self.qos0.len(), m, String::new())
+    }
+
+    async fn bridge_qos0(&self, scenario: Scenario, opts: MosquittoOptions) -> Outcome {
+        let nats = NatsServer::start().await;
+        let mqtt = Mosquitto::start_with(opts).await;
+        let connections = QOS0_CONNECTIONS.to_string();
+        let bridge = start_bridge(&nats, &mqtt, &["--connections", &connections]).await;
+        probe_bridge(mqtt.port(), &nats.url()).await;
+        let before = bridge.counts().await;
+        let meter = Meter::new();
+        let counter = nats_subscriber(&nats.url(), meter.clone()).await;
+        let (kind, port, enc) = (self.settings.publisher, mqtt.port(), self.qos0.clone());
+        let m = measure(
+            &meter,
+            self.qos0.len() as u64,
+            move || spawn_publisher(kind, port, enc, 0),
+            IDLE_END_QOS0,
+            &procs(&mqtt, Some(&bridge), Some(&nats)),
+        )
+        .await;
+        counter.task.abort();
+        let c = bridge.counts().await - before;
+        let note = bridge_note(&bridge, c, &counter, None);
+        Outcome::new(scenario, self.qos0.len(), m, note)
+    }
+
+    async fn ceiling_qos1(&self) -> Outcome {
+        let mqtt = Mosquitto::start_with(qos1_options()).await;
+        let meter = Meter::new();
+        let mut subs = Vec::new();
+        for i in 0..QOS1_CONNECTIONS {
+            subs.push(
+                mqtt_subscriber(
+                    mqtt.port(),
+                    format!("bench-sub-{i}"),
+                    "$share/bench/bench/#",
+                    QoS::AtLeastOnce,
+                    meter.clone(),
+                )
+                .await,
+            );
+        }
+        let (kind, port, enc) = (self.settings.publisher, mqtt.port(), self.qos1.clone());
+        let m = measure(
+            &meter,
+            self.qos1.len() as u64,
+            move || spawn_publisher(kind, port, enc, 1),
+            IDLE_END_QOS1,
+            &procs(&mqtt, None, None),
+        )
+        .await;
+        for s in subs {
+            s.abort();
+        }
+        Outcome::new(Scenario::CeilingQos1, self.qos1.len(), m, String::new())
+    }
+
+    async fn bridge_qos1(&self) -> Outcome {
+        let nats = NatsServer::start().await;
+        let mqtt = Mosquitto::start_with(qos1_options()).await;
+        let url = nats.url();
+        create_stream(
+            &url,
+            STREAM,
+            &["windrow.telemetry.>"],
+            Duration::from_secs(120),
+        )
+        .await;
+        let connections = QOS1_CONNECTIONS.to_string();
+        let bridge = start_bridge(
+            &nats,
+            &mqtt,
+            &[
+                "--route",
+                "#,qos=1,delivery=jetstream",
+                "--connections",
+                &connections,
+            ],
+        )
+        .await;
+        probe_bridge(mqtt.port(), &url).await;
+        let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connect"));
+        js.get_stream(STREAM)
+            .await
+            .expect("get the stream")
+            .purge()
+            .await
+            .expect("purge the probes");
+        assert_eq!(stream_len(&url, STREAM).await, 0, "stream purged");
+        let before = bridge.counts().await;
+        let meter = Meter::new();
+        let counter = nats_subscriber(&url, meter.clone()).await;
+        let (kind, port, enc) = (self.settings.publisher, mqtt.port(), self.qos1.clone());
+        let n = self.qos1.len();
+        let m = measure(
+            &meter,
+            n as u64,
+            move || spawn_publisher(kind, port, enc, 1),
+            IDLE_END_QOS1,
+            &procs(&mqtt, Some(&bridge), Some(&nats)),
+        )
+        .await;
+        counter.task.abort();
+        let stored = settled_stream_len(&url, n as u64).await;
+        let c = bridge.counts().await - before;
+        let note = bridge_note(&bridge, c, &counter, Some(stored));
+        let mut outcome = Outcome::new(Scenario::BridgeQos1, n, m, note);
+        outcome.loss = n as i64 - stored as i64;
+        outcome
+    }
+}
+
+/// The stream length once it reached `n` or stopped growing for 2 s (at most 30 s).
+async fn settled_stream_len(url: &str, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (stream_len(url, STREAM).await, Instant::now());
+    loop {
+        if last.0 >= n || last.1.elapsed() >= Duration::from_secs(2) || Instant::now() >= deadline {
+            return last.0;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let len = stream_len(url, STREAM).await;
+        if len != last.0 {
+            last = (len, Instant::now());
+        }
+    }
+}
+
+fn bridge_note(
+    bridge: &Bridge,
+    c: BridgeCounts,
+    counter: &NatsCounter,
+    stored: Option<u64>,
+) -> String {
+    let mut note = format!(
+        "bridge received {}, forwarded {}, dropped {}",
+        group(c.received as i64),
+        group(c.forwarded as i64),
+        group(c.dropped as i64)
+    );
+    if let Some(stored) = stored {
+        let _ = write!(
+            note,
+            ", JetStream duplicates {}, stream holds {}",
+            group(c.duplicates as i64),
+            group(stored as i64)
+        );
+    }
+    let slow = counter.slow_consumer.load(Relaxed);
+    let disc = counter.disconnects.load(Relaxed);
+    if slow + disc > 0 {
+        let _ = write!(
+            note,
+            "; NATS subscriber slow-consumer events {slow}, disconnects {disc}"
+        );
+    }
+    if let Some(status) = bridge.process.try_exit() {
+        let _ = write!(note, "; bridge EXITED with {status}");
+    }
+    note
+}
+
+// ---------------------------------------------------------------------------
+// Reporting
+
+/// `1234567` → `1,234,567`.
+fn group(v: i64) -> String {
+    let digits: Vec<char> = v.unsigned_abs().to_string().chars().collect();
+    let groups: Vec<String> = digits
+        .rchunks(3)
+        .rev()
+        .map(|g| g.iter().collect())
+        .collect();
+    let sign = if v < 0 { "-" } else { "" };
+    format!("{sign}{}", groups.join(","))
+}
+
+fn rate_text(r: f64) -> String {
+    group(r.round() as i64)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+fn progress(run: usize, runs: usize, o: &Outcome) {
+    let cpu: Vec<String> = o.cpu.iter().map(|(n, c)| format!("{n} {c:.2}")).collect();
+    eprintln!(
+        "[bench] run {}/{runs} {}: {} msgs/s ({} of {} received in {:.2} s, loss {}, {:?}, publish {}); cores: {}, whole machine {:.2} (others {:.2}{}){}{}",
+        run + 1,
+        o.scenario.short(),
+        rate_text(o.rate),
+        group(o.received as i64),
+        group(o.sent as i64),
+        o.window.as_secs_f64(),
+        o.loss_text(),
+        o.end,
+        o.publish
+            .map_or_else(|| "unfinished".to_owned(), |d| format!("{:.2} s", d.as_secs_f64())),
+        cpu.join(", "),
+        o.machine,
+        o.others(),
+        if o.disturbed() {
+            ": DISTURBED by other work"
+        } else {
+            ""
+        },
+        if o.note.is_empty() { "" } else { "; " },
+        o.note
+    );
+}
+
+fn first_line_with(bin: &str, arg: &str, needle: &str) -> String {
+    let path = require_binary(bin);
+    match Command::new(&path).arg(arg).output() {
+        Ok(out) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            text.lines()
+                .find(|l| l.contains(needle))
+                .unwrap_or("unknown version")
+                .trim()
+                .to_owned()
+        }
+        Err(e) => format!("{bin}: {e}"),
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -> String {
+    let mut md = String::new();
+    let runs = results.len();
+    let publisher = match settings.publisher {
+        PublisherKind::Raw => {
+            "one raw MQTT 3.1.1 connection writing pre-encoded PUBLISH packets \
+                               back to back (QoS 1: up to 1,000 unacknowledged, written in batches)"
+        }
+        PublisherKind::Rumqttc => "rumqttc (one flush per publish; QoS 1 with inflight 1,000)",
+    };
+    let _ = writeln!(md, "## Bridge throughput\n");
+    let _ = writeln!(
+        md,
+        "`cargo bench --bench bridge`: N = {} messages per QoS 0 scenario and {} per QoS 1 scenario, \
+         {}-byte JSON payloads over {} topics (`bench/site-{{i%1000}}/temp`), {} interleaved runs \
+         (a, b, c ceiling, c bridge), fresh brokers for every scenario.\n",
+        group(settings.n as i64),
+        group(settings.n_qos1 as i64),
+        PAYLOAD_BYTES,
+        group(TOPICS as i64),
+        runs
+    );
+    let _ = writeln!(
+        md,
+        "Machine: 2 cores shared by publisher, Mosquitto, bridge, nats-server and subscriber ({}, {} cores online). \
+         {}; {}; windrow release build.\n",
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        first_line_with("mosquitto", "-h", "version"),
+        first_line_with("nats-server", "--version", "nats-server"),
+    );
+    let _ = writeln!(
+        md,
+        "Rate = messages received by the measuring subscriber ÷ time from its first to its last message \
+         (\"Publisher done\" below: when Mosquitto had taken the publisher's last message).\n"
+    );
+    let order = [
+        Scenario::CeilingQos0,
+        Scenario::BridgeQos0,
+        Scenario::CeilingQos1,
+        Scenario::BridgeQos1,
+    ];
+    let of = |s: Scenario| -> Vec<&Outcome> {
+        results
+            .iter()
+            .flat_map(|r| r.iter().filter(move |o| o.scenario == s))
+            .collect()
+    };
+    let med = |s: Scenario| median(of(s).iter().map(|o| o.rate).collect());
+    let _ = write!(md, "| Scenario | Path |");
+    for r in 0..runs {
+        let _ = write!(md, " Run {} msgs/s |", r + 1);
+    }
+    let _ = writeln!(
+        md,
+        " Median msgs/s | Loss per run | Bridge ÷ ceiling (medians) |"
+    );
+    let _ = write!(md, "|---|---|");
+    for _ in 0..runs {
+        let _ = write!(md, "---:|");
+    }
+    let _ = writeln!(md, "---:|---:|---:|");
+    for s in order {
+        let outcomes = of(s);
+        let _ = write!(md, "| {} | {} |", s.short(), s.path());
+        for o in &outcomes {
+            let mark = if o.disturbed() { " †" } else { "" };
+            let _ = write!(md, " {}{mark} |", rate_text(o.rate));
+        }
+        let losses: Vec<String> = outcomes.iter().map(|o| o.loss_text()).collect();
+        let ratio = match s {
+            Scenario::BridgeQos0 => format!("{:.2}", med(s) / med(Scenario::CeilingQos0)),
+            Scenario::BridgeQos1 => format!("{:.2}", med(s) / med(Scenario::CeilingQos1)),
+            _ => "—".into(),
+        };
+        let _ = writeln!(
+            md,
+            " **{}** | {} | {} |",
+            rate_text(med(s)),
+            losses.join(" / "),
+            ratio
+        );
+    }
+    if results.iter().flatten().any(Outcome::disturbed) {
+        let _ = writeln!(
+            md,
+            "\n† Other work on the machine took more than {DISTURBED_CORES} cores during this run \
+             (see \"Others\" below): the rate is too low."
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nLoss = N − messages received; for the JetStream scenario N − messages in the stream \
+         (`stream_len` after the run).\n"
+    );
+
+    let _ = writeln!(md, "### With Mosquitto's default limits (d)\n");
+    let _ = writeln!(
+        md,
+        "`max_queued_messages` 1000 (default), `max_inflight_messages` 20 (default), persistence off; one run each.\n"
+    );
+    let _ = writeln!(md, "| Scenario | msgs/s | Received | Lost | Details |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---|");
+    for o in defaults {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} of {} | **{}** ({:.1} %) | {} |",
+            o.scenario.short(),
+            rate_text(o.rate),
+            group(o.received as i64),
+            group(o.sent as i64),
+            o.loss_text(),
+            100.0 * o.loss as f64 / o.sent as f64,
+            if o.note.is_empty() { "—" } else { &o.note }
+        );
+    }
+
+    if defaults.iter().all(|o| o.loss == 0) {
+        let _ = writeln!(
+            md,
+            "\nNo loss here: Mosquitto only reads the publisher as fast as it delivers, and both \
+             subscribers kept up with it, so no client's queue reached 1000. The default limit drops \
+             messages once a subscriber falls more than 1000 behind (see pitfalls.md: a QoS 1 \
+             subscriber lost 179,119 of 1,000,000)."
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n### Where the CPU went\n\nMedian cores used while messages flowed (2.00 = the whole machine), \
+         from /proc: per process, their sum, the whole machine's busy time, and the difference \
+         (\"Others\": anything else running, plus kernel work outside process context; within about ±0.15 of 0 on a \
+         quiet machine).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| Scenario | Publisher done (s) | Publisher | Subscriber(s) | Mosquitto | Bridge | nats-server | Sum | Whole machine | Others |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let all: Vec<Scenario> = order
+        .iter()
+        .copied()
+        .chain(defaults.iter().map(|o| o.scenario))
+        .collect();
+    for s in all {
+        let outcomes: Vec<&Outcome> = of(s)
+            .into_iter()
+            .chain(defaults.iter().filter(|o| o.scenario == s))
+            .collect();
+        let cell = |name: &str| -> String {
+            let v: Vec<f64> = outcomes.iter().filter_map(|o| o.cpu_of(name)).collect();
+            if v.is_empty() {
+                "—".into()
+            } else {
+                format!("{:.2}", median(v))
+            }
+        };
+        let publish: Vec<f64> = outcomes
+            .iter()
+            .filter_map(|o| o.publish.map(|d| d.as_secs_f64()))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
+            s.short(),
+            if publish.is_empty() {
+                "—".into()
+            } else {
+                format!("{:.2}", median(publish))
+            },
+            cell("publisher"),
+            cell("subscriber"),
+            cell("mosquitto"),
+            cell("bridge"),
+            cell("nats-server"),
+            median(
+                outcomes
+                    .iter()
+                    .map(|o| o.cpu.iter().map(|(_, c)| c).sum())
+                    .collect()
+            ),
+            median(outcomes.iter().map(|o| o.machine).collect()),
+            median(outcomes.iter().map(|o| o.others()).collect())
+        );
+    }
+
+    let bridge_notes: Vec<String> = results
+        .iter()
+        .enumerate()
+        .flat_map(|(run, r)| {
+            r.iter()
+                .filter(|o| !o.note.is_empty())
+                .map(move |o| format!("- run {}, {}: {}", run + 1, o.scenario.short(), o.note))
+        })
+        .collect();
+    if !bridge_notes.is_empty() {
+        let _ = writeln!(md, "\nBridge counters per run (from its /metrics):\n");
+        for n in bridge_notes {
+            let _ = writeln!(md, "{n}");
+        }
+    }
+
+    let _ = writeln!(md, "\n### Settings\n");
+    let _ = writeln!(
+        md,
+        "- Publisher: {publisher}; it runs in the benchmark process on its own thread."
+    );
+    let _ = writeln!(
+        md,
+        "- (a), (b): Mosquitto with `max_queued_messages 10000000`, `max_queued_bytes 0`, persistence \
+         off (for speed: nothing of QoS 0 would be persisted anyway)."
+    );
+    let _ = writeln!(
+        md,
+        "- (c): the same plus `max_inflight_messages {MOSQUITTO_INFLIGHT}` for every subscriber (the {QOS1_CONNECTIONS} \
+         ceiling subscribers and the bridge's {QOS1_CONNECTIONS} connections alike) and persistence on with \
+         Mosquitto's default `autosave_interval 1800` (no save during a run)."
+    );
+    let _ = writeln!(
+        md,
+        "- Bridge: otherwise defaults (`--max-in-flight 4096`, `--message-id uuid7`, shared subscription \
+         `$share/windrow/#`, RUST_LOG=info). Stream `{STREAM}`: `windrow.telemetry.>`, file storage, \
+         1 replica, duplicate window 2 min, nats-server defaults (fsync every 2 min)."
+    );
+    let _ = writeln!(
+        md,
+        "- Measuring subscribers: rumqttc 0.25 (auto-ack) for the ceilings; async-nats 0.51 core \
+         subscription on `windrow.telemetry.>` (capacity 2,097,152) for the bridge. A scenario ends when \
+         all N arrived, or 2 s (QoS 1: 10 s) after the last message once the publisher is done, or after \
+         10 s without a message (reported as stalled). Each scenario starts once the machine is idle \
+         (under 0.3 busy cores for 3 s in a row, waiting up to 10 min)."
+    );
+    md
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("windrow bridge benchmark: run it with `cargo bench --bench bridge`; nothing to do here");
+        return;
+    }
+    // On Ctrl-C or SIGTERM the benchmark future is dropped, and with it the
+    // broker and bridge guards, which kill their processes.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install a SIGTERM handler");
+    tokio::select! {
+        () = run() => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("[bench] interrupted; stopping brokers"),
+        _ = term.recv() => eprintln!("[bench] terminated; stopping brokers"),
+    }
+}
+
+async fn run() {
+    let settings = Settings::from_env();
+    eprintln!(
+        "[bench] {settings:?}: encoding {} QoS 0 and {} QoS 1 messages",
+        settings.n, settings.n_qos1
+    );
+    let ts0 = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let bench = Bench {
+        settings,
+        qos0: Arc::new(Encoded::new(settings.n, 0, ts0)),
+        qos1: Arc::new(Encoded::new(settings.n_qos1, 1, ts0)),
+    };
+    let runs = settings.runs;
+    let mut results = Vec::new();
+    for run in 0..runs {
+        let mut this = Vec::new();
+        let o = bench
+            .ceiling_qos0(Scenario::CeilingQos0, qos0_options())
+            .await;
+        progress(run, runs, &o);
+        this.push(o);
+        let o = bench
+            .bridge_qos0(Scenario::BridgeQos0, qos0_options())
+            .await;
+        progress(run, runs, &o);
+        this.push(o);
+        let o = bench.ceiling_qos1().await;
+        progress(run, runs, &o);
+        this.push(o);
+        let o = bench.bridge_qos1().await;
+        progress(run, runs, &o);
+        this.push(o);
+        results.push(this);
+    }
+    let mut defaults = Vec::new();
+    for scenario in [Scenario::CeilingQos0Defaults, Scenario::BridgeQos0Defaults] {
+        let o = match scenario {
+            Scenario::CeilingQos0Defaults => bench.ceiling_qos0(scenario, default_options()).await,
+            _ => bench.bridge_qos0(scenario, default_options()).await,
+        };
+        progress(0, 1, &o);
+        defaults.push(o);
+    }
+    println!("{}", report(&settings, &results, &defaults));
+}
