@@ -30,6 +30,15 @@ pub struct Cli {
 pub enum Command {
     /// Bridge MQTT topics into NATS subjects (core or JetStream).
     Bridge(Box<BridgeArgs>),
+    /// Fold telemetry into time windows in per-node LMDB (core queue group or JetStream).
+    Worker(Box<WorkerArgs>),
+    /// Ask every worker for its windows and print the merged result.
+    Query(Box<QueryArgs>),
+    /// Export merged windows.
+    #[command(subcommand)]
+    Export(ExportCommand),
+    /// Read a worker's LMDB store directly: stat, get, scan, dump, backup.
+    Store(Box<StoreArgs>),
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -201,4 +210,211 @@ pub struct BridgeArgs {
     /// Fraction of messages traced [bridge.trace_sample_ratio; default from OTEL_TRACES_SAMPLER*].
     #[arg(long)]
     pub trace_sample_ratio: Option<f64>,
+}
+
+/// `windrow worker` flags (the rest comes from `[worker]` in the config file or `WINDROW_WORKER__*`).
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// core (queue group, at-most-once) or jetstream (durable pull consumer) [worker.mode; default core].
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    /// Subject filter [worker.subject_filter; default <prefix>.>].
+    #[arg(long)]
+    pub subject_filter: Option<String>,
+    /// Queue group in core mode [worker.queue_group; default windrow-workers].
+    #[arg(long)]
+    pub queue_group: Option<String>,
+    /// Stream in jetstream mode [worker.stream; default TELEMETRY].
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// Durable consumer in jetstream mode [worker.durable; default windrow-workers].
+    #[arg(long)]
+    pub durable: Option<String>,
+    /// Data directory: one LMDB environment per UTC day [worker.store.dir; default data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Days kept [worker.store.retention_days; default 7].
+    #[arg(long)]
+    pub retention_days: Option<u32>,
+    /// Messages per commit [worker.batch_max_messages; default 5000].
+    #[arg(long)]
+    pub batch_max_messages: Option<usize>,
+    /// Longest wait before committing a partial batch, ms [worker.batch_max_wait_ms; default 100].
+    #[arg(long)]
+    pub batch_max_wait_ms: Option<u64>,
+    /// Series key from these topic levels (0-based, negative from the end), repeatable [worker.decode.series_levels].
+    #[arg(long = "series-level", allow_hyphen_values = true)]
+    pub series_levels: Vec<i32>,
+    /// Series key from these JSON fields, repeatable [worker.decode.series_fields].
+    #[arg(long = "series-field")]
+    pub series_fields: Vec<String>,
+    /// Value fields, repeatable [worker.decode.value_fields; default every numeric field].
+    #[arg(long = "value-field")]
+    pub value_fields: Vec<String>,
+    /// Timestamp field [worker.decode.timestamp_field; default ts].
+    #[arg(long)]
+    pub timestamp_field: Option<String>,
+    /// This worker's name in query replies [worker.node_id; default $POD_NAME or $HOSTNAME].
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Address of /metrics, /healthz, /readyz [worker.http_listen; default 0.0.0.0:9465].
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+    /// Do not publish dead-letter messages [worker.dead_letter = false].
+    #[arg(long)]
+    pub no_dead_letter: bool,
+}
+
+/// Worker mode flag values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// Core NATS queue group.
+    Core,
+    /// JetStream durable pull consumer.
+    Jetstream,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum FormatArg {
+    /// Aligned columns.
+    Table,
+    /// One JSON document.
+    Json,
+    /// CSV with a header line.
+    Csv,
+}
+
+/// `windrow query` flags.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Series: exact, a prefix ending in `*`, or `*`.
+    #[arg(long, default_value = "*")]
+    pub series: String,
+    /// Only this value field.
+    #[arg(long)]
+    pub field: Option<String>,
+    /// Window resolution in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub resolution_secs: u32,
+    /// Start: RFC 3339, or Unix seconds. Default: 1 hour ago.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End (exclusive): RFC 3339, or Unix seconds. Default: now.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Also print the latest value per series and field.
+    #[arg(long)]
+    pub latest: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = FormatArg::Table)]
+    pub format: FormatArg,
+    /// Stop waiting once this many workers answered fully.
+    #[arg(long)]
+    pub expect_nodes: Option<usize>,
+    /// How long to gather replies, ms.
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
+    /// Query subject [worker.query_subject; default windrow.query].
+    #[arg(long)]
+    pub query_subject: Option<String>,
+}
+
+/// `windrow export ...`.
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Copy merged windows (from every worker, over the query plane) into SQLite, incrementally.
+    Sqlite(Box<ExportSqliteArgs>),
+}
+
+/// `windrow export sqlite` flags.
+#[derive(Debug, Args)]
+pub struct ExportSqliteArgs {
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// The SQLite database file (created if missing).
+    #[arg(long)]
+    pub db: PathBuf,
+    /// Resolutions to export, seconds, repeatable. Default: the workers' configured resolutions.
+    #[arg(long = "resolution-secs")]
+    pub resolutions: Vec<u32>,
+    /// Series pattern: exact, a prefix ending in `*`, or `*`.
+    #[arg(long, default_value = "*")]
+    pub series: String,
+    /// First run only: export windows from this time (RFC 3339 or Unix seconds). Default: 24 hours ago.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Re-read this far behind the watermark, seconds, to pick up late samples. Default: worker.store.allowed_lateness_secs.
+    #[arg(long)]
+    pub lateness_secs: Option<u64>,
+    /// Refuse to write unless this many workers answered fully.
+    #[arg(long)]
+    pub expect_nodes: Option<usize>,
+    /// How long to gather replies, ms.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+}
+
+/// `windrow store ...`: read a worker's store directly (safe while the worker writes).
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The worker's data directory.
+    #[arg(long, default_value = "data")]
+    pub data_dir: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: StoreCommand,
+}
+
+/// Store subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Per day and database: entries, map size, file size.
+    Stat,
+    /// All windows and the latest values of one series.
+    Get {
+        /// The series key.
+        series: String,
+        /// Window resolution in seconds.
+        #[arg(long, default_value_t = 60)]
+        resolution_secs: u32,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = FormatArg::Table)]
+        format: FormatArg,
+    },
+    /// Range and prefix scan: windows of series matching a pattern (`prefix*`) in a time range.
+    Scan {
+        /// Series pattern: exact, a prefix ending in `*`, or `*`.
+        #[arg(long, default_value = "*")]
+        series: String,
+        /// Only this value field.
+        #[arg(long)]
+        field: Option<String>,
+        /// Window resolution in seconds.
+        #[arg(long, default_value_t = 60)]
+        resolution_secs: u32,
+        /// Start: RFC 3339 or Unix seconds. Default: the beginning.
+        #[arg(long)]
+        from: Option<String>,
+        /// End (exclusive): RFC 3339 or Unix seconds. Default: the end.
+        #[arg(long)]
+        to: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = FormatArg::Table)]
+        format: FormatArg,
+    },
+    /// Every entry as JSON lines on stdout.
+    Dump,
+    /// A consistent copy of every day environment into DIR.
+    Backup {
+        /// Target directory (must not exist or be empty).
+        dir: PathBuf,
+    },
 }

@@ -4,6 +4,7 @@ mod bridge;
 mod cli;
 mod settings;
 mod telemetry;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -11,7 +12,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cli::{Cli, Command, ConfigCommand},
+    cli::{Cli, Command, ConfigCommand, ExportCommand},
     settings::Settings,
 };
 
@@ -58,10 +59,15 @@ async fn dispatch(cli: Cli) -> ExitCode {
             }
         }
         Command::Config(ConfigCommand::Check) => {
-            let res = settings
+            let bridge = settings
                 .role::<windrow_bridge::Config>("bridge")
                 .map_err(|e| e.to_string())
                 .and_then(|c| c.validate().map_err(|e| e.to_string()));
+            let worker = settings
+                .role::<windrow_workers::Config>("worker")
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()));
+            let res = bridge.and(worker);
             match res {
                 Ok(()) => {
                     println!("configuration is valid");
@@ -70,6 +76,59 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 Err(e) => config_error(&e),
             }
         }
+        Command::Worker(args) => {
+            let mut config: windrow_workers::Config = match settings.role("worker") {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            worker::apply(&mut config, &args);
+            if let Err(e) = config.validate() {
+                return config_error(&e);
+            }
+            let telemetry = match telemetry::init(cli.log_format, "windrow-worker") {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let res = windrow_workers::run(config, shutdown_on_signal()).await;
+            telemetry.shutdown();
+            exit_code(res.map_err(|e| (e.is_config(), anyhow::Error::from(e))))
+        }
+        Command::Query(args) => {
+            let config: windrow_workers::Config = match settings.role("worker") {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            match worker::query(config, &args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Export(ExportCommand::Sqlite(args)) => {
+            let config: windrow_workers::Config = match settings.role("worker") {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            match worker::export_sqlite(config, &args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Store(args) => match worker::store(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bridge(args) => {
             let mut config: windrow_bridge::Config = match settings.role("bridge") {
                 Ok(c) => c,

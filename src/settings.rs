@@ -16,7 +16,7 @@ use figment::{
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Top-level sections the file may have.
-const SECTIONS: &[&str] = &["nats", "bridge"];
+const SECTIONS: &[&str] = &["nats", "bridge", "worker"];
 
 /// A configuration problem, reported with exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -133,10 +133,17 @@ pub fn defaults() -> serde_json::Value {
             mqtt.remove("client_id");
         }
     }
+    let mut worker =
+        serde_json::to_value(windrow_workers::Config::default()).unwrap_or(serde_json::Value::Null);
+    if let Some(obj) = worker.as_object_mut() {
+        obj.remove("nats");
+        obj.remove("node_id"); // per replica, like the bridge's client_id
+    }
     let mut all = serde_json::json!({
         "nats": serde_json::to_value(windrow_jetstream::NatsConfig::default())
             .unwrap_or(serde_json::Value::Null),
         "bridge": bridge,
+        "worker": worker,
     });
     strip_nulls(&mut all);
     all

@@ -1,4 +1,5 @@
 //! The bridge into core NATS: throughput path, topic codec end to end, bad input.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod common;
 
@@ -137,7 +138,8 @@ async fn oversize_payload_is_counted_and_dead_lettered_not_forwarded() {
 
 #[tokio::test]
 async fn invalid_config_exits_2_naming_the_key_and_reason() {
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["bridge", "--keep-alive-secs", "0"],
             vec![],

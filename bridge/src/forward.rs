@@ -155,11 +155,17 @@ impl Forwarder {
                     Ok(()) => self
                         .metrics
                         .forwarded(Delivery::Core, received.elapsed().as_secs_f64()),
-                    Err(e) => {
-                        // Oversize is the only error a core publish reports for a
-                        // message; a closed client means shutdown.
+                    Err(e)
+                        if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded =>
+                    {
                         self.reject(&publish, DropReason::Oversize, &e.to_string())
                             .await;
+                    }
+                    Err(e) => {
+                        // The client is closing: leave QoS 1/2 unacknowledged so the
+                        // broker redelivers them.
+                        tracing::warn!(error = %e, "core publish failed");
+                        return None;
                     }
                 }
                 done

@@ -1,5 +1,12 @@
 //! Helpers shared by the end-to-end test files (each test binary uses a subset).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
+
+/// Windows as (series, field, start_ns) → (count, sum, min, max, first, last).
+pub type Windows =
+    std::collections::BTreeMap<(String, String, i64), (u64, f64, f64, f64, f64, f64)>;
+
+/// One test reading: (subject, payload, device, ts_ns, value).
+pub type Reading = (String, Vec<u8>, String, i64, f64);
 
 use std::{path::Path, time::Duration};
 
@@ -115,4 +122,231 @@ pub fn tally(n: usize, seqs: impl IntoIterator<Item = usize>) -> (Vec<usize>, us
     let missing = (0..n).filter(|i| counts[*i] == 0).collect();
     let dups = counts.iter().map(|c| c.saturating_sub(1) as usize).sum();
     (missing, dups)
+}
+
+/// A running `windrow worker` child.
+pub struct Worker {
+    /// The process.
+    pub process: RoleProcess,
+    /// Port of /metrics, /healthz, /readyz.
+    pub http_port: u16,
+    /// Its data directory (kept by the test).
+    pub data_dir: std::path::PathBuf,
+    /// Start arguments (to restart it identically).
+    pub args: Vec<String>,
+}
+
+impl Worker {
+    /// Starts a worker with node id `node`, data in `data_dir`, and `extra` flags.
+    pub async fn start(nats: &NatsServer, node: &str, data_dir: &Path, extra: &[&str]) -> Worker {
+        let http_port = free_port();
+        let mut args: Vec<String> = [
+            "worker",
+            "--nats-url",
+            &nats.url(),
+            "--node-id",
+            node,
+            "--data-dir",
+            data_dir.to_str().expect("utf-8 path"),
+            "--http-listen",
+            &format!("127.0.0.1:{http_port}"),
+            "--series-field",
+            "device",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        Self::spawn(args, http_port, data_dir.to_owned()).await
+    }
+
+    async fn spawn(args: Vec<String>, http_port: u16, data_dir: std::path::PathBuf) -> Worker {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = RoleProcess::spawn(
+            windrow(),
+            &refs,
+            &[("WINDROW_NATS__SUBSCRIPTION_CAPACITY", "2000000")],
+        );
+        process.wait_ready(http_port, Duration::from_secs(30)).await;
+        Worker {
+            process,
+            http_port,
+            data_dir,
+            args,
+        }
+    }
+
+    /// Starts the same worker again after it stopped.
+    pub async fn restart(self) -> Worker {
+        let Worker {
+            args,
+            http_port,
+            data_dir,
+            ..
+        } = self;
+        Self::spawn(args, http_port, data_dir).await
+    }
+
+    /// A metric sample of this worker.
+    pub async fn metric(&self, name: &str, label: &str) -> f64 {
+        metric(self.http_port, name, label).await
+    }
+}
+
+/// Runs `windrow query --format json` and returns its windows as
+/// (series, field, start_ns) → (count, sum, min, max, first, last).
+pub async fn query_windows(
+    nats: &NatsServer,
+    resolution_secs: u32,
+    from_ns: i64,
+    to_ns: i64,
+    expect_nodes: usize,
+) -> Windows {
+    let from = format!("{}", from_ns as f64 / 1e9);
+    let to = format!("{}", to_ns as f64 / 1e9);
+    let out = tokio::process::Command::new(windrow())
+        .args([
+            "query",
+            "--nats-url",
+            &nats.url(),
+            "--series",
+            "*",
+            "--resolution-secs",
+            &resolution_secs.to_string(),
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--format",
+            "json",
+            "--expect-nodes",
+            &expect_nodes.to_string(),
+            "--timeout-ms",
+            "20000",
+        ])
+        .env_remove("WINDROW_CONFIG")
+        .output()
+        .await
+        .expect("run windrow query");
+    assert!(
+        out.status.success(),
+        "windrow query failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("query JSON");
+    let mut map = std::collections::BTreeMap::new();
+    for w in doc["windows"].as_array().expect("windows array") {
+        let key = (
+            w["series"].as_str().unwrap().to_owned(),
+            w["field"].as_str().unwrap().to_owned(),
+            w["start_ns"].as_i64().unwrap(),
+        );
+        let val = (
+            w["count"].as_u64().unwrap(),
+            w["sum"].as_f64().unwrap(),
+            w["min"].as_f64().unwrap(),
+            w["max"].as_f64().unwrap(),
+            w["first"].as_f64().unwrap(),
+            w["last"].as_f64().unwrap(),
+        );
+        map.insert(key, val);
+    }
+    map
+}
+
+/// Test telemetry: `devices` devices, `per_device` readings each, 100 ms apart,
+/// starting `base_ns`; subject `windrow.telemetry.fleet.<device>`, JSON payload
+/// with device, ts (ms) and temp. Returns (subject, payload, device, ts_ns, temp).
+pub fn fleet_readings(devices: usize, per_device: usize, base_ns: i64) -> Vec<Reading> {
+    let mut out = Vec::with_capacity(devices * per_device);
+    for k in 0..per_device {
+        for d in 0..devices {
+            let device = format!("d{d:05}");
+            let ts_ms = base_ns / 1_000_000 + (k as i64) * 100 + (d as i64 % 100);
+            let temp = ((d * 7 + k * 13) % 1000) as f64 / 10.0 - 20.0;
+            let payload =
+                format!("{{\"device\":\"{device}\",\"ts\":{ts_ms},\"temp\":{temp}}}").into_bytes();
+            out.push((
+                format!("windrow.telemetry.fleet.{device}"),
+                payload,
+                device,
+                ts_ms * 1_000_000,
+                temp,
+            ));
+        }
+    }
+    out
+}
+
+/// Independently computed 60 s / 1 s aggregates of `readings`, keyed like [`query_windows`].
+pub fn expected_windows(readings: &[Reading], resolution_secs: i64) -> Windows {
+    let res = resolution_secs * 1_000_000_000;
+    type Acc = (u64, f64, f64, f64, (i64, f64), (i64, f64));
+    let mut map: std::collections::BTreeMap<(String, String, i64), Acc> =
+        std::collections::BTreeMap::new();
+    for (_, _, device, ts, v) in readings {
+        let start = ts.div_euclid(res) * res;
+        let e = map
+            .entry((device.clone(), "temp".to_owned(), start))
+            .or_insert((
+                0,
+                0.0,
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                (i64::MAX, 0.0),
+                (i64::MIN, 0.0),
+            ));
+        e.0 += 1;
+        e.1 += v;
+        e.2 = e.2.min(*v);
+        e.3 = e.3.max(*v);
+        if *ts < e.4 .0 {
+            e.4 = (*ts, *v);
+        }
+        if *ts > e.5 .0 {
+            e.5 = (*ts, *v);
+        }
+    }
+    map.into_iter()
+        .map(|(k, (c, s, mn, mx, f, l))| (k, (c, s, mn, mx, f.1, l.1)))
+        .collect()
+}
+
+/// Publishes readings to core NATS at about `rate` messages/s.
+pub async fn publish_core(url: &str, readings: &[Reading], rate: usize) {
+    let client = async_nats::connect(url).await.expect("connect publisher");
+    let chunk = (rate / 100).max(1);
+    for part in readings.chunks(chunk) {
+        let started = std::time::Instant::now();
+        for (subject, payload, _, _, _) in part {
+            client
+                .publish(subject.clone(), payload.clone().into())
+                .await
+                .expect("publish");
+        }
+        client.flush().await.expect("flush");
+        let budget = Duration::from_millis(10);
+        if let Some(rest) = budget.checked_sub(started.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+    }
+}
+
+/// Publishes readings into JetStream (acknowledged, pipelined).
+pub async fn publish_jetstream(url: &str, readings: &[Reading]) {
+    let client = async_nats::connect(url).await.expect("connect publisher");
+    let js = async_nats::jetstream::new(client);
+    for part in readings.chunks(1000) {
+        let mut acks = Vec::with_capacity(part.len());
+        for (subject, payload, _, _, _) in part {
+            acks.push(
+                js.publish(subject.clone(), payload.clone().into())
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for a in acks {
+            a.await.expect("JetStream ack");
+        }
+    }
 }

@@ -1,0 +1,137 @@
+//! Telemetry of the worker: each event logs and counts in one place.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The worker's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    consumed: Counter,
+    applied: Counter,
+    duplicates: Counter,
+    dead_lettered: Family<ReasonLabel, Counter>,
+    slow_consumer: Counter,
+    store_errors: Counter,
+    batch_size: Histogram,
+    commit_seconds: Histogram,
+    /// Messages in the durable consumer not yet delivered (jetstream mode).
+    pub consumer_pending: Gauge,
+    /// Messages delivered and not yet acknowledged (jetstream mode).
+    pub consumer_ack_pending: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            consumed: Counter::default(),
+            applied: Counter::default(),
+            duplicates: Counter::default(),
+            dead_lettered: Family::default(),
+            slow_consumer: Counter::default(),
+            store_errors: Counter::default(),
+            batch_size: Histogram::new([
+                1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0,
+            ]),
+            commit_seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
+            consumer_pending: Gauge::default(),
+            consumer_ack_pending: Gauge::default(),
+        };
+        registry.register(
+            "windrow_worker_consumed_messages",
+            "Messages received from NATS",
+            m.consumed.clone(),
+        );
+        registry.register(
+            "windrow_worker_applied_messages",
+            "Messages whose samples were committed to LMDB",
+            m.applied.clone(),
+        );
+        registry.register(
+            "windrow_worker_duplicates_skipped",
+            "Messages already applied (redelivery or overlapping replay), skipped",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "windrow_worker_dead_lettered_messages",
+            "Messages sent to the dead-letter subject, by reason",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "windrow_worker_slow_consumer_events",
+            "Slow-consumer events: the NATS client dropped messages for this worker (core mode loses them)",
+            m.slow_consumer.clone(),
+        );
+        registry.register(
+            "windrow_worker_store_errors",
+            "Failed LMDB commits (the batch is retried, not dropped)",
+            m.store_errors.clone(),
+        );
+        registry.register(
+            "windrow_worker_batch_messages",
+            "Messages per LMDB commit",
+            m.batch_size.clone(),
+        );
+        registry.register(
+            "windrow_worker_commit_latency_seconds",
+            "Time to apply and commit one batch",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            "windrow_worker_consumer_pending_messages",
+            "JetStream messages not yet delivered to the durable consumer (lag)",
+            m.consumer_pending.clone(),
+        );
+        registry.register(
+            "windrow_worker_consumer_ack_pending_messages",
+            "JetStream messages delivered and awaiting acknowledgement",
+            m.consumer_ack_pending.clone(),
+        );
+        m
+    }
+
+    /// A batch of `n` messages arrived.
+    pub fn consumed(&self, n: usize) {
+        self.consumed.inc_by(n as u64);
+    }
+
+    /// A batch was committed.
+    pub fn committed(&self, size: usize, applied: usize, duplicates: usize, seconds: f64) {
+        self.applied.inc_by(applied as u64);
+        self.duplicates.inc_by(duplicates as u64);
+        self.batch_size.observe(size as f64);
+        self.commit_seconds.observe(seconds);
+    }
+
+    /// A message went to the dead-letter subject.
+    pub fn dead_lettered(&self, reason: &'static str, subject: &str, detail: &str) {
+        self.dead_lettered
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        tracing::warn!(reason, subject, detail, "message dead-lettered");
+    }
+
+    /// The NATS client reported a slow consumer.
+    pub fn slow_consumer(&self) {
+        self.slow_consumer.inc();
+        tracing::warn!(
+            "slow consumer: NATS dropped messages for this worker (core mode is at-most-once)"
+        );
+    }
+
+    /// A commit failed; the batch will be retried.
+    pub fn store_error(&self, error: &dyn std::fmt::Display) {
+        self.store_errors.inc();
+        tracing::error!(%error, "LMDB commit failed; not acknowledging, retrying the batch");
+    }
+}

@@ -1,0 +1,3 @@
+//! Exports of merged windows.
+
+pub mod sqlite;

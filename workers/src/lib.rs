@@ -1,0 +1,32 @@
+//! Workers: fold telemetry from NATS into idempotent per-series time windows
+//! stored in per-node LMDB, and answer queries about them.
+//!
+//! # Layout
+//! - [`config`], [`error`], [`run`](mod@run): the role's configuration, errors, start-up and drain.
+//! - [`window`]: window maths (pure): samples, mergeable aggregates, tumbling windows.
+//! - [`decode`]: payload → samples (pure): JSON field mapping and plain numbers.
+//! - [`store`]: LMDB (heed): one environment per UTC day, windows, latest values,
+//!   applied stream sequences, batched commits, rotation and retention.
+//! - `writer`: the single LMDB writer thread.
+//! - `consume`: batch → commit → dead-letter → acknowledge, for both modes.
+//! - [`query`]: the query plane's messages and the merge of partials.
+//! - [`events`]: metrics and logs.
+//! - [`export`]: SQLite export of merged windows.
+
+#![allow(missing_docs)] // TODO(#3): document the store and export APIs once they settle.
+
+pub mod config;
+mod consume;
+pub mod decode;
+pub mod error;
+pub mod events;
+pub mod export;
+pub mod query;
+pub mod run;
+pub mod store;
+pub mod window;
+mod writer;
+
+pub use config::{Config, InvalidConfig, Mode};
+pub use error::Error;
+pub use run::{run, run_with_clock};

@@ -1,0 +1,258 @@
+//! The query plane: request and reply messages, and merging partial windows.
+//!
+//! Every worker answers on the query subject with its *partial* windows (what it
+//! applied itself); the asker merges the partials of all replicas. Replies are
+//! split into chunks so that a large answer fits NATS' `max_payload`; the last
+//! chunk of a node says `done`, so the asker knows how many nodes answered fully.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    store::{LatestRow, WindowRow},
+    window::Aggregate,
+};
+
+/// Rows per reply chunk: about 150 bytes of JSON each, well under 1 MiB.
+pub const ROWS_PER_CHUNK: usize = 2000;
+
+/// A query for windows of series matching a pattern.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryRequest {
+    /// Exact series, a prefix ending in `*`, or `*`.
+    pub series: String,
+    /// Only this value field, if given.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// Window resolution, seconds.
+    pub resolution_secs: u32,
+    /// Windows starting at or after this time (Unix ns).
+    pub from_ns: i64,
+    /// Windows starting before this time (Unix ns).
+    pub to_ns: i64,
+    /// Also return the latest value per series and field.
+    #[serde(default)]
+    pub latest: bool,
+}
+
+/// One chunk of one node's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryReply {
+    /// The answering worker's node id.
+    pub node: String,
+    /// Chunk number, from 0.
+    pub chunk: u32,
+    /// True on the node's last chunk.
+    pub done: bool,
+    /// Partial windows.
+    #[serde(default)]
+    pub windows: Vec<WindowRow>,
+    /// Latest values (on chunk 0 only).
+    #[serde(default)]
+    pub latest: Vec<LatestRow>,
+    /// Set if the node could not answer.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl QueryReply {
+    /// Splits a node's full answer into chunks.
+    pub fn chunks(node: &str, windows: Vec<WindowRow>, latest: Vec<LatestRow>) -> Vec<QueryReply> {
+        let mut out = Vec::new();
+        let mut rest = windows;
+        let mut latest = Some(latest);
+        loop {
+            let tail = if rest.len() > ROWS_PER_CHUNK {
+                rest.split_off(ROWS_PER_CHUNK)
+            } else {
+                Vec::new()
+            };
+            let done = tail.is_empty();
+            out.push(QueryReply {
+                node: node.to_owned(),
+                chunk: out.len() as u32,
+                done,
+                windows: rest,
+                latest: latest.take().unwrap_or_default(),
+                error: None,
+            });
+            if done {
+                return out;
+            }
+            rest = tail;
+        }
+    }
+}
+
+/// Merges partial windows from any number of nodes into one row per
+/// (series, field, resolution, start), sorted.
+pub fn merge_windows(parts: impl IntoIterator<Item = WindowRow>) -> Vec<WindowRow> {
+    let mut merged: BTreeMap<(String, String, u32, i64), Aggregate> = BTreeMap::new();
+    for row in parts {
+        merged
+            .entry((row.series, row.field, row.resolution_secs, row.start_ns))
+            .and_modify(|a| a.merge(&row.agg))
+            .or_insert(row.agg);
+    }
+    merged
+        .into_iter()
+        .map(
+            |((series, field, resolution_secs, start_ns), agg)| WindowRow {
+                series,
+                field,
+                resolution_secs,
+                start_ns,
+                agg,
+            },
+        )
+        .collect()
+}
+
+/// Merges latest values: per (series, field) the newest sample wins.
+pub fn merge_latest(parts: impl IntoIterator<Item = LatestRow>) -> Vec<LatestRow> {
+    let mut merged: BTreeMap<(String, String), LatestRow> = BTreeMap::new();
+    for row in parts {
+        let key = (row.series.clone(), row.field.clone());
+        match merged.get(&key) {
+            Some(cur) if (cur.ts_ns, cur.value.to_bits()) >= (row.ts_ns, row.value.to_bits()) => {}
+            _ => {
+                merged.insert(key, row);
+            }
+        }
+    }
+    merged.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(series: &str, start: i64, v: f64) -> WindowRow {
+        WindowRow {
+            series: series.into(),
+            field: "v".into(),
+            resolution_secs: 1,
+            start_ns: start,
+            agg: Aggregate::of(start, v),
+        }
+    }
+
+    #[test]
+    fn partials_of_several_nodes_merge_per_window() {
+        let merged = merge_windows(vec![
+            row("a", 0, 1.0),
+            row("b", 0, 5.0),
+            row("a", 0, 3.0),
+            row("a", 1, 2.0),
+        ]);
+        assert_eq!(merged.len(), 3);
+        assert_eq!(merged[0].series, "a");
+        assert_eq!(merged[0].agg.count, 2);
+        assert_eq!(merged[0].agg.sum, 4.0);
+        assert_eq!(merged[0].agg.max, 3.0);
+    }
+
+    #[test]
+    fn answers_are_chunked_and_the_last_chunk_is_done() {
+        let rows: Vec<WindowRow> = (0..(ROWS_PER_CHUNK as i64 * 2 + 1))
+            .map(|i| row("a", i, 1.0))
+            .collect();
+        let chunks = QueryReply::chunks("n1", rows, vec![]);
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks[2].done && !chunks[0].done);
+        assert_eq!(
+            chunks.iter().map(|c| c.windows.len()).sum::<usize>(),
+            ROWS_PER_CHUNK * 2 + 1
+        );
+        assert_eq!(QueryReply::chunks("n1", vec![], vec![]).len(), 1);
+    }
+}
+
+/// What a scatter-gather query collected, merged.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    /// Merged windows.
+    pub windows: Vec<WindowRow>,
+    /// Merged latest values.
+    pub latest: Vec<LatestRow>,
+    /// Nodes that sent their last chunk.
+    pub complete: Vec<String>,
+    /// Nodes that sent some chunks but not the last in time.
+    pub incomplete: Vec<String>,
+    /// Errors reported by nodes.
+    pub errors: Vec<String>,
+}
+
+/// Failures of [`gather`] itself (node errors are in [`Gathered::errors`]).
+#[derive(Debug, thiserror::Error)]
+pub enum GatherError {
+    /// Subscribing or publishing failed.
+    #[error("query over NATS failed: {0}")]
+    Nats(String),
+    /// A reply was not a [`QueryReply`].
+    #[error("undecodable query reply: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Sends `request` to every worker on `subject` and merges their replies.
+///
+/// Returns when `expect_nodes` nodes answered fully, or when `timeout` passes.
+///
+/// # Errors
+/// [`GatherError`] if the request cannot be sent or a reply cannot be read.
+pub async fn gather(
+    nats: &async_nats::Client,
+    subject: &str,
+    request: &QueryRequest,
+    expect_nodes: Option<usize>,
+    timeout: std::time::Duration,
+) -> Result<Gathered, GatherError> {
+    use futures::StreamExt;
+    let inbox = nats.new_inbox();
+    let mut replies = nats
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| GatherError::Nats(e.to_string()))?;
+    nats.publish_with_reply(
+        subject.to_owned(),
+        inbox,
+        serde_json::to_vec(request)?.into(),
+    )
+    .await
+    .map_err(|e| GatherError::Nats(e.to_string()))?;
+    nats.flush()
+        .await
+        .map_err(|e| GatherError::Nats(e.to_string()))?;
+    let mut done: BTreeMap<String, bool> = BTreeMap::new();
+    let mut windows = Vec::new();
+    let mut latest = Vec::new();
+    let mut errors = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(n) = expect_nodes {
+            if done.values().filter(|d| **d).count() >= n {
+                break;
+            }
+        }
+        let msg = match tokio::time::timeout_at(deadline, replies.next()).await {
+            Ok(Some(m)) => m,
+            _ => break,
+        };
+        let reply: QueryReply = serde_json::from_slice(&msg.payload)?;
+        if let Some(e) = reply.error {
+            errors.push(format!("{}: {e}", reply.node));
+        }
+        *done.entry(reply.node.clone()).or_insert(false) |= reply.done;
+        windows.extend(reply.windows);
+        latest.extend(reply.latest);
+    }
+    let (complete, incomplete): (Vec<_>, Vec<_>) = done.into_iter().partition(|(_, d)| *d);
+    Ok(Gathered {
+        windows: merge_windows(windows),
+        latest: merge_latest(latest),
+        complete: complete.into_iter().map(|(n, _)| n).collect(),
+        incomplete: incomplete.into_iter().map(|(n, _)| n).collect(),
+        errors,
+    })
+}

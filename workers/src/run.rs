@@ -1,0 +1,362 @@
+//! Starting, running and draining a worker.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use windrow_ops::{Health, OpsServer};
+
+use crate::{
+    config::{Config, Mode},
+    consume::{Incoming, Processor},
+    events::Metrics,
+    query::{QueryReply, QueryRequest},
+    store::{Clock, SystemClock},
+    writer::Writer,
+    Error,
+};
+
+/// Runs a worker until `shutdown`, then drains.
+///
+/// Drain order: stop fetching, finish the batch in hand (commit, then
+/// acknowledge), stop answering queries, close the store. `shutdown_timeout_secs`
+/// bounds it; what is unacknowledged then is redelivered (jetstream mode).
+///
+/// # Errors
+/// Invalid configuration, store, NATS or operations-server failures at start-up.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    run_with_clock(config, shutdown, Arc::new(SystemClock)).await
+}
+
+/// [`run`] with an injectable clock (tests of rotation and lateness).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_clock(
+    config: Config,
+    shutdown: CancellationToken,
+    clock: Arc<dyn Clock>,
+) -> Result<(), Error> {
+    config.validate()?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let health = Health::new();
+    health.register("nats");
+    health.register("consumer");
+    health.set("store", true);
+    let ops = OpsServer::bind(config.http_listen).await?;
+    let ops_stop = CancellationToken::new();
+    let ops_task = tokio::spawn(ops.serve(Arc::new(registry), health.clone(), ops_stop.clone()));
+
+    let (writer, writer_thread) = Writer::start(config.store.clone(), clock)?;
+    if let Ok(Ok(days)) = writer.enforce_retention().await {
+        if !days.is_empty() {
+            tracing::info!(?days, "deleted days beyond retention");
+        }
+    }
+
+    let nats = {
+        let health = health.clone();
+        let metrics = metrics.clone();
+        windrow_jetstream::connect(&config.nats, "windrow-worker", move |event| {
+            match &event {
+                async_nats::Event::Connected => {
+                    health.set("nats", true);
+                    tracing::info!("NATS connected");
+                }
+                async_nats::Event::Disconnected => {
+                    health.set("nats", false);
+                    tracing::warn!("NATS disconnected; reconnecting");
+                }
+                async_nats::Event::SlowConsumer(_) => metrics.slow_consumer(),
+                other => tracing::warn!(event = %other, "NATS event"),
+            }
+            async {}
+        })
+        .await?
+    };
+    if nats.connection_state() == async_nats::connection::State::Connected {
+        health.set("nats", true);
+    }
+
+    let config = Arc::new(config);
+    let hard_stop = CancellationToken::new();
+    let processor = Processor {
+        config: config.clone(),
+        writer: writer.clone(),
+        nats: nats.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+    };
+    let queries = tokio::spawn(answer_queries(
+        nats.clone(),
+        writer.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
+    let retention = tokio::spawn(retention_loop(
+        writer.clone(),
+        config.retention_check_secs,
+        shutdown.clone(),
+    ));
+
+    {
+        let consumer = async {
+            match config.mode {
+                Mode::Core => {
+                    consume_core(&nats, &config, &processor, &health, &shutdown, &hard_stop).await
+                }
+                Mode::Jetstream => {
+                    consume_jetstream(
+                        &nats, &config, &processor, &health, &metrics, &shutdown, &hard_stop,
+                    )
+                    .await
+                }
+            }
+        };
+        tracing::info!(mode = ?config.mode, filter = %config.filter(), node = %config.node_id, "worker running");
+        tokio::pin!(consumer);
+        let limit = Duration::from_secs(config.shutdown_timeout_secs);
+        tokio::select! {
+            () = &mut consumer => {}
+            () = shutdown.cancelled() => {
+                health.register("draining");
+                tracing::info!(timeout_secs = limit.as_secs(), "draining");
+                if tokio::time::timeout(limit, &mut consumer).await.is_err() {
+                    tracing::warn!("drain timed out; unacknowledged messages will be redelivered");
+                    hard_stop.cancel();
+                    consumer.await;
+                }
+            }
+        }
+    }
+    let _ = queries.await;
+    let _ = retention.await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), nats.flush()).await;
+    drop(processor);
+    drop(writer);
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    ops_stop.cancel();
+    if let Ok(res) = ops_task.await {
+        res?;
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Core mode: a queue-group member; batches by size or time.
+async fn consume_core(
+    nats: &async_nats::Client,
+    config: &Config,
+    processor: &Processor,
+    health: &Health,
+    shutdown: &CancellationToken,
+    hard_stop: &CancellationToken,
+) {
+    let mut sub = match nats
+        .queue_subscribe(config.filter(), config.queue_group.clone())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe");
+            return;
+        }
+    };
+    health.set("consumer", true);
+    let wait = Duration::from_millis(config.batch_max_wait_ms);
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let mut batch = vec![Incoming::core(first)];
+        let deadline = tokio::time::Instant::now() + wait;
+        while batch.len() < config.batch_max_messages {
+            match tokio::time::timeout_at(deadline, sub.next()).await {
+                Ok(Some(m)) => batch.push(Incoming::core(m)),
+                _ => break,
+            }
+        }
+        processor.process(batch, hard_stop).await;
+    }
+    let _ = sub.unsubscribe().await;
+}
+
+/// JetStream mode: fetch batches from the shared durable pull consumer.
+async fn consume_jetstream(
+    nats: &async_nats::Client,
+    config: &Config,
+    processor: &Processor,
+    health: &Health,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    hard_stop: &CancellationToken,
+) {
+    let js = jetstream::new(nats.clone());
+    let mut backoff = Duration::from_millis(200);
+    let consumer: jetstream::consumer::Consumer<pull::Config> = loop {
+        let res = async {
+            let stream = js.get_stream(&config.stream).await?;
+            let c = stream
+                .get_or_create_consumer(
+                    &config.durable,
+                    pull::Config {
+                        durable_name: Some(config.durable.clone()),
+                        filter_subject: config.filter(),
+                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                        ack_wait: Duration::from_secs(config.ack_wait_secs),
+                        max_deliver: config.max_deliver,
+                        max_ack_pending: config.max_ack_pending,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(c)
+        }
+        .await;
+        match res {
+            Ok(c) => break c,
+            Err(e) => {
+                health.set("consumer", false);
+                tracing::warn!(error = %e, stream = %config.stream, durable = %config.durable, "cannot bind the durable consumer; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    health.set("consumer", true);
+    let lag = tokio::spawn(poll_lag(
+        consumer.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let wait = Duration::from_millis(config.batch_max_wait_ms.max(10));
+    while !shutdown.is_cancelled() {
+        let fetched = consumer
+            .fetch()
+            .max_messages(config.batch_max_messages)
+            .expires(wait)
+            .messages()
+            .await;
+        let mut messages = match fetched {
+            Ok(m) => m,
+            Err(e) => {
+                health.set("consumer", false);
+                tracing::warn!(error = %e, "fetch failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+        };
+        health.set("consumer", true);
+        let mut batch = Vec::new();
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(m) => batch.push(Incoming::jetstream(m)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "fetch ended early");
+                    break;
+                }
+            }
+        }
+        processor.process(batch, hard_stop).await;
+    }
+    lag.abort();
+}
+
+async fn poll_lag(
+    mut consumer: jetstream::consumer::Consumer<pull::Config>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Ok(info) = consumer.info().await {
+            metrics.consumer_pending.set(info.num_pending as i64);
+            metrics
+                .consumer_ack_pending
+                .set(info.num_ack_pending as i64);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Answers every query on the query subject with this node's partial windows.
+async fn answer_queries(
+    nats: async_nats::Client,
+    writer: Writer,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) {
+    let mut sub = match nats.subscribe(config.query_subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to the query subject");
+            return;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let replies = match serde_json::from_slice::<QueryRequest>(&msg.payload) {
+            Err(e) => vec![error_reply(&config.node_id, format!("bad query: {e}"))],
+            Ok(q) => match writer.query(q).await {
+                Ok(Ok((windows, latest))) => QueryReply::chunks(&config.node_id, windows, latest),
+                Ok(Err(e)) => vec![error_reply(&config.node_id, e.to_string())],
+                Err(e) => vec![error_reply(&config.node_id, e.to_string())],
+            },
+        };
+        for r in replies {
+            match serde_json::to_vec(&r) {
+                Ok(body) => {
+                    if let Err(e) = nats.publish(reply.clone(), body.into()).await {
+                        tracing::warn!(error = %e, "cannot send query reply");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode query reply"),
+            }
+        }
+    }
+}
+
+fn error_reply(node: &str, error: String) -> QueryReply {
+    QueryReply {
+        node: node.to_owned(),
+        chunk: 0,
+        done: true,
+        windows: Vec::new(),
+        latest: Vec::new(),
+        error: Some(error),
+    }
+}
+
+async fn retention_loop(writer: Writer, every_secs: u64, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(every_secs)) => {}
+            () = shutdown.cancelled() => return,
+        }
+        match writer.enforce_retention().await {
+            Ok(Ok(days)) if !days.is_empty() => {
+                tracing::info!(?days, "deleted days beyond retention")
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
+            _ => {}
+        }
+    }
+}

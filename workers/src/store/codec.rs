@@ -1,0 +1,252 @@
+//! Order-preserving binary keys and fixed-size values of the store.
+//!
+//! Window keys sort by series, field, resolution, then time, so one series is
+//! a prefix range and a time range within one series, field and resolution is
+//! a contiguous key range. Big-endian, time-ordered keys are also LMDB's
+//! fastest insert pattern (pages fill in order instead of splitting at random).
+
+use super::StoreError;
+
+/// Separator after the series and after the field (neither may contain it).
+pub const SEP: u8 = 0;
+
+/// LMDB's key size limit (`MDB_MAXKEYSIZE` as lmdb-master-sys builds it).
+/// A longer key fails the whole transaction, so names are checked up front.
+pub const MAX_KEY_BYTES: usize = 511;
+
+/// Bytes a window key adds to the series and field: two separators, the
+/// resolution and the start.
+const WINDOW_KEY_OVERHEAD: usize = 2 + 4 + 8;
+
+/// Maps a signed time to an unsigned one with the same order (sign bit flipped).
+fn ordered(ts: i64) -> u64 {
+    (ts as u64) ^ (1 << 63)
+}
+
+/// Inverse of [`ordered`].
+fn unordered(u: u64) -> i64 {
+    (u ^ (1 << 63)) as i64
+}
+
+fn invalid(what: &'static str, value: &str, reason: &'static str) -> StoreError {
+    StoreError::InvalidKey {
+        what,
+        value: value.chars().take(64).collect(),
+        reason,
+    }
+}
+
+/// Checks that `series` and `field` can form window and latest keys.
+///
+/// # Errors
+/// [`StoreError::InvalidKey`] if either contains 0x00 or the key would exceed
+/// [`MAX_KEY_BYTES`].
+pub fn check_names(series: &str, field: &str) -> Result<(), StoreError> {
+    if series.as_bytes().contains(&SEP) {
+        return Err(invalid("series", series, "contains 0x00"));
+    }
+    if field.as_bytes().contains(&SEP) {
+        return Err(invalid("field", field, "contains 0x00"));
+    }
+    if series.len() + field.len() + WINDOW_KEY_OVERHEAD > MAX_KEY_BYTES {
+        return Err(invalid(
+            "series",
+            series,
+            "series and field together exceed 497 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `stream` can form an applied key.
+///
+/// # Errors
+/// [`StoreError::InvalidKey`] if it contains 0x00 or is too long.
+pub fn check_stream(stream: &str) -> Result<(), StoreError> {
+    if stream.as_bytes().contains(&SEP) {
+        return Err(invalid("stream", stream, "contains 0x00"));
+    }
+    if stream.len() + 9 > MAX_KEY_BYTES {
+        return Err(invalid("stream", stream, "longer than 502 bytes"));
+    }
+    Ok(())
+}
+
+/// `series 0x00 field 0x00 resolution(u32 BE) start(u64 BE, sign bit flipped)`.
+pub fn window_key(series: &str, field: &str, resolution_secs: u32, start_ns: i64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(series.len() + field.len() + WINDOW_KEY_OVERHEAD);
+    k.extend_from_slice(series.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(field.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(&resolution_secs.to_be_bytes());
+    k.extend_from_slice(&ordered(start_ns).to_be_bytes());
+    k
+}
+
+/// A decoded [`window_key`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WindowKey {
+    /// Series.
+    pub series: String,
+    /// Field.
+    pub field: String,
+    /// Resolution, seconds.
+    pub resolution_secs: u32,
+    /// Window start, Unix ns.
+    pub start_ns: i64,
+}
+
+/// Resolution and start of a window key without decoding the names (for
+/// filtering before allocating).
+pub fn window_key_tail(k: &[u8]) -> Option<(u32, i64)> {
+    let tail = k.len().checked_sub(12).map(|at| &k[at..])?;
+    let res = u32::from_be_bytes(tail[..4].try_into().ok()?);
+    let start = unordered(u64::from_be_bytes(tail[4..].try_into().ok()?));
+    Some((res, start))
+}
+
+/// Decodes [`window_key`]; `None` if it is not one.
+pub fn parse_window_key(k: &[u8]) -> Option<WindowKey> {
+    let (resolution_secs, start_ns) = window_key_tail(k)?;
+    let names = k[..k.len() - 12].strip_suffix(&[SEP])?;
+    let (series, field) = split_names(names)?;
+    Some(WindowKey {
+        series,
+        field,
+        resolution_secs,
+        start_ns,
+    })
+}
+
+fn split_names(names: &[u8]) -> Option<(String, String)> {
+    let cut = names.iter().position(|b| *b == SEP)?;
+    let series = std::str::from_utf8(&names[..cut]).ok()?;
+    let field = std::str::from_utf8(&names[cut + 1..]).ok()?;
+    Some((series.to_owned(), field.to_owned()))
+}
+
+/// `series 0x00 field`.
+pub fn latest_key(series: &str, field: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(series.len() + field.len() + 1);
+    k.extend_from_slice(series.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(field.as_bytes());
+    k
+}
+
+/// Decodes [`latest_key`]: (series, field).
+pub fn parse_latest_key(k: &[u8]) -> Option<(String, String)> {
+    split_names(k)
+}
+
+/// Latest value: `ts_ns i64 LE, value f64 LE`.
+pub fn latest_value(ts_ns: i64, value: f64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&ts_ns.to_le_bytes());
+    b[8..].copy_from_slice(&value.to_le_bytes());
+    b
+}
+
+/// Decodes [`latest_value`]; `None` if the length is wrong.
+pub fn parse_latest_value(b: &[u8]) -> Option<(i64, f64)> {
+    let b: &[u8; 16] = b.try_into().ok()?;
+    let (ts, v) = b.split_at(8);
+    Some((
+        i64::from_le_bytes(ts.try_into().ok()?),
+        f64::from_le_bytes(v.try_into().ok()?),
+    ))
+}
+
+/// Whether sample `a` replaces `b` as the latest: greater (time, value bits),
+/// the same tie rule as `Aggregate::merge`'s last, so arrival order never matters.
+pub fn is_newer(a: (i64, f64), b: (i64, f64)) -> bool {
+    (a.0, a.1.to_bits()) > (b.0, b.1.to_bits())
+}
+
+/// `stream 0x00 (seq >> 16) u64 BE`: the chunk holding `seq`; its value is a
+/// roaring bitmap of [`applied_low`] of the applied sequences in the chunk.
+pub fn applied_key(stream: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(stream.len() + 9);
+    k.extend_from_slice(stream.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(&(seq >> 16).to_be_bytes());
+    k
+}
+
+/// The bit of `seq` within its [`applied_key`] chunk.
+pub fn applied_low(seq: u64) -> u32 {
+    (seq & 0xFFFF) as u32
+}
+
+/// The key prefix selecting a series pattern: `series 0x00` for an exact
+/// series, the bytes before the `*` for `prefix*`, empty for `*`.
+///
+/// # Errors
+/// [`StoreError::InvalidKey`] if the pattern contains 0x00.
+pub fn pattern_prefix(pattern: &str) -> Result<Vec<u8>, StoreError> {
+    if pattern.as_bytes().contains(&SEP) {
+        return Err(invalid("pattern", pattern, "contains 0x00"));
+    }
+    Ok(match pattern.strip_suffix('*') {
+        Some(prefix) => prefix.as_bytes().to_vec(),
+        None => [pattern.as_bytes(), &[SEP]].concat(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn window_keys_round_trip_and_keep_time_order(
+            series in "[a-z0-9/ .]{0,20}", field in "[a-z]{0,8}", res in any::<u32>(), a in any::<i64>(), b in any::<i64>()
+        ) {
+            let ka = window_key(&series, &field, res, a);
+            let want = WindowKey { series: series.clone(), field: field.clone(), resolution_secs: res, start_ns: a };
+            prop_assert_eq!(parse_window_key(&ka), Some(want));
+            let kb = window_key(&series, &field, res, b);
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+        }
+
+        #[test]
+        fn latest_values_round_trip(ts in any::<i64>(), v in any::<f64>()) {
+            let (t, w) = parse_latest_value(&latest_value(ts, v)).unwrap();
+            prop_assert_eq!((t, w.to_bits()), (ts, v.to_bits()));
+        }
+
+        #[test]
+        fn applied_keys_order_by_sequence(a in any::<u64>(), b in any::<u64>()) {
+            prop_assert_eq!(applied_key("S", a).cmp(&applied_key("S", b)), (a >> 16).cmp(&(b >> 16)));
+            prop_assert_eq!(((a >> 16) << 16) | u64::from(applied_low(a)), a);
+        }
+    }
+
+    #[test]
+    fn a_series_sorts_before_its_longer_neighbours() {
+        // "a" 0x00 … < "a/b" …: one exact series is one contiguous prefix.
+        assert!(window_key("a", "t", 1, i64::MAX) < window_key("a/b", "t", 1, i64::MIN));
+        assert!(window_key("a", "t", 1, 0) < window_key("a", "u", 1, 0));
+        assert!(window_key("a", "t", 1, i64::MAX) < window_key("a", "t", 60, i64::MIN));
+    }
+
+    #[test]
+    fn names_with_the_separator_or_too_long_are_rejected() {
+        assert!(check_names("a\0b", "t").is_err());
+        assert!(check_names("a", "t\0").is_err());
+        assert!(check_names(&"x".repeat(496), "t").is_ok());
+        assert!(check_names(&"x".repeat(497), "t").is_err());
+        assert!(check_stream("S\0").is_err());
+        assert!(pattern_prefix("a\0*").is_err());
+        assert_eq!(pattern_prefix("a/*").unwrap(), b"a/".to_vec());
+        assert_eq!(pattern_prefix("a").unwrap(), b"a\0".to_vec());
+        assert!(pattern_prefix("*").unwrap().is_empty());
+        assert_eq!(
+            parse_latest_key(&latest_key("a/b", "t")),
+            Some(("a/b".into(), "t".into()))
+        );
+        assert_eq!(parse_window_key(b"short"), None);
+    }
+}

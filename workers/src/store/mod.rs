@@ -1,0 +1,169 @@
+//! The per-node LMDB store: one environment per UTC day of the sample time.
+//!
+//! Layout: `<dir>/YYYY-MM-DD/data.mdb`, each with four named databases:
+//! - `windows`: series 0x00 field 0x00 resolution (u32 BE) start (u64 BE, sign
+//!   bit flipped so negative times sort first): order preserving, one series
+//!   is a prefix and a time range a contiguous run → the 64-byte
+//!   [`Aggregate`](crate::window::Aggregate) of the window;
+//! - `latest`: series 0x00 field → time and value of the newest sample;
+//! - `applied`: stream 0x00 (seq >> 16) → roaring bitmap of the low 16 bits of
+//!   the JetStream sequences applied in this day. It is written in the same
+//!   transaction as the windows the messages changed, which is what makes
+//!   applying idempotent: a redelivery after a crash between commit and ack
+//!   finds its sequence and changes nothing;
+//! - `meta`: `format_version`, `created_at`, `messages_applied`.
+//!
+//! Why a day per environment: retention deletes a whole directory (no per-key
+//! deletes, no free-page churn, the file shrinks at once), a day's map grows
+//! independently, and a backup of a finished day never changes again.
+//!
+//! One writer (the worker's writer thread) owns a [`Store`]; readers, in this
+//! process or another, use a [`StoreReader`] ([`open_read_only`]); a [`Store`]
+//! derefs to the [`StoreReader`] of its own days, so both share the query code.
+
+mod batch;
+mod codec;
+mod config;
+mod day;
+mod error;
+mod read;
+mod stat;
+mod write;
+
+use std::sync::{
+    atomic::{AtomicI64, Ordering},
+    Arc,
+};
+
+use time::{format_description::well_known::Iso8601, Date, OffsetDateTime};
+
+pub use self::{
+    config::StoreConfig,
+    error::StoreError,
+    read::{open_read_only, LatestRow, StoreReader, WindowRow},
+    stat::DayStat,
+    write::Store,
+};
+use crate::window::Sample;
+
+/// The store's notion of now, injectable so tests can drive lateness,
+/// rotation and retention without sleeping.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Unix nanoseconds.
+    fn now_ns(&self) -> i64;
+}
+
+/// The system clock (UTC).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ns(&self) -> i64 {
+        let ns = OffsetDateTime::now_utc().unix_timestamp_nanos();
+        i64::try_from(ns).unwrap_or(if ns < 0 { i64::MIN } else { i64::MAX })
+    }
+}
+
+/// A clock tests set and move by hand; clones share the time.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<AtomicI64>);
+
+impl ManualClock {
+    /// A clock at `ns` (Unix nanoseconds).
+    pub fn new(ns: i64) -> Self {
+        Self(Arc::new(AtomicI64::new(ns)))
+    }
+
+    /// Sets the time.
+    pub fn set(&self, ns: i64) {
+        self.0.store(ns, Ordering::SeqCst);
+    }
+
+    /// Moves the time by `ns` (negative moves it back).
+    pub fn advance(&self, ns: i64) {
+        self.0.fetch_add(ns, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ns(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One NATS message's samples.
+///
+/// All samples of a message share one time; the store files the whole message
+/// under the UTC day of the first sample (and checks lateness against it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// JetStream stream name and sequence, for idempotency; `None` for core NATS.
+    pub stream_seq: Option<(String, u64)>,
+    /// The samples.
+    pub samples: Vec<Sample>,
+}
+
+/// What [`Store::apply`] did with one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Committed.
+    Applied,
+    /// Its (stream, sequence) was applied before (or earlier in the batch);
+    /// nothing changed.
+    Duplicate,
+    /// Older than the allowed lateness, or its day is beyond retention.
+    TooLate,
+    /// Newer than now plus `max_future_secs`.
+    TooEarly,
+    /// No samples, a non-finite value, or a series, field or stream that
+    /// cannot be a key (contains 0x00, or too long for LMDB).
+    Invalid,
+}
+
+/// The UTC day of a time, `YYYY-MM-DD`: the name of its environment.
+pub fn day_name(ts_ns: i64) -> Option<String> {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_ns)).ok()?;
+    t.date().format(&Iso8601::DATE).ok()
+}
+
+/// Start (Unix ns, midnight UTC) of a day named by [`day_name`]; `None` if
+/// `name` is not exactly such a name (so stray directories are never deleted).
+pub fn day_start_ns(name: &str) -> Option<i64> {
+    let date = Date::parse(name, &Iso8601::DATE).ok()?;
+    if date.format(&Iso8601::DATE).ok()? != name {
+        return None;
+    }
+    i64::try_from(date.midnight().assume_utc().unix_timestamp_nanos()).ok()
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod reader_tests;
+
+#[cfg(test)]
+mod size_tests;
+
+#[cfg(test)]
+mod day_name_tests {
+    use super::*;
+    use crate::window::NS_PER_DAY;
+
+    #[test]
+    fn day_names_are_utc_dates_and_round_trip() {
+        assert_eq!(day_name(0).as_deref(), Some("1970-01-01"));
+        assert_eq!(day_name(-1).as_deref(), Some("1969-12-31"));
+        assert_eq!(
+            day_name(1_764_028_800_000_000_000).as_deref(),
+            Some("2025-11-25")
+        );
+        assert_eq!(day_name(i64::MIN).as_deref(), Some("1677-09-21"));
+        assert_eq!(day_name(i64::MAX).as_deref(), Some("2262-04-11"));
+        assert_eq!(day_start_ns("1970-01-02"), Some(NS_PER_DAY));
+        assert_eq!(day_start_ns("2025-11-25"), Some(1_764_028_800_000_000_000));
+        for bad in ["20251125", "2025-11-25x", "2025-13-01", "lost+found", ""] {
+            assert_eq!(day_start_ns(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Reading the store: queries over windows and latest values, shared by the writer's
+//! [`Store`](super::Store) (through `Deref`) and by [`open_read_only`].
+
+use std::{
+    collections::BTreeMap,
+    ops::Bound,
+    path::{Path, PathBuf},
+};
+
+use heed::{types::Bytes, Database, RoTxn};
+use roaring::RoaringBitmap;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    codec::{
+        parse_latest_key, parse_latest_value, parse_window_key, pattern_prefix, window_key,
+        window_key_tail, WindowKey, SEP,
+    },
+    day::{open_for_read, Day, DayEnv},
+    day_start_ns,
+    error::{corrupt, io, lmdb, StoreError},
+};
+use crate::window::{Aggregate, NS_PER_DAY};
+
+/// One window of one series and field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowRow {
+    /// Series key.
+    pub series: String,
+    /// Value field.
+    pub field: String,
+    /// Resolution, seconds.
+    pub resolution_secs: u32,
+    /// Window start, Unix ns.
+    pub start_ns: i64,
+    /// The aggregate.
+    pub agg: Aggregate,
+}
+
+/// The newest sample of one series and field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatestRow {
+    /// Series key.
+    pub series: String,
+    /// Value field.
+    pub field: String,
+    /// Sample time, Unix ns.
+    pub ts_ns: i64,
+    /// Value.
+    pub value: f64,
+}
+
+/// Read access to the days of a data directory.
+pub struct StoreReader {
+    dir: PathBuf,
+    pub(super) days: BTreeMap<String, Day>,
+}
+
+impl std::fmt::Debug for StoreReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreReader")
+            .field("dir", &self.dir)
+            .field("days", &self.days())
+            .finish()
+    }
+}
+
+/// Day directory names under `dir` (exactly `YYYY-MM-DD`; with a `data.mdb`
+/// if `with_data`), sorted. Nothing else in `dir` is ever opened or deleted.
+pub(super) fn day_dirs(dir: &Path, with_data: bool) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let path = entry.path();
+        if day_start_ns(&name).is_some()
+            && path.is_dir()
+            && (!with_data || path.join("data.mdb").is_file())
+        {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Opens every day of `dir` for reading, safe while a worker writes to it: in
+/// another process LMDB readers never block the writer and see only committed
+/// data; in the writer's own process the reader shares the writer's
+/// environments. Days created later are picked up by [`StoreReader::refresh`].
+///
+/// # Errors
+/// [`StoreError`] if the directory or an environment cannot be opened.
+pub fn open_read_only(dir: &Path) -> Result<StoreReader, StoreError> {
+    let mut reader = StoreReader::new(dir.to_owned());
+    reader.refresh()?;
+    Ok(reader)
+}
+
+type Entries<'t> = Box<dyn Iterator<Item = heed::Result<(&'t [u8], &'t [u8])>> + 't>;
+
+/// Entries with keys starting with `prefix` (LMDB has no empty key, so an
+/// empty prefix is a full scan).
+fn scan<'t>(
+    db: Database<Bytes, Bytes>,
+    rtxn: &'t RoTxn<'_>,
+    prefix: &[u8],
+) -> heed::Result<Entries<'t>> {
+    if prefix.is_empty() {
+        Ok(Box::new(db.iter(rtxn)?))
+    } else {
+        Ok(Box::new(db.prefix_iter(rtxn, prefix)?))
+    }
+}
+
+/// Whether the day (which holds windows starting in it) can hold a window
+/// starting in `[from_ns, to_ns)`.
+fn overlaps(day: &DayEnv, from_ns: i64, to_ns: i64) -> bool {
+    let start = day_start_ns(&day.name).unwrap_or(i64::MIN);
+    start < to_ns && start.saturating_add(NS_PER_DAY) > from_ns
+}
+
+impl StoreReader {
+    pub(super) fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            days: BTreeMap::new(),
+        }
+    }
+
+    /// Opens days created since, and lets go of days deleted since.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the directory or an environment cannot be opened.
+    pub fn refresh(&mut self) -> Result<(), StoreError> {
+        let present = day_dirs(&self.dir, true)?;
+        self.days.retain(|name, _| present.contains(name));
+        for name in present {
+            if !self.days.contains_key(&name) {
+                if let Some(day) = open_for_read(&self.dir, &name)? {
+                    self.days.insert(name, day);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The days open, oldest first.
+    pub fn days(&self) -> Vec<String> {
+        self.days.keys().cloned().collect()
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Windows of series matching `pattern` (exact series, `prefix*`, or `*`),
+    /// optionally of one field, at one resolution, starting in
+    /// `[from_ns, to_ns)`; sorted by series, field and start. Parts of one
+    /// window in several days (possible only if a message's samples span
+    /// midnight) are merged.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidKey`] for a pattern with 0x00; [`StoreError::Lmdb`]
+    /// or [`StoreError::Corrupt`] on a read failure.
+    pub fn windows(
+        &self,
+        pattern: &str,
+        field: Option<&str>,
+        resolution_secs: u32,
+        from_ns: i64,
+        to_ns: i64,
+    ) -> Result<Vec<WindowRow>, StoreError> {
+        let prefix = pattern_prefix(pattern)?;
+        let exact = match (pattern.ends_with('*'), field) {
+            // One series and field: the range is one contiguous run of keys.
+            (false, Some(f)) if !f.as_bytes().contains(&SEP) => Some((
+                window_key(pattern, f, resolution_secs, from_ns),
+                window_key(pattern, f, resolution_secs, to_ns),
+            )),
+            _ => None,
+        };
+        let mut merged: BTreeMap<Vec<u8>, WindowRow> = BTreeMap::new();
+        for day in self.days.values().filter(|d| overlaps(d, from_ns, to_ns)) {
+            day.read(|rtxn| {
+                let entries: Entries<'_> = match &exact {
+                    Some((lo, hi)) => {
+                        let range = (
+                            Bound::Included(lo.as_slice()),
+                            Bound::Excluded(hi.as_slice()),
+                        );
+                        Box::new(day.windows.range(rtxn, &range).map_err(lmdb(&day.name))?)
+                    }
+                    None => scan(day.windows, rtxn, &prefix).map_err(lmdb(&day.name))?,
+                };
+                for entry in entries {
+                    let (k, v) = entry.map_err(lmdb(&day.name))?;
+                    let (res, start) =
+                        window_key_tail(k).ok_or_else(|| corrupt(&day.name, "window key"))?;
+                    if res != resolution_secs || start < from_ns || start >= to_ns {
+                        continue;
+                    }
+                    let key =
+                        parse_window_key(k).ok_or_else(|| corrupt(&day.name, "window key"))?;
+                    if field.is_some_and(|f| f != key.field) {
+                        continue;
+                    }
+                    let agg = Aggregate::from_bytes(v)
+                        .ok_or_else(|| corrupt(&day.name, "window aggregate"))?;
+                    let WindowKey {
+                        series,
+                        field,
+                        resolution_secs,
+                        start_ns,
+                    } = key;
+                    merged
+                        .entry(k.to_vec())
+                        .and_modify(|row| row.agg.merge(&agg))
+                        .or_insert(WindowRow {
+                            series,
+                            field,
+                            resolution_secs,
+                            start_ns,
+                            agg,
+                        });
+                }
+                Ok(())
+            })?;
+        }
+        Ok(merged.into_values().collect())
+    }
+
+    /// The newest sample per series and field of series matching `pattern`,
+    /// across days; sorted by series and field.
+    ///
+    /// # Errors
+    /// As [`StoreReader::windows`].
+    pub fn latest(&self, pattern: &str) -> Result<Vec<LatestRow>, StoreError> {
+        let prefix = pattern_prefix(pattern)?;
+        let mut out: BTreeMap<Vec<u8>, LatestRow> = BTreeMap::new();
+        for day in self.days.values() {
+            day.read(|rtxn| {
+                for entry in scan(day.latest, rtxn, &prefix).map_err(lmdb(&day.name))? {
+                    let (k, v) = entry.map_err(lmdb(&day.name))?;
+                    let bad = || corrupt(&day.name, "latest entry");
+                    let (series, field) = parse_latest_key(k).ok_or_else(bad)?;
+                    let (ts_ns, value) = parse_latest_value(v).ok_or_else(bad)?;
+                    let row = LatestRow {
+                        series,
+                        field,
+                        ts_ns,
+                        value,
+                    };
+                    match out.get_mut(k) {
+                        Some(cur)
+                            if !super::codec::is_newer((ts_ns, value), (cur.ts_ns, cur.value)) => {}
+                        Some(cur) => *cur = row,
+                        None => {
+                            out.insert(k.to_vec(), row);
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// Sequences of `stream` applied, over all days.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read failure or a bitmap that does not decode.
+    pub fn applied_count(&self, stream: &str) -> Result<u64, StoreError> {
+        let prefix = [stream.as_bytes(), &[SEP]].concat();
+        let mut n = 0;
+        for day in self.days.values() {
+            n += day.read(|rtxn| {
+                let mut n = 0;
+                for entry in day
+                    .applied
+                    .prefix_iter(rtxn, &prefix)
+                    .map_err(lmdb(&day.name))?
+                {
+                    let (_, v) = entry.map_err(lmdb(&day.name))?;
+                    let bits = RoaringBitmap::deserialize_from(v)
+                        .map_err(|e| corrupt(&day.name, format!("applied bitmap: {e}")))?;
+                    n += bits.len();
+                }
+                Ok(n)
+            })?;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,175 @@
+//! Inspecting a store: per-day sizes, JSON-lines dump and backup (what
+//! `windrow store stat|dump|backup` print).
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+
+use super::{
+    codec::{parse_latest_key, parse_latest_value, parse_window_key, WindowKey},
+    error::{corrupt, io, lmdb, StoreError},
+    LatestRow, StoreReader,
+};
+use crate::window::Aggregate;
+
+/// Size and contents of one day.
+#[derive(Debug, Clone, Serialize)]
+pub struct DayStat {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    /// Its directory.
+    pub path: PathBuf,
+    /// LMDB map size of this process's view, bytes.
+    pub map_bytes: usize,
+    /// `data.mdb` size on disk, bytes (LMDB never shrinks it; free pages are reused).
+    pub file_bytes: u64,
+    /// Bytes in the B-trees' pages (the rest of the file is free pages).
+    pub used_bytes: u64,
+    /// LMDB page size, bytes.
+    pub page_size: u32,
+    /// Messages applied in this day (`meta`).
+    pub messages_applied: u64,
+    /// Entries per named database.
+    pub databases: Vec<(String, u64)>,
+}
+
+impl StoreReader {
+    /// Per-day sizes and entry counts, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read failure.
+    pub fn stat(&self) -> Result<Vec<DayStat>, StoreError> {
+        let mut out = Vec::with_capacity(self.days.len());
+        for day in self.days.values() {
+            let (databases, used_bytes, messages_applied) = day.read(|rtxn| {
+                let err = lmdb(&day.name);
+                let (mut databases, mut pages) = (Vec::new(), 0);
+                for (name, db) in [
+                    ("windows", day.windows),
+                    ("latest", day.latest),
+                    ("applied", day.applied),
+                    ("meta", day.meta),
+                ] {
+                    let s = db.stat(rtxn).map_err(&err)?;
+                    pages += s.branch_pages + s.leaf_pages + s.overflow_pages;
+                    databases.push((name.to_owned(), s.entries as u64));
+                }
+                let applied = day.messages_applied(rtxn)?;
+                Ok((databases, pages as u64, applied))
+            })?;
+            let page_size = day.page_size();
+            out.push(DayStat {
+                day: day.name.clone(),
+                path: day.path.clone(),
+                map_bytes: day.map_bytes(),
+                file_bytes: day.file_bytes()?,
+                used_bytes: used_bytes * u64::from(page_size),
+                page_size,
+                messages_applied,
+                databases,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every window and latest value as JSON lines (`{"day", "db": "windows",
+    /// "series", "field", "resolution_secs", "start_ns", <aggregate fields>}`
+    /// and `{"day", "db": "latest", "series", "field", "ts_ns", "value"}`);
+    /// returns the lines written.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read failure or when `out` fails.
+    pub fn dump(&self, out: &mut dyn Write) -> Result<u64, StoreError> {
+        let mut lines = 0;
+        for day in self.days.values() {
+            day.read(|rtxn| {
+                let name = day.name.as_str();
+                for entry in day.windows.iter(rtxn).map_err(lmdb(name))? {
+                    let (k, v) = entry.map_err(lmdb(name))?;
+                    let key = parse_window_key(k).ok_or_else(|| corrupt(name, "window key"))?;
+                    let agg = Aggregate::from_bytes(v)
+                        .ok_or_else(|| corrupt(name, "window aggregate"))?;
+                    write_line(
+                        out,
+                        &DumpWindow {
+                            day: name,
+                            db: "windows",
+                            key: &key,
+                            agg: &agg,
+                        },
+                    )?;
+                    lines += 1;
+                }
+                for entry in day.latest.iter(rtxn).map_err(lmdb(name))? {
+                    let (k, v) = entry.map_err(lmdb(name))?;
+                    let (series, field) =
+                        parse_latest_key(k).ok_or_else(|| corrupt(name, "latest key"))?;
+                    let (ts_ns, value) =
+                        parse_latest_value(v).ok_or_else(|| corrupt(name, "latest value"))?;
+                    let row = LatestRow {
+                        series,
+                        field,
+                        ts_ns,
+                        value,
+                    };
+                    write_line(
+                        out,
+                        &DumpLatest {
+                            day: name,
+                            db: "latest",
+                            row: &row,
+                        },
+                    )?;
+                    lines += 1;
+                }
+                Ok(())
+            })?;
+        }
+        out.flush().map_err(io("<dump output>"))?;
+        Ok(lines)
+    }
+
+    /// A consistent, compacted copy of every day into `to/<day>/data.mdb`
+    /// (each day copied within one read transaction; the writer continues).
+    ///
+    /// # Errors
+    /// [`StoreError`] if a directory cannot be created or a copy fails.
+    pub fn backup(&self, to: &Path) -> Result<(), StoreError> {
+        for day in self.days.values() {
+            let dir = to.join(&day.name);
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            day.copy_to(&dir.join("data.mdb"))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+struct DumpWindow<'a> {
+    day: &'a str,
+    db: &'static str,
+    #[serde(flatten)]
+    key: &'a WindowKey,
+    #[serde(flatten)]
+    agg: &'a Aggregate,
+}
+
+#[derive(Serialize)]
+struct DumpLatest<'a> {
+    day: &'a str,
+    db: &'static str,
+    #[serde(flatten)]
+    row: &'a LatestRow,
+}
+
+fn write_line(out: &mut dyn Write, line: &impl Serialize) -> Result<(), StoreError> {
+    let to_io = io("<dump output>");
+    serde_json::to_writer(&mut *out, line).map_err(|e| StoreError::Io {
+        path: "<dump output>".into(),
+        source: e.into(),
+    })?;
+    out.write_all(b"\n").map_err(to_io)
+}

@@ -1,0 +1,177 @@
+//! Window maths: tumbling windows and their mergeable aggregates.
+//!
+//! Pure and deterministic. An [`Aggregate`] is a commutative monoid under
+//! [`Aggregate::merge`] (first/last by timestamp, ties broken by value so the
+//! result does not depend on arrival order), which is what lets late samples,
+//! several workers' partials and a replay all combine into the same answer.
+
+use serde::{Deserialize, Serialize};
+
+/// One numeric sample of one series and value field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Series key (e.g. `site-1/d42`).
+    pub series: String,
+    /// Value field name (e.g. `temp`; `value` for plain numeric payloads).
+    pub field: String,
+    /// Sample time, Unix nanoseconds.
+    pub ts_ns: i64,
+    /// The value.
+    pub value: f64,
+}
+
+/// count/sum/min/max/first/last of the samples in one window.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Aggregate {
+    /// Number of samples.
+    pub count: u64,
+    /// Sum of values.
+    pub sum: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// Time of the earliest sample (Unix ns).
+    pub first_ts_ns: i64,
+    /// Value of the earliest sample.
+    pub first: f64,
+    /// Time of the latest sample (Unix ns).
+    pub last_ts_ns: i64,
+    /// Value of the latest sample.
+    pub last: f64,
+}
+
+/// Encoded size of an [`Aggregate`] in bytes.
+pub const AGGREGATE_BYTES: usize = 64;
+
+impl Aggregate {
+    /// The aggregate of one sample.
+    pub fn of(ts_ns: i64, value: f64) -> Self {
+        Self {
+            count: 1,
+            sum: value,
+            min: value,
+            max: value,
+            first_ts_ns: ts_ns,
+            first: value,
+            last_ts_ns: ts_ns,
+            last: value,
+        }
+    }
+
+    /// Folds `other` into `self`.
+    pub fn merge(&mut self, other: &Aggregate) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        if (other.first_ts_ns, other.first.to_bits()) < (self.first_ts_ns, self.first.to_bits()) {
+            self.first_ts_ns = other.first_ts_ns;
+            self.first = other.first;
+        }
+        if (other.last_ts_ns, other.last.to_bits()) > (self.last_ts_ns, self.last.to_bits()) {
+            self.last_ts_ns = other.last_ts_ns;
+            self.last = other.last;
+        }
+    }
+
+    /// Mean of the values.
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            f64::NAN
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+
+    /// Fixed 64-byte little-endian encoding (LMDB values).
+    pub fn to_bytes(&self) -> [u8; AGGREGATE_BYTES] {
+        let mut b = [0u8; AGGREGATE_BYTES];
+        b[0..8].copy_from_slice(&self.count.to_le_bytes());
+        b[8..16].copy_from_slice(&self.sum.to_le_bytes());
+        b[16..24].copy_from_slice(&self.min.to_le_bytes());
+        b[24..32].copy_from_slice(&self.max.to_le_bytes());
+        b[32..40].copy_from_slice(&self.first_ts_ns.to_le_bytes());
+        b[40..48].copy_from_slice(&self.first.to_le_bytes());
+        b[48..56].copy_from_slice(&self.last_ts_ns.to_le_bytes());
+        b[56..64].copy_from_slice(&self.last.to_le_bytes());
+        b
+    }
+
+    /// Decodes [`Aggregate::to_bytes`]; `None` if the length is wrong.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != AGGREGATE_BYTES {
+            return None;
+        }
+        let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        Some(Self {
+            count: u(0),
+            sum: f64::from_bits(u(8)),
+            min: f64::from_bits(u(16)),
+            max: f64::from_bits(u(24)),
+            first_ts_ns: u(32) as i64,
+            first: f64::from_bits(u(40)),
+            last_ts_ns: u(48) as i64,
+            last: f64::from_bits(u(56)),
+        })
+    }
+}
+
+/// Start (Unix ns) of the tumbling window of `resolution_ns` holding `ts_ns`.
+pub fn window_start(ts_ns: i64, resolution_ns: i64) -> i64 {
+    ts_ns.div_euclid(resolution_ns) * resolution_ns
+}
+
+/// Nanoseconds per second.
+pub const NS_PER_SEC: i64 = 1_000_000_000;
+/// Nanoseconds per UTC day.
+pub const NS_PER_DAY: i64 = 86_400 * NS_PER_SEC;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn windows_are_tumbling_and_floor_negative_times() {
+        assert_eq!(window_start(1_500_000_000, NS_PER_SEC), NS_PER_SEC);
+        assert_eq!(window_start(-1, NS_PER_SEC), -NS_PER_SEC);
+        assert_eq!(
+            window_start(61 * NS_PER_SEC, 60 * NS_PER_SEC),
+            60 * NS_PER_SEC
+        );
+    }
+
+    #[test]
+    fn bytes_round_trip() {
+        let mut a = Aggregate::of(5, 1.5);
+        a.merge(&Aggregate::of(-3, -2.0));
+        assert_eq!(Aggregate::from_bytes(&a.to_bytes()), Some(a));
+        assert_eq!(Aggregate::from_bytes(&[0; 3]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn merge_order_does_not_matter(samples in prop::collection::vec((0i64..1000, -1e6f64..1e6), 1..50), cut in 0usize..50) {
+            let all: Vec<Aggregate> = samples.iter().map(|(t, v)| Aggregate::of(*t, *v)).collect();
+            let mut forward = all[0];
+            for a in &all[1..] { forward.merge(a); }
+            let mut backward = *all.last().unwrap();
+            for a in all[..all.len() - 1].iter().rev() { backward.merge(a); }
+            let cut = cut.min(all.len() - 1);
+            let mut left = all[0];
+            for a in &all[1..=cut] { left.merge(a); }
+            if let Some((head, rest)) = all[cut + 1..].split_first() {
+                let mut right = *head;
+                for a in rest { right.merge(a); }
+                left.merge(&right);
+            }
+            prop_assert_eq!(forward.count, backward.count);
+            prop_assert_eq!((forward.min, forward.max), (backward.min, backward.max));
+            prop_assert_eq!((forward.first_ts_ns, forward.first), (backward.first_ts_ns, backward.first));
+            prop_assert_eq!((forward.last_ts_ns, forward.last), (backward.last_ts_ns, backward.last));
+            prop_assert_eq!((left.count, left.first, left.last), (forward.count, forward.first, forward.last));
+            prop_assert!((forward.sum - backward.sum).abs() < 1e-3);
+        }
+    }
+}
