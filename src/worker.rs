@@ -55,6 +55,13 @@ pub fn apply(c: &mut Config, a: &WorkerArgs) {
     }
 }
 
+/// Connects to NATS for a one-shot command, naming the URL on failure.
+async fn connect(worker: &Config, name: &str) -> anyhow::Result<async_nats::Client> {
+    windrow_jetstream::connect(&worker.nats, name, |_| async {})
+        .await
+        .with_context(|| format!("connecting to {}", worker.nats.url))
+}
+
 /// Parses RFC 3339 or Unix seconds into Unix ns.
 fn parse_time(s: &str) -> anyhow::Result<i64> {
     if let Ok(secs) = s.parse::<f64>() {
@@ -95,9 +102,7 @@ pub async fn query(mut worker: Config, a: &QueryArgs) -> anyhow::Result<()> {
         to_ns,
         latest: a.latest,
     };
-    let nats = windrow_jetstream::connect(&worker.nats, "windrow-query", |_| async {})
-        .await
-        .with_context(|| format!("connecting to {}", worker.nats.url))?;
+    let nats = connect(&worker, "windrow-query").await?;
     let g = gather(
         &nats,
         &worker.query_subject,
@@ -223,9 +228,7 @@ pub async fn export_sqlite(mut worker: Config, a: &ExportSqliteArgs) -> anyhow::
         * 1_000_000_000;
     let first_from = a.from.as_deref().map(parse_time).transpose()?;
     let mut db = windrow_workers::export::sqlite::SqliteExport::open(&a.db)?;
-    let nats = windrow_jetstream::connect(&worker.nats, "windrow-export", |_| async {})
-        .await
-        .with_context(|| format!("connecting to {}", worker.nats.url))?;
+    let nats = connect(&worker, "windrow-export").await?;
     for res in resolutions {
         let to_ns = now_ns();
         let from_ns = match db.watermark(res)? {
