@@ -129,7 +129,6 @@ async fn jetstream_fleet(nats: &NatsServer, dir: &std::path::Path, n: usize) -> 
     workers
 }
 
-#[ignore = "bug: JetStream consumption intermittently stalls under parallel test load (a worker stops making progress); passes alone; see the session note"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jetstream_worker_killed_mid_stream_loses_nothing_and_double_counts_at_most_one_batch() {
     let nats = NatsServer::start().await;
@@ -186,7 +185,6 @@ async fn jetstream_worker_killed_mid_stream_loses_nothing_and_double_counts_at_m
     );
 }
 
-#[ignore = "bug: JetStream consumption intermittently stalls under parallel test load (a worker stops making progress); passes alone; see the session note"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jetstream_worker_stopped_with_sigterm_mid_stream_is_exact() {
     let nats = NatsServer::start().await;
@@ -226,7 +224,6 @@ async fn jetstream_worker_stopped_with_sigterm_mid_stream_is_exact() {
     assert_same(&got, &expected_windows(&readings, 60));
 }
 
-#[ignore = "bug: JetStream consumption intermittently stalls under parallel test load (a worker stops making progress); passes alone; see the session note"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_messages_delivered_twice_to_one_worker_change_nothing() {
     let nats = NatsServer::start().await;

@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, consumer::pull};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use windrow_ops::{Health, OpsServer};
@@ -185,7 +185,13 @@ async fn consume_core(
     let _ = sub.unsubscribe().await;
 }
 
-/// JetStream mode: fetch batches from the shared durable pull consumer.
+/// JetStream mode: batches from the shared durable pull consumer.
+///
+/// A continuous pull (heartbeats, pipelined pull requests) rather than one
+/// `fetch` per batch: the server fills the next batch while this one commits,
+/// and a pull request the server forgets (seen with nats-server 2.9 under load:
+/// a partly served request vanished without its 408) is noticed through the
+/// missing heartbeat instead of stalling the worker until the request expires.
 async fn consume_jetstream(
     nats: &async_nats::Client,
     config: &Config,
@@ -196,8 +202,37 @@ async fn consume_jetstream(
     hard_stop: &CancellationToken,
 ) {
     let js = jetstream::new(nats.clone());
+    while !shutdown.is_cancelled() {
+        let Some(consumer) = bind_consumer(&js, config, health, shutdown).await else {
+            return;
+        };
+        let lag = tokio::spawn(poll_lag(
+            consumer.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        pull_batches(&consumer, config, processor, health, shutdown, hard_stop).await;
+        lag.abort();
+        if !shutdown.is_cancelled() {
+            health.set("consumer", false);
+            tracing::warn!(durable = %config.durable, "pull consumer ended; binding it again");
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+    }
+}
+
+/// Gets or creates the durable consumer, retrying with backoff until shutdown.
+async fn bind_consumer(
+    js: &jetstream::Context,
+    config: &Config,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Option<jetstream::consumer::Consumer<pull::Config>> {
     let mut backoff = Duration::from_millis(200);
-    let consumer: jetstream::consumer::Consumer<pull::Config> = loop {
+    loop {
         let res = async {
             let stream = js.get_stream(&config.stream).await?;
             let c = stream
@@ -218,58 +253,86 @@ async fn consume_jetstream(
         }
         .await;
         match res {
-            Ok(c) => break c,
+            Ok(c) => return Some(c),
             Err(e) => {
                 health.set("consumer", false);
                 tracing::warn!(error = %e, stream = %config.stream, durable = %config.durable, "cannot bind the durable consumer; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.cancelled() => return,
+                    () = shutdown.cancelled() => return None,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+/// Pulls, batches by size or time, and processes until shutdown or until the
+/// pull stream ends (consumer deleted).
+async fn pull_batches(
+    consumer: &jetstream::consumer::Consumer<pull::Config>,
+    config: &Config,
+    processor: &Processor,
+    health: &Health,
+    shutdown: &CancellationToken,
+    hard_stop: &CancellationToken,
+) {
+    let mut messages = match consumer
+        .stream()
+        .max_messages_per_batch(config.batch_max_messages)
+        .expires(Duration::from_secs(30))
+        .heartbeat(Duration::from_secs(5))
+        .messages()
+        .await
+    {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start pulling");
+            return;
+        }
     };
     health.set("consumer", true);
-    let lag = tokio::spawn(poll_lag(
-        consumer.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    let wait = Duration::from_millis(config.batch_max_wait_ms.max(10));
-    while !shutdown.is_cancelled() {
-        let fetched = consumer
-            .fetch()
-            .max_messages(config.batch_max_messages)
-            .expires(wait)
-            .messages()
-            .await;
-        let mut messages = match fetched {
-            Ok(m) => m,
-            Err(e) => {
-                health.set("consumer", false);
-                tracing::warn!(error = %e, "fetch failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    () = shutdown.cancelled() => break,
-                }
+    let wait = Duration::from_millis(config.batch_max_wait_ms);
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        let first = match first {
+            None => return,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                // Missed heartbeats, a failed pull request, a reconnect: the
+                // stream issues a new pull request by itself.
+                tracing::warn!(error = %e, "pull consumer");
                 continue;
             }
         };
-        health.set("consumer", true);
-        let mut batch = Vec::new();
-        while let Some(m) = messages.next().await {
-            match m {
-                Ok(m) => batch.push(Incoming::jetstream(m)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "fetch ended early");
+        let mut batch = vec![Incoming::jetstream(first)];
+        let deadline = tokio::time::Instant::now() + wait;
+        while batch.len() < config.batch_max_messages {
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(Ok(m))) => batch.push(Incoming::jetstream(m)),
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "pull consumer");
                     break;
                 }
+                _ => break,
             }
         }
+        tracing::debug!(messages = batch.len(), "batch");
         processor.process(batch, hard_stop).await;
     }
-    lag.abort();
+    // Hand back what was delivered but not processed, so that another replica
+    // gets it now rather than after the ack wait.
+    let mut handed_back = 0;
+    while let Some(Some(Ok(m))) = messages.next().now_or_never() {
+        let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
+        handed_back += 1;
+    }
+    if handed_back > 0 {
+        tracing::info!(handed_back, "returned delivered but unprocessed messages");
+    }
 }
 
 async fn poll_lag(

@@ -170,9 +170,18 @@ pub(crate) fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
-/// Prints the log tail to stderr when the current thread is panicking.
+/// Prints the log tail to stderr when the current thread is panicking; with
+/// `KEEP_FAILED_LOGS=DIR` set, also copies the whole log there.
 pub(crate) fn print_tail_if_panicking(what: &str, path: &Path) {
     if std::thread::panicking() {
+        if let Some(dir) = std::env::var_os("KEEP_FAILED_LOGS") {
+            let name = path
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let _ = std::fs::copy(path, Path::new(&dir).join(format!("{name}.log")));
+        }
         eprintln!(
             "----- last {LOG_TAIL_LINES} lines of {what} log ({}) -----\n{}\n----- end of {what} log -----",
             path.display(),
@@ -208,8 +217,8 @@ pub struct RoleProcess {
 impl RoleProcess {
     /// Starts `bin` with `args` and `envs` added to the inherited environment.
     ///
-    /// `RUST_LOG` defaults to `info` and `NO_COLOR` to `1` unless `envs` sets
-    /// them; inherited `WINDROW_*` variables are removed so that a developer's
+    /// `RUST_LOG` defaults to `info` (or the test runner's `ROLE_LOG`, to debug a
+    /// failing test) and `NO_COLOR` to `1` unless `envs` sets them; inherited `WINDROW_*` variables are removed so that a developer's
     /// shell cannot change a test's configuration.
     ///
     /// # Panics
@@ -227,7 +236,8 @@ impl RoleProcess {
                 cmd.env_remove(key);
             }
         }
-        cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
+        let level = std::env::var("ROLE_LOG").unwrap_or_else(|_| "info".into());
+        cmd.env("RUST_LOG", level).env("NO_COLOR", "1");
         cmd.envs(envs.iter().copied());
         let child = Supervised::spawn(cmd, &log_path);
         tracing::debug!(pid = child.pid(), bin = %bin.display(), ?args, "role started");
