@@ -39,6 +39,11 @@ pub enum Command {
     Export(ExportCommand),
     /// Read a worker's LMDB store directly: stat, get, scan, dump, backup.
     Store(Box<StoreArgs>),
+    /// JetStream streams and consumers declared in `[jetstream]`: plan or apply them.
+    #[command(subcommand)]
+    Streams(StreamsCommand),
+    /// Rebuild a store from a stream through the workers' decode → window → LMDB path.
+    Replay(Box<ReplayArgs>),
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -210,6 +215,9 @@ pub struct BridgeArgs {
     /// Fraction of messages traced [bridge.trace_sample_ratio; default from OTEL_TRACES_SAMPLER*].
     #[arg(long)]
     pub trace_sample_ratio: Option<f64>,
+    /// Run `windrow streams apply` (no --recreate) before starting.
+    #[arg(long)]
+    pub ensure_streams: bool,
 }
 
 /// `windrow worker` flags (the rest comes from `[worker]` in the config file or `WINDROW_WORKER__*`).
@@ -266,6 +274,9 @@ pub struct WorkerArgs {
     /// Do not publish dead-letter messages [worker.dead_letter = false].
     #[arg(long)]
     pub no_dead_letter: bool,
+    /// Run `windrow streams apply` (no --recreate) before starting.
+    #[arg(long)]
+    pub ensure_streams: bool,
 }
 
 /// Worker mode flag values.
@@ -417,4 +428,88 @@ pub enum StoreCommand {
         /// Target directory (must not exist or be empty).
         dir: PathBuf,
     },
+}
+
+/// `windrow streams ...`.
+#[derive(Debug, Subcommand)]
+pub enum StreamsCommand {
+    /// Print the difference between the declared streams/consumers and the server's.
+    Plan(Box<StreamsArgs>),
+    /// Create or update the server's streams/consumers to match the declaration.
+    Apply(Box<StreamsArgs>),
+}
+
+/// `windrow streams plan|apply` flags.
+#[derive(Debug, Args)]
+pub struct StreamsArgs {
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Delete and create again what cannot be changed in place (a stream's
+    /// messages are lost; a consumer's position is lost).
+    #[arg(long)]
+    pub recreate: bool,
+}
+
+/// `windrow replay` flags.
+#[derive(Debug, Args)]
+#[command(
+    after_long_help = "Without --since/--from-seq the whole stream is read; without \
+--until/--to-seq replay stops at the stream's last sequence when it started. The store at \
+--into is an ordinary worker store: start `windrow worker --data-dir DIR` on it to serve queries."
+)]
+pub struct ReplayArgs {
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Stream to read [worker.stream; default TELEMETRY].
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// Store directory to build (created if missing; may hold an earlier replay).
+    #[arg(long)]
+    pub into: PathBuf,
+    /// Start at messages stored at or after this time (RFC 3339 or Unix seconds).
+    #[arg(long, conflicts_with = "from_seq")]
+    pub since: Option<String>,
+    /// Start at this stream sequence.
+    #[arg(long)]
+    pub from_seq: Option<u64>,
+    /// Stop before messages stored at or after this time (RFC 3339 or Unix seconds).
+    #[arg(long, conflicts_with = "to_seq")]
+    pub until: Option<String>,
+    /// Stop after this stream sequence (inclusive).
+    #[arg(long)]
+    pub to_seq: Option<u64>,
+    /// Only subjects matching this filter [default: worker.subject_filter or <prefix>.>].
+    #[arg(long)]
+    pub subject_filter: Option<String>,
+    /// Read through this durable consumer, so an interrupted replay resumes where it stopped.
+    #[arg(long)]
+    pub durable: Option<String>,
+    /// Messages per fetch and per commit [default 10000].
+    #[arg(long, default_value_t = 10_000)]
+    pub batch: usize,
+    /// After the replay, compare the rebuilt store with the live fleet's merged
+    /// windows (query plane) over the replayed time range; exit 1 on differences.
+    #[arg(long)]
+    pub verify: bool,
+    /// With --verify: wait for this many workers to answer.
+    #[arg(long)]
+    pub expect_nodes: Option<usize>,
+    /// Progress on stderr: auto (bar on a terminal, log lines otherwise), bar, log, none.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    pub progress: ProgressArg,
+}
+
+/// Progress display.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ProgressArg {
+    /// A bar on a terminal, log lines otherwise.
+    Auto,
+    /// A progress bar.
+    Bar,
+    /// A log line every few seconds.
+    Log,
+    /// Nothing.
+    None,
 }

@@ -2,7 +2,9 @@
 
 mod bridge;
 mod cli;
+mod replay;
 mod settings;
+mod streams;
 mod telemetry;
 mod worker;
 
@@ -12,7 +14,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cli::{Cli, Command, ConfigCommand, ExportCommand},
+    cli::{Cli, Command, ConfigCommand, ExportCommand, StreamsCommand},
     settings::Settings,
 };
 
@@ -92,6 +94,13 @@ async fn dispatch(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            if args.ensure_streams {
+                if let Err(e) = streams::ensure(&settings, &config.nats).await {
+                    tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
+                    telemetry.shutdown();
+                    return config_error(&format!("--ensure-streams: {e:#}"));
+                }
+            }
             let res = windrow_workers::run(config, shutdown_on_signal()).await;
             telemetry.shutdown();
             exit_code(res.map_err(|e| (e.is_config(), anyhow::Error::from(e))))
@@ -122,6 +131,13 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::Streams(StreamsCommand::Plan(args)) => {
+            streams::command(&settings, &args, false).await
+        }
+        Command::Streams(StreamsCommand::Apply(args)) => {
+            streams::command(&settings, &args, true).await
+        }
+        Command::Replay(args) => replay::command(&settings, &args, cli.log_format).await,
         Command::Store(args) => match worker::store(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -152,6 +168,13 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 trace_sample_ratio = telemetry.sample_ratio(),
                 "starting bridge"
             );
+            if args.ensure_streams {
+                if let Err(e) = streams::ensure(&settings, &config.nats).await {
+                    tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
+                    telemetry.shutdown();
+                    return config_error(&format!("--ensure-streams: {e:#}"));
+                }
+            }
             let shutdown = shutdown_on_signal();
             let res =
                 windrow_bridge::run_with_ratio(config, shutdown, telemetry.sample_ratio()).await;

@@ -1,0 +1,2 @@
+//! Worker benchmark (being written).
+fn main() {}
