@@ -268,6 +268,9 @@ pub struct WorkerArgs {
     /// This worker's name in query replies [worker.node_id; default $POD_NAME or $HOSTNAME].
     #[arg(long)]
     pub node_id: Option<String>,
+    /// Nodes whose data this store already holds (a replayed store put into service): queries leave their answers out of the merge; repeatable or comma-separated [worker.supersedes].
+    #[arg(long, value_delimiter = ',')]
+    pub supersedes: Vec<String>,
     /// Address of /metrics, /healthz, /readyz [worker.http_listen; default 0.0.0.0:9465].
     #[arg(long)]
     pub http_listen: Option<SocketAddr>,

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
 }
 
 /// Prints a configuration error and returns exit code 2.
-fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
+pub(crate) fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(EXIT_CONFIG)
 }
@@ -197,7 +197,7 @@ fn exit_code(res: Result<(), (bool, anyhow::Error)>) -> ExitCode {
 }
 
 /// A token cancelled on SIGTERM or SIGINT.
-fn shutdown_on_signal() -> CancellationToken {
+pub(crate) fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {

@@ -1,7 +1,7 @@
 //! Configuration layering: defaults < file (`--config`) < `WINDROW_*` environment < flags.
 //!
-//! The file has a shared `[nats]` section and one section per role
-//! (`[bridge]`, ...). A role's configuration is its section with `nats`
+//! The file has a shared `[nats]` section, one section per role
+//! (`[bridge]`, ...) and the `[jetstream]` declaration of streams and consumers. A role's configuration is its section with `nats`
 //! filled from the shared section (a role may override it as `[bridge.nats]`).
 //! Environment variables follow the same shape: `WINDROW_NATS__URL`,
 //! `WINDROW_BRIDGE__MQTT__HOST` (`__` between sections).
@@ -14,9 +14,10 @@ use figment::{
     Figment,
 };
 use serde::{de::DeserializeOwned, Serialize};
+use windrow_jetstream::streams::Declaration;
 
 /// Top-level sections the file may have.
-const SECTIONS: &[&str] = &["nats", "bridge", "worker"];
+const SECTIONS: &[&str] = &["nats", "bridge", "worker", "jetstream"];
 
 /// A configuration problem, reported with exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -92,9 +93,26 @@ impl Settings {
         role.extract()
             .map_err(|e| SettingsError::Invalid(describe(section, e)))
     }
+
+    /// Extracts section `section` as `T` over `T::default()`, without the
+    /// shared `[nats]` (e.g. `[nats]` itself, or `[jetstream]`).
+    pub fn section<T: Serialize + DeserializeOwned + Default>(
+        &self,
+        section: &str,
+    ) -> Result<T, SettingsError> {
+        Figment::from(Serialized::defaults(T::default()))
+            .merge(self.figment.clone().focus(section))
+            .extract()
+            .map_err(|e| SettingsError::Invalid(describe(section, e)))
+    }
+
+    /// The `[jetstream]` declaration of streams and consumers (empty by default).
+    pub fn jetstream(&self) -> Result<Declaration, SettingsError> {
+        self.section("jetstream")
+    }
 }
 
-/// One line per figment error, naming the full key path.
+/// One line per figment error, naming the full key path (`jetstream.streams[0].storage`).
 fn describe(section: &str, error: figment::Error) -> Vec<String> {
     error
         .into_iter()
@@ -103,7 +121,12 @@ fn describe(section: &str, error: figment::Error) -> Vec<String> {
             if !section.is_empty() {
                 path.push(section.to_owned());
             }
-            path.extend(e.path.iter().cloned());
+            for key in &e.path {
+                match (key.parse::<usize>(), path.last_mut()) {
+                    (Ok(index), Some(last)) => last.push_str(&format!("[{index}]")),
+                    _ => path.push(key.clone()),
+                }
+            }
             let source = e
                 .metadata
                 .as_ref()
@@ -144,6 +167,8 @@ pub fn defaults() -> serde_json::Value {
             .unwrap_or(serde_json::Value::Null),
         "bridge": bridge,
         "worker": worker,
+        "jetstream": serde_json::to_value(Declaration::default())
+            .unwrap_or(serde_json::Value::Null),
     });
     strip_nulls(&mut all);
     all

@@ -49,6 +49,9 @@ pub fn apply(c: &mut Config, a: &WorkerArgs) {
     }
     set(&mut c.decode.timestamp_field, a.timestamp_field.clone());
     set(&mut c.node_id, a.node_id.clone());
+    if !a.supersedes.is_empty() {
+        c.supersedes = a.supersedes.clone();
+    }
     set(&mut c.http_listen, a.http_listen);
     if a.no_dead_letter {
         c.dead_letter = false;
@@ -63,7 +66,7 @@ async fn connect(worker: &Config, name: &str) -> anyhow::Result<async_nats::Clie
 }
 
 /// Parses RFC 3339 or Unix seconds into Unix ns.
-fn parse_time(s: &str) -> anyhow::Result<i64> {
+pub(crate) fn parse_time(s: &str) -> anyhow::Result<i64> {
     if let Ok(secs) = s.parse::<f64>() {
         return Ok((secs * 1e9) as i64);
     }
@@ -72,7 +75,7 @@ fn parse_time(s: &str) -> anyhow::Result<i64> {
     i64::try_from(t.unix_timestamp_nanos()).context("time out of range")
 }
 
-fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -121,6 +124,12 @@ pub async fn query(mut worker: Config, a: &QueryArgs) -> anyhow::Result<()> {
             format!("; incomplete: {:?}", g.incomplete)
         }
     );
+    if !g.superseded.is_empty() {
+        eprintln!(
+            "left out of the merge (superseded by a node that answered): {:?}",
+            g.superseded
+        );
+    }
     for e in &g.errors {
         eprintln!("error from {e}");
     }

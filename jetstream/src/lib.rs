@@ -12,6 +12,7 @@
 pub mod connection;
 pub mod error;
 pub mod headers;
+pub mod streams;
 pub mod subject;
 
 pub use connection::{connect, NatsConfig};

@@ -233,7 +233,44 @@ pub async fn query_windows(
         "windrow query failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("query JSON");
+    parse_windows(&out.stdout)
+}
+
+/// Asserts equal windows: counts, min, max, first, last exactly; sums within
+/// 1e-6 relative (float addition order differs between stores and merges).
+pub fn assert_same(got: &Windows, want: &Windows) {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "number of windows; first got {:?}, first wanted {:?}",
+        got.iter().next(),
+        want.iter().next()
+    );
+    for (k, w) in want {
+        let g = got.get(k).unwrap_or_else(|| {
+            panic!(
+                "window {k:?} missing; first windows present: {:?}",
+                got.keys().take(3).collect::<Vec<_>>()
+            )
+        });
+        assert_eq!(g.0, w.0, "count of {k:?}");
+        assert!(
+            (g.1 - w.1).abs() <= 1e-6 * w.1.abs().max(1.0),
+            "sum of {k:?}: {} vs {}",
+            g.1,
+            w.1
+        );
+        assert_eq!(
+            (g.2, g.3, g.4, g.5),
+            (w.2, w.3, w.4, w.5),
+            "min/max/first/last of {k:?}"
+        );
+    }
+}
+
+/// Windows from `windrow query|store scan --format json` output.
+pub fn parse_windows(json: &[u8]) -> Windows {
+    let doc: serde_json::Value = serde_json::from_slice(json).expect("windows JSON");
     let mut map = std::collections::BTreeMap::new();
     for w in doc["windows"].as_array().expect("windows array") {
         let key = (

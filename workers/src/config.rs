@@ -58,6 +58,11 @@ pub struct Config {
     pub query_subject: String,
     /// This worker's name in query replies. Default `$POD_NAME`, else `$HOSTNAME`, else `windrow-worker`.
     pub node_id: String,
+    /// Nodes whose data this node's store already holds (a store rebuilt by
+    /// `windrow replay` put into service): while they still answer, queries
+    /// leave their partials out of the merge instead of counting them twice.
+    /// Default none.
+    pub supersedes: Vec<String>,
     /// Address of `/metrics`, `/healthz`, `/readyz`. Default `0.0.0.0:9465`.
     pub http_listen: SocketAddr,
     /// Upper bound on the drain after SIGTERM, in seconds. Default 30.
@@ -93,6 +98,7 @@ impl Default for Config {
             dead_letter_subject: "windrow.deadletter.worker".to_owned(),
             query_subject: "windrow.query".to_owned(),
             node_id: default_node_id(),
+            supersedes: Vec::new(),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 9465)),
             shutdown_timeout_secs: 30,
             retention_check_secs: 60,
@@ -137,6 +143,13 @@ impl Config {
             if v.is_empty() || v.contains(['.', '*', '>', ' ']) {
                 p.push(format!(
                     "worker.{key}: must be non-empty without '.', '*', '>' or spaces, got {v:?}"
+                ));
+            }
+        }
+        for (i, s) in self.supersedes.iter().enumerate() {
+            if s.is_empty() || s.contains(['.', '*', '>', ' ']) || *s == self.node_id {
+                p.push(format!(
+                    "worker.supersedes[{i}]: must be another node's id, non-empty without '.', '*', '>' or spaces, got {s:?}"
                 ));
             }
         }

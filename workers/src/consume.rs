@@ -29,13 +29,25 @@ use crate::{
     writer::Writer,
 };
 
-/// One message from either consumption mode.
+/// One message from either consumption mode, or from a replay.
 pub(crate) struct Incoming {
     pub subject: String,
     pub headers: Option<HeaderMap>,
     pub payload: Bytes,
-    /// Present in jetstream mode: the message to acknowledge.
-    pub js: Option<jetstream::Message>,
+    /// Where the stream stored it (JetStream): the key of idempotency.
+    pub stored: Option<Stored>,
+    /// The message to acknowledge after the commit (explicit-ack consumers).
+    pub ack: Option<jetstream::Message>,
+    /// Messages the consumer still had for this client after this one (JetStream).
+    pub pending: Option<u64>,
+}
+
+/// A JetStream message's place and time in its stream.
+pub(crate) struct Stored {
+    pub stream: String,
+    pub seq: u64,
+    /// The stream's timestamp, Unix ns: lateness is judged against it.
+    pub at_ns: i64,
 }
 
 impl Incoming {
@@ -44,16 +56,33 @@ impl Incoming {
             subject: m.subject.to_string(),
             headers: m.headers,
             payload: m.payload,
-            js: None,
+            stored: None,
+            ack: None,
+            pending: None,
         }
     }
 
+    /// From an explicit-ack consumer: acknowledged after its commit.
     pub fn jetstream(m: jetstream::Message) -> Self {
+        let mut incoming = Self::unacked(&m);
+        incoming.ack = Some(m);
+        incoming
+    }
+
+    /// From a consumer without acknowledgements (an ordered replay).
+    pub fn unacked(m: &jetstream::Message) -> Self {
+        let info = m.info().ok();
         Self {
             subject: m.subject.to_string(),
             headers: m.headers.clone(),
             payload: m.payload.clone(),
-            js: Some(m),
+            stored: info.as_ref().map(|info| Stored {
+                stream: info.stream.to_owned(),
+                seq: info.stream_sequence,
+                at_ns: i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            }),
+            ack: None,
+            pending: info.as_ref().map(|info| info.pending),
         }
     }
 }
@@ -89,6 +118,18 @@ enum Fate {
     DeadLetter(&'static str, String),
 }
 
+/// What one processed batch did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Outcome {
+    pub applied: u64,
+    pub duplicates: u64,
+    /// Dead-lettered: undecodable, too late, too early or unstorable.
+    pub rejected: u64,
+    /// Sample times of the stored messages (applied or duplicate), Unix ns.
+    pub min_ts_ns: Option<i64>,
+    pub max_ts_ns: Option<i64>,
+}
+
 /// Processes batches for one worker.
 pub(crate) struct Processor {
     pub config: Arc<Config>,
@@ -101,11 +142,16 @@ pub(crate) struct Processor {
 impl Processor {
     /// Decodes, commits, dead-letters and acknowledges one batch.
     ///
-    /// Returns when the batch is committed and acknowledged, or when `hard_stop`
-    /// fires first (then nothing of it is acknowledged, and JetStream redelivers).
-    pub async fn process(&self, batch: Vec<Incoming>, hard_stop: &CancellationToken) {
+    /// Returns when the batch is committed and acknowledged, or `None` when
+    /// `hard_stop` fires first (then nothing of it is acknowledged, and
+    /// JetStream redelivers).
+    pub async fn process(
+        &self,
+        batch: Vec<Incoming>,
+        hard_stop: &CancellationToken,
+    ) -> Option<Outcome> {
         if batch.is_empty() {
-            return;
+            return Some(Outcome::default());
         }
         self.metrics.consumed(batch.len());
         let prefix = &self.config.nats.subject_prefix;
@@ -131,13 +177,10 @@ impl Processor {
                 .and_then(|v| v.as_str().parse::<i64>().ok());
             match decode(&self.config.decode, &topic, &m.payload, received_at) {
                 Ok(samples) => {
-                    let stream_seq =
-                        m.js.as_ref()
-                            .and_then(|js| js.info().ok())
-                            .map(|info| (info.stream.to_owned(), info.stream_sequence));
                     owners.push(i);
                     messages.push(Message {
-                        stream_seq,
+                        stream_seq: m.stored.as_ref().map(|s| (s.stream.clone(), s.seq)),
+                        received_ns: m.stored.as_ref().map(|s| s.at_ns),
                         samples,
                     });
                     fates.push(Fate::Ack);
@@ -151,10 +194,7 @@ impl Processor {
             .collect();
         let messages = Arc::new(messages);
         let started = Instant::now();
-        let verdicts = match self.commit(&batch, &messages, hard_stop).await {
-            Some(v) => v,
-            None => return,
-        };
+        let verdicts = self.commit(&batch, &messages, hard_stop).await?;
         drop(apply_spans);
         let commit_spans: Vec<tracing::Span> = spans
             .iter()
@@ -162,7 +202,14 @@ impl Processor {
             .collect();
         let mut applied = 0;
         let mut duplicates = 0;
-        for (verdict, owner) in verdicts.iter().zip(&owners) {
+        let mut outcome = Outcome::default();
+        for ((verdict, owner), message) in verdicts.iter().zip(&owners).zip(messages.iter()) {
+            if matches!(verdict, Verdict::Applied | Verdict::Duplicate) {
+                for s in &message.samples {
+                    outcome.min_ts_ns = Some(outcome.min_ts_ns.map_or(s.ts_ns, |m| m.min(s.ts_ns)));
+                    outcome.max_ts_ns = Some(outcome.max_ts_ns.map_or(s.ts_ns, |m| m.max(s.ts_ns)));
+                }
+            }
             match verdict {
                 Verdict::Applied => applied += 1,
                 Verdict::Duplicate => duplicates += 1,
@@ -190,7 +237,14 @@ impl Processor {
         );
         drop(commit_spans);
         drop(spans);
+        outcome.applied = applied as u64;
+        outcome.duplicates = duplicates as u64;
+        outcome.rejected = fates
+            .iter()
+            .filter(|f| matches!(f, Fate::DeadLetter(..)))
+            .count() as u64;
         self.settle(batch, fates).await;
+        Some(outcome)
     }
 
     /// Applies the batch, retrying a failed commit until it succeeds.
@@ -221,7 +275,7 @@ impl Processor {
             // Keep JetStream from redelivering the batch to another replica while
             // this one retries.
             if last_progress.elapsed() > Duration::from_secs(self.config.ack_wait_secs / 3 + 1) {
-                for m in batch.iter().filter_map(|m| m.js.as_ref()) {
+                for m in batch.iter().filter_map(|m| m.ack.as_ref()) {
                     let _ = m.ack_with(AckKind::Progress).await;
                 }
                 last_progress = Instant::now();
@@ -240,7 +294,7 @@ impl Processor {
         for (m, fate) in batch.into_iter().zip(fates) {
             match fate {
                 Fate::Ack => {
-                    if let Some(js) = m.js {
+                    if let Some(js) = m.ack {
                         acks.push((js, AckKind::Ack));
                     }
                 }
@@ -267,7 +321,7 @@ impl Processor {
                         }
                     }
                     // Terminated, not acked: JetStream must not redeliver a poison message.
-                    if let Some(js) = m.js {
+                    if let Some(js) = m.ack {
                         acks.push((js, AckKind::Term));
                     }
                 }

@@ -15,6 +15,9 @@ pub enum Error {
     /// The operations HTTP server failed.
     #[error(transparent)]
     Ops(#[from] windrow_ops::Error),
+    /// A replay could not read its stream or verify its result.
+    #[error("replay: {0}")]
+    Replay(String),
 }
 
 impl Error {

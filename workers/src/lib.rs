@@ -10,6 +10,7 @@
 //! - `writer`: the single LMDB writer thread.
 //! - `consume`: batch → commit → dead-letter → acknowledge, for both modes.
 //! - [`query`]: the query plane's messages and the merge of partials.
+//! - [`replay`]: rebuild a store from a stream through the same path.
 //! - [`events`]: metrics and logs.
 //! - [`export`]: SQLite export of merged windows.
 
@@ -22,6 +23,7 @@ pub mod error;
 pub mod events;
 pub mod export;
 pub mod query;
+pub mod replay;
 pub mod run;
 pub mod store;
 pub mod window;

@@ -51,6 +51,10 @@ pub struct QueryReply {
     /// Latest values (on chunk 0 only).
     #[serde(default)]
     pub latest: Vec<LatestRow>,
+    /// Nodes whose data the answering node's store already holds: the asker
+    /// leaves their partials out of the merge (see `worker.supersedes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supersedes: Vec<String>,
     /// Set if the node could not answer.
     #[serde(default)]
     pub error: Option<String>,
@@ -58,7 +62,12 @@ pub struct QueryReply {
 
 impl QueryReply {
     /// Splits a node's full answer into chunks.
-    pub fn chunks(node: &str, windows: Vec<WindowRow>, latest: Vec<LatestRow>) -> Vec<QueryReply> {
+    pub fn chunks(
+        node: &str,
+        supersedes: &[String],
+        windows: Vec<WindowRow>,
+        latest: Vec<LatestRow>,
+    ) -> Vec<QueryReply> {
         let mut out = Vec::new();
         let mut rest = windows;
         let mut latest = Some(latest);
@@ -75,6 +84,7 @@ impl QueryReply {
                 done,
                 windows: rest,
                 latest: latest.take().unwrap_or_default(),
+                supersedes: supersedes.to_vec(),
                 error: None,
             });
             if done {
@@ -124,51 +134,6 @@ pub fn merge_latest(parts: impl IntoIterator<Item = LatestRow>) -> Vec<LatestRow
     merged.into_values().collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(series: &str, start: i64, v: f64) -> WindowRow {
-        WindowRow {
-            series: series.into(),
-            field: "v".into(),
-            resolution_secs: 1,
-            start_ns: start,
-            agg: Aggregate::of(start, v),
-        }
-    }
-
-    #[test]
-    fn partials_of_several_nodes_merge_per_window() {
-        let merged = merge_windows(vec![
-            row("a", 0, 1.0),
-            row("b", 0, 5.0),
-            row("a", 0, 3.0),
-            row("a", 1, 2.0),
-        ]);
-        assert_eq!(merged.len(), 3);
-        assert_eq!(merged[0].series, "a");
-        assert_eq!(merged[0].agg.count, 2);
-        assert_eq!(merged[0].agg.sum, 4.0);
-        assert_eq!(merged[0].agg.max, 3.0);
-    }
-
-    #[test]
-    fn answers_are_chunked_and_the_last_chunk_is_done() {
-        let rows: Vec<WindowRow> = (0..(ROWS_PER_CHUNK as i64 * 2 + 1))
-            .map(|i| row("a", i, 1.0))
-            .collect();
-        let chunks = QueryReply::chunks("n1", rows, vec![]);
-        assert_eq!(chunks.len(), 3);
-        assert!(chunks[2].done && !chunks[0].done);
-        assert_eq!(
-            chunks.iter().map(|c| c.windows.len()).sum::<usize>(),
-            ROWS_PER_CHUNK * 2 + 1
-        );
-        assert_eq!(QueryReply::chunks("n1", vec![], vec![]).len(), 1);
-    }
-}
-
 /// What a scatter-gather query collected, merged.
 #[derive(Debug, Default)]
 pub struct Gathered {
@@ -176,8 +141,11 @@ pub struct Gathered {
     pub windows: Vec<WindowRow>,
     /// Merged latest values.
     pub latest: Vec<LatestRow>,
-    /// Nodes that sent their last chunk.
+    /// Nodes that sent their last chunk (including superseded ones).
     pub complete: Vec<String>,
+    /// Nodes that answered but were left out of the merge because another
+    /// node that answered supersedes them.
+    pub superseded: Vec<String>,
     /// Nodes that sent some chunks but not the last in time.
     pub incomplete: Vec<String>,
     /// Errors reported by nodes.
@@ -224,14 +192,12 @@ pub async fn gather(
     nats.flush()
         .await
         .map_err(|e| GatherError::Nats(e.to_string()))?;
-    let mut done: BTreeMap<String, bool> = BTreeMap::new();
-    let mut windows = Vec::new();
-    let mut latest = Vec::new();
+    let mut nodes: BTreeMap<String, Answer> = BTreeMap::new();
     let mut errors = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(n) = expect_nodes {
-            if done.values().filter(|d| **d).count() >= n {
+            if nodes.values().filter(|a| a.done).count() >= n {
                 break;
             }
         }
@@ -243,16 +209,153 @@ pub async fn gather(
         if let Some(e) = reply.error {
             errors.push(format!("{}: {e}", reply.node));
         }
-        *done.entry(reply.node.clone()).or_insert(false) |= reply.done;
-        windows.extend(reply.windows);
-        latest.extend(reply.latest);
+        let answer = nodes.entry(reply.node).or_default();
+        answer.done |= reply.done;
+        answer.windows.extend(reply.windows);
+        answer.latest.extend(reply.latest);
+        answer.supersedes.extend(reply.supersedes);
     }
-    let (complete, incomplete): (Vec<_>, Vec<_>) = done.into_iter().partition(|(_, d)| *d);
-    Ok(Gathered {
-        windows: merge_windows(windows),
-        latest: merge_latest(latest),
-        complete: complete.into_iter().map(|(n, _)| n).collect(),
-        incomplete: incomplete.into_iter().map(|(n, _)| n).collect(),
-        errors,
-    })
+    Ok(Gathered::from_answers(nodes, errors))
+}
+
+/// What one node sent.
+#[derive(Debug, Default)]
+struct Answer {
+    done: bool,
+    windows: Vec<WindowRow>,
+    latest: Vec<LatestRow>,
+    supersedes: Vec<String>,
+}
+
+impl Gathered {
+    /// Merges the answers, leaving out those of superseded nodes.
+    ///
+    /// A superseding node's store holds everything the nodes it names had
+    /// applied, so any set of answers that includes it merges exactly whether
+    /// or not they still answer; that is what keeps a store swap exact.
+    fn from_answers(nodes: BTreeMap<String, Answer>, errors: Vec<String>) -> Gathered {
+        let superseded: std::collections::BTreeSet<&String> = nodes
+            .iter()
+            .flat_map(|(node, a)| a.supersedes.iter().filter(move |s| *s != node))
+            .collect();
+        let superseded: Vec<String> = nodes
+            .keys()
+            .filter(|n| superseded.contains(n))
+            .cloned()
+            .collect();
+        let mut out = Gathered {
+            windows: Vec::new(),
+            latest: Vec::new(),
+            complete: Vec::new(),
+            incomplete: Vec::new(),
+            superseded,
+            errors,
+        };
+        let (mut windows, mut latest) = (Vec::new(), Vec::new());
+        for (node, answer) in nodes {
+            if answer.done {
+                out.complete.push(node.clone());
+            } else {
+                out.incomplete.push(node.clone());
+            }
+            if !out.superseded.contains(&node) {
+                windows.extend(answer.windows);
+                latest.extend(answer.latest);
+            }
+        }
+        out.windows = merge_windows(windows);
+        out.latest = merge_latest(latest);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(series: &str, start: i64, v: f64) -> WindowRow {
+        WindowRow {
+            series: series.into(),
+            field: "v".into(),
+            resolution_secs: 1,
+            start_ns: start,
+            agg: Aggregate::of(start, v),
+        }
+    }
+
+    #[test]
+    fn partials_of_several_nodes_merge_per_window() {
+        let merged = merge_windows(vec![
+            row("a", 0, 1.0),
+            row("b", 0, 5.0),
+            row("a", 0, 3.0),
+            row("a", 1, 2.0),
+        ]);
+        assert_eq!(merged.len(), 3);
+        assert_eq!(merged[0].series, "a");
+        assert_eq!(merged[0].agg.count, 2);
+        assert_eq!(merged[0].agg.sum, 4.0);
+        assert_eq!(merged[0].agg.max, 3.0);
+    }
+
+    #[test]
+    fn answers_are_chunked_and_the_last_chunk_is_done() {
+        let rows: Vec<WindowRow> = (0..(ROWS_PER_CHUNK as i64 * 2 + 1))
+            .map(|i| row("a", i, 1.0))
+            .collect();
+        let chunks = QueryReply::chunks("n1", &[], rows, vec![]);
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks[2].done && !chunks[0].done);
+        assert_eq!(
+            chunks.iter().map(|c| c.windows.len()).sum::<usize>(),
+            ROWS_PER_CHUNK * 2 + 1
+        );
+        assert_eq!(QueryReply::chunks("n1", &[], vec![], vec![]).len(), 1);
+    }
+
+    fn answer(done: bool, windows: Vec<WindowRow>, supersedes: &[&str]) -> Answer {
+        Answer {
+            done,
+            windows,
+            latest: Vec::new(),
+            supersedes: supersedes.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn superseded_nodes_are_left_out_only_while_their_successor_answers() {
+        // Old nodes a and b split the messages; "r" holds all of them.
+        let old = || {
+            [
+                ("a".to_owned(), answer(true, vec![row("s", 0, 1.0)], &[])),
+                ("b".to_owned(), answer(true, vec![row("s", 0, 2.0)], &[])),
+            ]
+        };
+        let rebuilt = (
+            "r".to_owned(),
+            answer(true, vec![row("s", 0, 1.0), row("s", 0, 2.0)], &["a", "b"]),
+        );
+        let merged = |nodes: Vec<(String, Answer)>| {
+            Gathered::from_answers(nodes.into_iter().collect(), Vec::new())
+        };
+
+        let before = merged(old().into());
+        assert_eq!(before.windows[0].agg.count, 2);
+        assert!(before.superseded.is_empty());
+
+        let during = merged(old().into_iter().chain([rebuilt]).collect());
+        assert_eq!(during.windows.len(), 1);
+        assert_eq!(during.windows[0].agg.count, 2, "not counted twice");
+        assert_eq!(during.windows[0].agg.sum, 3.0);
+        assert_eq!(during.superseded, ["a", "b"]);
+        assert_eq!(during.complete, ["a", "b", "r"]);
+
+        // A node never supersedes itself, and naming an absent node is harmless.
+        let alone = merged(vec![(
+            "r".to_owned(),
+            answer(true, vec![row("s", 0, 3.0)], &["r", "gone"]),
+        )]);
+        assert_eq!(alone.windows[0].agg.sum, 3.0);
+        assert!(alone.superseded.is_empty());
+    }
 }

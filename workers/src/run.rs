@@ -180,7 +180,7 @@ async fn consume_core(
                 _ => break,
             }
         }
-        processor.process(batch, hard_stop).await;
+        let _ = processor.process(batch, hard_stop).await;
     }
     let _ = sub.unsubscribe().await;
 }
@@ -321,7 +321,7 @@ async fn pull_batches(
             }
         }
         tracing::debug!(messages = batch.len(), "batch");
-        processor.process(batch, hard_stop).await;
+        let _ = processor.process(batch, hard_stop).await;
     }
     // Hand back what was delivered but not processed, so that another replica
     // gets it now rather than after the ack wait.
@@ -379,7 +379,9 @@ async fn answer_queries(
         let replies = match serde_json::from_slice::<QueryRequest>(&msg.payload) {
             Err(e) => vec![error_reply(&config.node_id, format!("bad query: {e}"))],
             Ok(q) => match writer.query(q).await {
-                Ok(Ok((windows, latest))) => QueryReply::chunks(&config.node_id, windows, latest),
+                Ok(Ok((windows, latest))) => {
+                    QueryReply::chunks(&config.node_id, &config.supersedes, windows, latest)
+                }
                 Ok(Err(e)) => vec![error_reply(&config.node_id, e.to_string())],
                 Err(e) => vec![error_reply(&config.node_id, e.to_string())],
             },
@@ -404,6 +406,7 @@ fn error_reply(node: &str, error: String) -> QueryReply {
         done: true,
         windows: Vec::new(),
         latest: Vec::new(),
+        supersedes: Vec::new(),
         error: Some(error),
     }
 }

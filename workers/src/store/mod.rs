@@ -99,6 +99,11 @@ impl Clock for ManualClock {
 pub struct Message {
     /// JetStream stream name and sequence, for idempotency; `None` for core NATS.
     pub stream_seq: Option<(String, u64)>,
+    /// When the message entered the system (the stream's timestamp), Unix ns.
+    /// Lateness is judged against it when set, so that a replay long after the
+    /// fact accepts and rejects exactly what the live worker did; `None` (core
+    /// NATS) judges against the clock.
+    pub received_ns: Option<i64>,
     /// The samples.
     pub samples: Vec<Sample>,
 }

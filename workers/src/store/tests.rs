@@ -13,6 +13,7 @@ const ALL: (i64, i64) = (i64::MIN, i64::MAX);
 pub(super) fn msg(seq: Option<u64>, series: &str, ts_ns: i64, value: f64) -> Message {
     Message {
         stream_seq: seq.map(|s| ("S".to_owned(), s)),
+        received_ns: None,
         samples: vec![Sample {
             series: series.into(),
             field: "t".into(),
@@ -56,6 +57,7 @@ fn applied_samples_come_back_as_windows_at_every_resolution() {
     batch.push(msg(None, "a/c", T0 + 10 * MIN, 7.0));
     batch.push(Message {
         stream_seq: None,
+        received_ns: None,
         samples: vec![Sample {
             series: "a/b".into(),
             field: "rh".into(),
@@ -211,6 +213,7 @@ fn late_early_and_invalid_messages_follow_the_clock_and_the_keys() {
     let mut s = open(dir.path(), &clock);
     let named = |series: &str, field: &str, value: f64| Message {
         stream_seq: None,
+        received_ns: None,
         samples: vec![Sample {
             series: series.into(),
             field: field.into(),
@@ -225,6 +228,7 @@ fn late_early_and_invalid_messages_follow_the_clock_and_the_keys() {
             msg(None, "a", now + 6 * MIN, 1.0),
             Message {
                 stream_seq: None,
+                received_ns: None,
                 samples: vec![],
             },
             named("a\0b", "t", 1.0),
@@ -233,6 +237,7 @@ fn late_early_and_invalid_messages_follow_the_clock_and_the_keys() {
             named("a", "t", f64::NAN),
             Message {
                 stream_seq: Some(("S\0".into(), 1)),
+                received_ns: None,
                 samples: vec![named("a", "t", 1.0).samples[0].clone()],
             },
         ])

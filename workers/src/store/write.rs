@@ -46,6 +46,9 @@ impl std::fmt::Debug for Store {
 struct Limits {
     oldest_ns: i64,
     newest_ns: i64,
+    /// For messages with their own reception time.
+    lateness_ns: i64,
+    future_ns: i64,
     /// Days before this one are beyond retention.
     first_day: String,
 }
@@ -133,6 +136,8 @@ impl Store {
         Limits {
             oldest_ns: now.saturating_sub(ns(self.config.allowed_lateness_secs)),
             newest_ns: now.saturating_add(ns(self.config.max_future_secs)),
+            lateness_ns: ns(self.config.allowed_lateness_secs),
+            future_ns: ns(self.config.max_future_secs),
             first_day: self.first_kept_day(now),
         }
     }
@@ -157,10 +162,17 @@ impl Store {
         let Some(day) = day_name(first.ts_ns) else {
             return (Verdict::Invalid, None);
         };
-        if first.ts_ns > limits.newest_ns {
+        let (oldest_ns, newest_ns) = match m.received_ns {
+            Some(at) => (
+                at.saturating_sub(limits.lateness_ns),
+                at.saturating_add(limits.future_ns),
+            ),
+            None => (limits.oldest_ns, limits.newest_ns),
+        };
+        if first.ts_ns > newest_ns {
             return (Verdict::TooEarly, None);
         }
-        if first.ts_ns < limits.oldest_ns || day < limits.first_day {
+        if first.ts_ns < oldest_ns || day < limits.first_day {
             let look = m.stream_seq.is_some() && self.reader.days.contains_key(&day);
             return (Verdict::TooLate, look.then_some(day));
         }

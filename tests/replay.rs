@@ -1,0 +1,467 @@
+//! `windrow replay` rebuilds a store from a stream through the workers' own
+//! path: equal to the live fleet, idempotent, resumable, and exact about where
+//! it starts.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+mod common;
+
+use std::{
+    path::Path,
+    process::Output,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use common::{
+    assert_same, expected_windows, fleet_readings, parse_windows, publish_jetstream, query_windows,
+    windrow, Bridge, Reading, Windows, Worker,
+};
+use rumqttc::QoS;
+use windrow_harness::{
+    clients::{create_stream, mqtt_publish, stream_len},
+    wait_until, Mosquitto, NatsServer, RoleProcess,
+};
+
+const STREAM: &str = "TELEMETRY";
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+async fn stream(nats: &NatsServer) {
+    create_stream(
+        &nats.url(),
+        STREAM,
+        &["windrow.telemetry.>"],
+        Duration::from_secs(120),
+    )
+    .await;
+}
+
+/// The fleet's shared configuration file: series keyed by the `device` field,
+/// as `Worker::start` does with a flag.
+fn fleet_config() -> &'static Path {
+    static FILE: std::sync::OnceLock<tempfile::NamedTempFile> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::io::Write::write_all(&mut f, b"[worker.decode]\nseries_fields = [\"device\"]\n")
+            .unwrap();
+        f
+    })
+    .path()
+}
+
+/// Runs `windrow replay --into DIR ARGS...` to completion.
+async fn replay(nats: &NatsServer, into: &Path, args: &[&str]) -> Output {
+    let out = tokio::process::Command::new(windrow())
+        .arg("--config")
+        .arg(fleet_config())
+        .arg("replay")
+        .args(["--nats-url", &nats.url(), "--progress", "log"])
+        .arg("--into")
+        .arg(into)
+        .args(args)
+        .env_remove("WINDROW_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    eprintln!(
+        "replay {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The windows of a store read directly (`windrow store scan`).
+async fn store_windows(dir: &Path, resolution_secs: u32) -> Windows {
+    let out = tokio::process::Command::new(windrow())
+        .args(["store", "--data-dir"])
+        .arg(dir)
+        .args([
+            "scan",
+            "--resolution-secs",
+            &resolution_secs.to_string(),
+            "--format",
+            "json",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "store scan: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_windows(&out.stdout)
+}
+
+fn total(w: &Windows) -> u64 {
+    w.values().map(|v| v.0).sum()
+}
+
+/// A minute-aligned base 10 minutes ago, so every reading is within lateness.
+fn recent_base() -> i64 {
+    let m = 60_000_000_000;
+    (now_ns() - 10 * m).div_euclid(m) * m
+}
+
+/// MQTT messages for `readings`: topic `fleet/<device>`, the same JSON payload.
+fn as_mqtt(readings: &[Reading]) -> Vec<(String, Vec<u8>)> {
+    readings
+        .iter()
+        .map(|(_, payload, device, _, _)| (format!("fleet/{device}"), payload.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replayed_store_equals_the_live_fleet_for_a_million_messages_through_the_bridge() {
+    let nats = NatsServer::start().await;
+    let mqtt = Mosquitto::start().await;
+    stream(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let workers = [
+        Worker::start(
+            &nats,
+            "live-0",
+            &dir.path().join("live-0"),
+            &["--mode", "jetstream"],
+        )
+        .await,
+        Worker::start(
+            &nats,
+            "live-1",
+            &dir.path().join("live-1"),
+            &["--mode", "jetstream"],
+        )
+        .await,
+    ];
+    let _bridge = Bridge::start(
+        &nats,
+        &mqtt,
+        "replay-bridge",
+        &["--route", "fleet/#,qos=1,delivery=jetstream"],
+    )
+    .await;
+    let readings = fleet_readings(10_000, 100, recent_base());
+    let n = readings.len() as u64;
+    assert_eq!(n, 1_000_000);
+    mqtt_publish(
+        mqtt.port(),
+        "publisher",
+        as_mqtt(&readings),
+        QoS::AtLeastOnce,
+        None,
+    )
+    .await;
+    let url = nats.url();
+    assert!(
+        wait_until(Duration::from_secs(300), || {
+            let url = url.clone();
+            async move { stream_len(&url, STREAM).await >= n }
+        })
+        .await,
+        "the bridge did not store every message"
+    );
+    let range = (recent_base() - 120_000_000_000, now_ns());
+    let live_done = wait_until(Duration::from_secs(300), || {
+        let nats = &nats;
+        async move { total(&query_windows(nats, 60, range.0, range.1, 2).await) >= n }
+    })
+    .await;
+    assert!(live_done, "the live fleet did not apply every message");
+    for w in &workers {
+        assert!(w.metric("windrow_worker_applied_messages_total", "").await > 0.0);
+    }
+
+    let rebuilt = dir.path().join("rebuilt");
+    let out = replay(&nats, &rebuilt, &["--verify", "--expect-nodes", "2"]).await;
+    assert!(out.status.success(), "replay --verify failed");
+    assert!(
+        stdout(&out).contains("identical to the live fleet"),
+        "{}",
+        stdout(&out)
+    );
+    let live = query_windows(&nats, 60, range.0, range.1, 2).await;
+    for res in [60, 1] {
+        let got = store_windows(&rebuilt, res).await;
+        assert_eq!(total(&got), n, "resolution {res}s");
+        assert_same(&got, &expected_windows(&readings, i64::from(res)));
+    }
+    assert_same(&store_windows(&rebuilt, 60).await, &live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replaying_twice_changes_nothing_and_an_interrupted_durable_replay_resumes() {
+    let nats = NatsServer::start().await;
+    stream(&nats).await;
+    let readings = fleet_readings(2_000, 100, recent_base());
+    publish_jetstream(&nats.url(), &readings).await;
+    let want = expected_windows(&readings, 60);
+    let dir = tempfile::tempdir().unwrap();
+
+    // Twice into the same store: the second pass finds everything applied.
+    let once = dir.path().join("once");
+    let out = replay(&nats, &once, &[]).await;
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains("200000 applied, 0 already"),
+        "{}",
+        stdout(&out)
+    );
+    let first = store_windows(&once, 60).await;
+    assert_same(&first, &want);
+    let out = replay(&nats, &once, &[]).await;
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains("0 applied, 200000 already"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        store_windows(&once, 60).await,
+        first,
+        "byte-for-byte the same windows"
+    );
+
+    // Stopped at a sequence, then continued through the same durable consumer.
+    let stopped = dir.path().join("stopped");
+    let out = replay(&nats, &stopped, &["--durable", "part", "--to-seq", "50000"]).await;
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains("replayed 50000 message(s)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = replay(&nats, &stopped, &["--durable", "part"]).await;
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains("replayed 150000 message(s) (sequences 50001..200000)"),
+        "the second run continues where the first stopped: {}",
+        stdout(&out)
+    );
+    assert_same(&store_windows(&stopped, 60).await, &want);
+
+    // Interrupted with SIGTERM mid-way (small batches keep it busy long
+    // enough), then started again with the same durable name.
+    let resumed = dir.path().join("resumed");
+    let args = [
+        "--config",
+        fleet_config().to_str().unwrap(),
+        "replay",
+        "--nats-url",
+        &nats.url(),
+        "--progress",
+        "log",
+        "--into",
+        resumed.to_str().unwrap(),
+        "--durable",
+        "rebuild",
+        "--batch",
+        "50",
+    ];
+    let mut first_run = RoleProcess::spawn(windrow(), &args, &[("RUST_LOG", "info")]);
+    let started = wait_until(Duration::from_secs(60), || {
+        let log = first_run.log();
+        async move { log.contains("replay progress") }
+    })
+    .await;
+    assert!(started, "{}", first_run.log());
+    first_run.sigterm().await;
+    let status = first_run.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "interrupted mid-way: {}",
+        first_run.log()
+    );
+    let out = replay(&nats, &resumed, &["--durable", "rebuild"]).await;
+    assert!(out.status.success());
+    let text = stdout(&out);
+    let read: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        read > 0 && read < 200_000,
+        "the second run started over: {text}"
+    );
+    assert!(text.contains("0 rejected"), "{text}");
+    assert_same(&store_windows(&resumed, 60).await, &want);
+    assert_same(
+        &store_windows(&resumed, 1).await,
+        &expected_windows(&readings, 1),
+    );
+    assert_eq!(total(&store_windows(&resumed, 60).await), 200_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn since_a_time_in_the_middle_selects_exactly_the_messages_from_then() {
+    let nats = NatsServer::start().await;
+    stream(&nats).await;
+    let base = recent_base();
+    let all = fleet_readings(500, 40, base);
+    let (early, late) = all.split_at(all.len() / 2);
+    publish_jetstream(&nats.url(), early).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let since = now_ns();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish_jetstream(&nats.url(), late).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let since_secs = format!("{}", since as f64 / 1e9);
+    let out = replay(&nats, dir.path(), &["--since", &since_secs]).await;
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains(&format!("replayed {} message(s)", late.len())),
+        "{}",
+        stdout(&out)
+    );
+    assert_same(
+        &store_windows(dir.path(), 60).await,
+        &expected_windows(late, 60),
+    );
+
+    // By sequence: the same boundary.
+    let seq_dir = tempfile::tempdir().unwrap();
+    let from = (early.len() + 1).to_string();
+    let out = replay(&nats, seq_dir.path(), &["--from-seq", &from]).await;
+    assert!(out.status.success());
+    assert_same(
+        &store_windows(seq_dir.path(), 60).await,
+        &expected_windows(late, 60),
+    );
+    // And the end bound: only the early half.
+    let to_dir = tempfile::tempdir().unwrap();
+    let to = early.len().to_string();
+    let out = replay(&nats, to_dir.path(), &["--to-seq", &to]).await;
+    assert!(out.status.success());
+    assert_same(
+        &store_windows(to_dir.path(), 60).await,
+        &expected_windows(early, 60),
+    );
+}
+
+/// The swap procedure of the README: a store rebuilt through a durable
+/// consumer is put into service by a worker that continues that consumer and
+/// supersedes the old nodes; merged answers stay exact while the old nodes
+/// still answer, after they are retired, and as new messages arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuilt_store_put_into_service_keeps_merged_answers_exact_during_and_after_the_swap() {
+    let nats = NatsServer::start().await;
+    stream(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = recent_base();
+    let range = (base - 120_000_000_000, now_ns() + 60_000_000_000);
+    let old: Vec<Worker> = futures::future::join_all(["old-0", "old-1"].map(|node| {
+        let data = dir.path().join(node);
+        let nats = &nats;
+        async move { Worker::start(nats, node, &data, &["--mode", "jetstream"]).await }
+    }))
+    .await;
+
+    // Before: the old fleet applied phase A.
+    let mut sent = fleet_readings(500, 100, base);
+    publish_jetstream(&nats.url(), &sent).await;
+    let applied = |nodes: usize, n: usize| {
+        let nats = &nats;
+        async move {
+            wait_until(Duration::from_secs(120), || async move {
+                total(&query_windows(nats, 60, range.0, range.1, nodes).await) >= n as u64
+            })
+            .await
+        }
+    };
+    assert!(
+        applied(2, sent.len()).await,
+        "the old fleet did not apply A"
+    );
+
+    // 1. Rebuild through a durable consumer, up to the stream's end.
+    let rebuilt = dir.path().join("rebuilt");
+    let out = replay(&nats, &rebuilt, &["--durable", "rebuilt"]).await;
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains("50000 applied, 0 already"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Phase B arrives while the swap is under way: the old fleet takes it from
+    // its consumer, the rebuilt store will take it from its own.
+    let b = fleet_readings(500, 100, base + 20_000_000_000);
+    publish_jetstream(&nats.url(), &b).await;
+    sent.extend(b);
+
+    // 2. A worker on the rebuilt store continues the replay's consumer and
+    //    supersedes the old nodes, which keep running and answering.
+    let new = Worker::start(
+        &nats,
+        "rebuilt",
+        &rebuilt,
+        &[
+            "--mode",
+            "jetstream",
+            "--durable",
+            "rebuilt",
+            "--supersedes",
+            "old-0,old-1",
+        ],
+    )
+    .await;
+    assert!(applied(3, sent.len()).await, "B not applied everywhere");
+    let during = query_windows(&nats, 60, range.0, range.1, 3).await;
+    assert_eq!(
+        total(&during),
+        sent.len() as u64,
+        "counted twice during the swap"
+    );
+    assert_same(&during, &expected_windows(&sent, 60));
+    assert_same(
+        &query_windows(&nats, 1, range.0, range.1, 3).await,
+        &expected_windows(&sent, 1),
+    );
+    assert_eq!(
+        new.metric("windrow_worker_applied_messages_total", "")
+            .await,
+        50_000.0,
+        "the new node applied exactly what came after the replay"
+    );
+    assert_eq!(
+        new.metric("windrow_worker_duplicates_skipped_total", "")
+            .await,
+        0.0
+    );
+
+    // 3. The old nodes are retired; the new one answers alone, and keeps up.
+    for mut w in old {
+        w.process.sigterm().await;
+        assert_eq!(
+            w.process.wait_exit(Duration::from_secs(40)).await.code(),
+            Some(0)
+        );
+    }
+    assert_same(
+        &query_windows(&nats, 60, range.0, range.1, 1).await,
+        &expected_windows(&sent, 60),
+    );
+    let c = fleet_readings(500, 100, base + 40_000_000_000);
+    publish_jetstream(&nats.url(), &c).await;
+    sent.extend(c);
+    assert!(
+        applied(1, sent.len()).await,
+        "C not applied by the new node"
+    );
+    assert_same(
+        &query_windows(&nats, 60, range.0, range.1, 1).await,
+        &expected_windows(&sent, 60),
+    );
+    assert!(!new.process.log().contains("panicked"));
+}

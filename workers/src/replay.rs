@@ -1,0 +1,628 @@
+//! Replay: read a stream (or part of it) and rebuild a store through the same
+//! decode → window → LMDB path as the live workers ([`Processor`]).
+//!
+//! Without a durable name the stream is read through an ordered consumer (no
+//! acknowledgements, flow-controlled, nothing left on the server); with one,
+//! through a durable pull consumer acknowledged after each commit, so an
+//! interrupted replay started again continues where it stopped. Either way the
+//! store's applied-sequence sets make a second pass over the same messages a
+//! no-op, and lateness is judged against each message's stream timestamp, so
+//! the rebuilt windows equal what the live fleet computed.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, DeliverPolicy},
+};
+use futures::StreamExt;
+use prometheus_client::registry::Registry;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use windrow_ops::Health;
+
+use crate::{
+    config::Config,
+    consume::{Incoming, Outcome, Processor},
+    events::Metrics,
+    query::{gather, merge_windows, QueryRequest},
+    store::{SystemClock, WindowRow},
+    writer::Writer,
+    Error,
+};
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The stream's first message.
+    All,
+    /// This stream sequence.
+    Sequence(u64),
+    /// Messages stored at or after this time (Unix ns).
+    Time(i64),
+}
+
+/// Where a replay ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The stream's last sequence when the replay started.
+    Current,
+    /// This stream sequence (inclusive).
+    Sequence(u64),
+    /// Before messages stored at or after this time (Unix ns).
+    Time(i64),
+}
+
+/// What to replay and where to.
+#[derive(Debug, Clone)]
+pub struct ReplayConfig {
+    /// The worker configuration: NATS, subject prefix, decoding, store (its
+    /// `store.dir` is the store to build).
+    pub worker: Config,
+    /// Stream to read.
+    pub stream: String,
+    /// Subject filter (default: the worker's filter).
+    pub filter: Option<String>,
+    /// First message.
+    pub start: Start,
+    /// Last message.
+    pub end: End,
+    /// Durable consumer name: resumable when set.
+    pub durable: Option<String>,
+    /// Messages per pull request and per commit.
+    pub batch: usize,
+}
+
+/// Progress of a running replay.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Messages read so far in this run.
+    pub done: u64,
+    /// Messages left to the end (an estimate from the consumer's pending count).
+    pub remaining: u64,
+    /// Messages per second since the start of this run.
+    pub rate: f64,
+}
+
+impl Progress {
+    /// Estimated time to the end at the current rate.
+    pub fn eta(&self) -> Option<Duration> {
+        (self.rate > 0.0).then(|| Duration::from_secs_f64(self.remaining as f64 / self.rate))
+    }
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Messages read in this run.
+    pub messages: u64,
+    /// Applied to the store for the first time.
+    pub applied: u64,
+    /// Already in the store (an earlier or overlapping replay).
+    pub duplicates: u64,
+    /// Not storable (bad payload, beyond lateness): counted, not dead-lettered again.
+    pub rejected: u64,
+    /// Lowest and highest stream sequence read (a durable consumer may
+    /// deliver out of order after redeliveries).
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// Sample times covered, Unix ns.
+    pub min_ts_ns: Option<i64>,
+    pub max_ts_ns: Option<i64>,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Interrupted (shutdown) before the end.
+    pub interrupted: bool,
+}
+
+impl Summary {
+    fn add(&mut self, o: Outcome) {
+        self.applied += o.applied;
+        self.duplicates += o.duplicates;
+        self.rejected += o.rejected;
+        if let Some(t) = o.min_ts_ns {
+            self.min_ts_ns = Some(self.min_ts_ns.map_or(t, |m| m.min(t)));
+        }
+        if let Some(t) = o.max_ts_ns {
+            self.max_ts_ns = Some(self.max_ts_ns.map_or(t, |m| m.max(t)));
+        }
+    }
+}
+
+/// Where one message stands against the end of the range.
+fn past_end(end: End, last_seq: u64, seq: u64, stored_ns: i64) -> bool {
+    match end {
+        End::Current => seq > last_seq,
+        End::Sequence(s) => seq > s,
+        End::Time(t) => stored_ns >= t || seq > last_seq,
+    }
+}
+
+fn deliver_policy(start: Start) -> Result<DeliverPolicy, Error> {
+    Ok(match start {
+        Start::All => DeliverPolicy::All,
+        Start::Sequence(s) => DeliverPolicy::ByStartSequence { start_sequence: s },
+        Start::Time(ns) => DeliverPolicy::ByStartTime {
+            start_time: OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+                .map_err(|e| Error::Replay(format!("start time: {e}")))?,
+        },
+    })
+}
+
+/// Replays into `config.worker.store.dir`, calling `progress` about once a second.
+///
+/// Stops at the end of the range, or at `shutdown` after committing the batch
+/// in hand (then [`Summary::interrupted`] is set; with a durable consumer the
+/// next run continues from there).
+///
+/// # Errors
+/// Store, NATS or stream errors; a failing commit is retried until `shutdown`.
+pub async fn replay(
+    config: ReplayConfig,
+    mut progress: impl FnMut(Progress) + Send,
+    shutdown: CancellationToken,
+) -> Result<Summary, Error> {
+    let started = Instant::now();
+    let mut worker = config.worker.clone();
+    // Already dead-lettered by the live fleet when it first saw them.
+    worker.dead_letter = false;
+    let (writer, writer_thread) = Writer::start(worker.store.clone(), Arc::new(SystemClock))?;
+    let nats = windrow_jetstream::connect(&worker.nats, "windrow-replay", |_| async {}).await?;
+    let js = jetstream::new(nats.clone());
+    let filter = config.filter.clone().unwrap_or_else(|| worker.filter());
+    let mut stream = js
+        .get_stream(&config.stream)
+        .await
+        .map_err(|e| Error::Replay(format!("stream {}: {e}", config.stream)))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| Error::Replay(format!("stream {}: {e}", config.stream)))?;
+    let last_seq = info.state.last_sequence;
+    let policy = deliver_policy(config.start)?;
+    let processor = Processor {
+        config: Arc::new(worker),
+        writer: writer.clone(),
+        nats: nats.clone(),
+        metrics: Metrics::register(&mut Registry::default()),
+        health: Health::new(),
+    };
+    let mut summary = Summary::default();
+    let mut reader = Reader::open(&stream, &config, &filter, policy).await?;
+    tracing::info!(
+        stream = %config.stream,
+        %filter,
+        last_seq,
+        durable = config.durable.as_deref().unwrap_or("(ordered)"),
+        into = %config.worker.store.dir.display(),
+        "replay started"
+    );
+    let mut last_report = Instant::now();
+    let mut remaining = reader.initial_pending;
+    let hard_stop = shutdown.clone();
+    loop {
+        if remaining == 0 {
+            // A durable consumer may still hold messages delivered to an
+            // earlier, killed run: they come back after the ack wait.
+            remaining = reader.outstanding().await;
+            if remaining == 0 {
+                break;
+            }
+            tracing::info!(
+                unacknowledged = remaining,
+                "waiting for messages an earlier run received but did not acknowledge (redelivered after the ack wait)"
+            );
+        }
+        let Some(first) = (tokio::select! {
+            () = shutdown.cancelled() => None,
+            m = reader.next() => Some(m?),
+        }) else {
+            summary.interrupted = true;
+            break;
+        };
+        let mut batch = Vec::with_capacity(config.batch);
+        let mut next = Some(first);
+        let mut reached_end = false;
+        while let Some(m) = next.take() {
+            let Some(stored) = m.stored.as_ref() else {
+                continue;
+            };
+            if past_end(config.end, last_seq, stored.seq, stored.at_ns) {
+                hand_back(m).await;
+                reached_end = true;
+                break;
+            }
+            summary.first_seq = Some(summary.first_seq.map_or(stored.seq, |s| s.min(stored.seq)));
+            summary.last_seq = Some(summary.last_seq.map_or(stored.seq, |s| s.max(stored.seq)));
+            remaining = reader.pending_after(&m);
+            batch.push(m);
+            if remaining == 0 || batch.len() >= config.batch {
+                break;
+            }
+            // Take what is already here without waiting long for more.
+            next = reader.next_in_batch().await?;
+        }
+        summary.messages += batch.len() as u64;
+        match processor.process(batch, &hard_stop).await {
+            Some(outcome) => summary.add(outcome),
+            None => {
+                summary.interrupted = true;
+                break;
+            }
+        }
+        if reached_end {
+            break;
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            progress(Progress {
+                done: summary.messages,
+                remaining: remaining.min(end_distance(config.end, summary.last_seq)),
+                rate: summary.messages as f64 / started.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    reader.hand_back_buffered().await;
+    summary.elapsed = started.elapsed();
+    progress(Progress {
+        done: summary.messages,
+        remaining: 0,
+        rate: summary.messages as f64 / summary.elapsed.as_secs_f64().max(1e-9),
+    });
+    drop(reader);
+    let _ = tokio::time::timeout(Duration::from_secs(5), nats.flush()).await;
+    drop(processor);
+    drop(writer);
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    Ok(summary)
+}
+
+/// Negatively acknowledges a durable consumer's message: redelivered at once
+/// to the next run rather than after the ack wait.
+async fn hand_back(m: Incoming) {
+    if let Some(js) = m.ack {
+        let _ = js.ack_with(jetstream::AckKind::Nak(None)).await;
+    }
+}
+
+fn end_distance(end: End, last: Option<u64>) -> u64 {
+    match (end, last) {
+        (End::Sequence(s), Some(l)) => s.saturating_sub(l),
+        _ => u64::MAX,
+    }
+}
+
+/// The consumer a replay reads through.
+struct Reader {
+    messages: ReaderStream,
+    initial_pending: u64,
+}
+
+// One reader per replay: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
+enum ReaderStream {
+    /// Flow-controlled ordered consumer: the fast path, nothing to acknowledge.
+    Ordered(pull::Ordered),
+    /// Bounded pull requests one after the other, so that at the end of the
+    /// range (or on interruption) what was delivered but not processed can be
+    /// handed back completely instead of waiting out the ack wait.
+    Durable {
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        size: usize,
+        batch: Option<pull::Batch>,
+    },
+}
+
+impl Reader {
+    async fn open(
+        stream: &jetstream::stream::Stream,
+        config: &ReplayConfig,
+        filter: &str,
+        policy: DeliverPolicy,
+    ) -> Result<Reader, Error> {
+        let err = |e: &dyn std::fmt::Display| Error::Replay(format!("consumer: {e}"));
+        match &config.durable {
+            None => {
+                let consumer = stream
+                    .create_consumer(pull::OrderedConfig {
+                        filter_subject: filter.to_owned(),
+                        deliver_policy: policy,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| err(&e))?;
+                let initial_pending = consumer.cached_info().num_pending;
+                let messages = consumer.messages().await.map_err(|e| err(&e))?;
+                Ok(Reader {
+                    messages: ReaderStream::Ordered(messages),
+                    initial_pending,
+                })
+            }
+            Some(name) => {
+                let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
+                    .get_or_create_consumer(
+                        name,
+                        pull::Config {
+                            durable_name: Some(name.clone()),
+                            filter_subject: filter.to_owned(),
+                            deliver_policy: policy,
+                            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                            ack_wait: Duration::from_secs(30),
+                            max_ack_pending: i64::try_from(config.batch.saturating_mul(4))
+                                .unwrap_or(i64::MAX),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| err(&e))?;
+                let info = consumer.info().await.map_err(|e| err(&e))?;
+                if info.config.filter_subject != filter || info.config.deliver_policy != policy {
+                    tracing::warn!(
+                        durable = %name,
+                        "the durable consumer exists with another filter or start; it continues where it stopped and the new --since/--from-seq/--subject-filter are ignored"
+                    );
+                }
+                let initial_pending = info.num_pending + info.num_ack_pending as u64;
+                // A pull request larger than the consumer's max_ack_pending is
+                // served only up to it and then waits for acks that come only
+                // after the request ends: cap the request (an existing consumer
+                // keeps the limit it was created with).
+                let mut size = config.batch;
+                if let Ok(limit) = usize::try_from(info.config.max_ack_pending) {
+                    if limit > 0 && limit < size {
+                        tracing::warn!(
+                            durable = %name,
+                            max_ack_pending = limit,
+                            batch = size,
+                            "the durable consumer allows fewer unacknowledged messages than --batch; pulling that many at a time"
+                        );
+                        size = limit;
+                    }
+                }
+                Ok(Reader {
+                    messages: ReaderStream::Durable {
+                        consumer,
+                        size,
+                        batch: None,
+                    },
+                    initial_pending,
+                })
+            }
+        }
+    }
+
+    /// The next message; transient consumer errors (missed heartbeats) are
+    /// logged and skipped, as the consumer recovers by itself.
+    async fn next(&mut self) -> Result<Incoming, Error> {
+        loop {
+            match &mut self.messages {
+                ReaderStream::Ordered(s) => match s.next().await {
+                    None => return Err(Error::Replay("the consumer ended".into())),
+                    Some(Ok(m)) => return Ok(Incoming::unacked(&m)),
+                    Some(Err(e)) => tracing::warn!(error = %e, "replay consumer"),
+                },
+                ReaderStream::Durable {
+                    consumer,
+                    size,
+                    batch,
+                } => {
+                    let current = match batch {
+                        Some(b) => b,
+                        None => batch.insert(
+                            consumer
+                                .batch()
+                                .max_messages(*size)
+                                .expires(Duration::from_secs(1))
+                                .messages()
+                                .await
+                                .map_err(|e| Error::Replay(format!("pull request: {e}")))?,
+                        ),
+                    };
+                    match current.next().await {
+                        Some(Ok(m)) => return Ok(Incoming::jetstream(m)),
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "replay consumer");
+                            *batch = None;
+                        }
+                        None => *batch = None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next message if it belongs to the batch in hand: for the ordered
+    /// consumer, what arrives within 50 ms; for the durable one, the rest of
+    /// the current pull request (never cancelled half-way, which would strand
+    /// its messages until the ack wait).
+    async fn next_in_batch(&mut self) -> Result<Option<Incoming>, Error> {
+        match &mut self.messages {
+            ReaderStream::Ordered(_) => {
+                match tokio::time::timeout(Duration::from_millis(50), self.next()).await {
+                    Ok(m) => m.map(Some),
+                    Err(_) => Ok(None),
+                }
+            }
+            ReaderStream::Durable { batch, .. } => {
+                let Some(current) = batch.as_mut() else {
+                    return Ok(None);
+                };
+                loop {
+                    match current.next().await {
+                        Some(Ok(m)) => return Ok(Some(Incoming::jetstream(m))),
+                        Some(Err(e)) => tracing::warn!(error = %e, "replay consumer"),
+                        None => {
+                            *batch = None;
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns what was delivered but will not be processed, so that the next
+    /// run gets it at once rather than after the ack wait.
+    async fn hand_back_buffered(&mut self) {
+        if let ReaderStream::Durable { batch, .. } = &mut self.messages {
+            if let Some(b) = batch.as_mut() {
+                // Ends with the request: its last message or its expiry.
+                while let Ok(Some(item)) =
+                    tokio::time::timeout(Duration::from_secs(10), b.next()).await
+                {
+                    if let Ok(m) = item {
+                        hand_back(Incoming::jetstream(m)).await;
+                    }
+                }
+            }
+            *batch = None;
+        }
+    }
+
+    /// Messages delivered to some client of a durable consumer and not yet
+    /// acknowledged.
+    async fn outstanding(&mut self) -> u64 {
+        match &mut self.messages {
+            ReaderStream::Ordered(_) => 0,
+            ReaderStream::Durable { consumer, .. } => consumer
+                .info()
+                .await
+                .map(|i| i.num_ack_pending as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    /// Messages the consumer still has after `m`.
+    fn pending_after(&self, m: &Incoming) -> u64 {
+        m.pending.unwrap_or(u64::MAX)
+    }
+}
+
+/// One difference between the rebuilt store and the live fleet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    pub series: String,
+    pub field: String,
+    pub resolution_secs: u32,
+    pub start_ns: i64,
+    /// (count, sum, min, max) in the rebuilt store, if present.
+    pub rebuilt: Option<(u64, f64, f64, f64)>,
+    /// The same from the fleet's merged answer, if present.
+    pub live: Option<(u64, f64, f64, f64)>,
+}
+
+/// The outcome of [`verify`].
+#[derive(Debug, Clone, Default)]
+pub struct Verification {
+    /// Windows compared (union of both sides), per resolution.
+    pub windows: usize,
+    /// Nodes of the live fleet that answered fully.
+    pub nodes: Vec<String>,
+    /// Differences (all of them).
+    pub differences: Vec<Difference>,
+}
+
+fn same(a: &WindowRow, b: &WindowRow) -> bool {
+    let (x, y) = (&a.agg, &b.agg);
+    let close = |p: f64, q: f64| (p - q).abs() <= 1e-9 * p.abs().max(q.abs()).max(1.0);
+    x.count == y.count
+        && close(x.sum, y.sum)
+        && x.min == y.min
+        && x.max == y.max
+        && x.first_ts_ns == y.first_ts_ns
+        && x.first == y.first
+        && x.last_ts_ns == y.last_ts_ns
+        && x.last == y.last
+}
+
+/// Compares the store at `worker.store.dir` with the live fleet's merged
+/// windows over `[from_ns, to_ns)` at every configured resolution.
+///
+/// Sums are compared with a relative tolerance of 1e-9 (floating-point sums
+/// depend on the order of addition, which differs between one store and
+/// merged partials); everything else exactly.
+///
+/// # Errors
+/// Store or NATS errors, or fewer than `expect_nodes` nodes answering fully.
+pub async fn verify(
+    worker: &Config,
+    from_ns: i64,
+    to_ns: i64,
+    expect_nodes: Option<usize>,
+    timeout: Duration,
+) -> Result<Verification, Error> {
+    let (writer, writer_thread) = Writer::start(worker.store.clone(), Arc::new(SystemClock))?;
+    let nats =
+        windrow_jetstream::connect(&worker.nats, "windrow-replay-verify", |_| async {}).await?;
+    let mut out = Verification::default();
+    let result = async {
+        for &res in &worker.store.resolutions_secs {
+            let step = i64::from(res) * 1_000_000_000;
+            let request = QueryRequest {
+                series: "*".into(),
+                field: None,
+                resolution_secs: res,
+                from_ns: from_ns.div_euclid(step) * step,
+                to_ns,
+                latest: false,
+            };
+            let live = gather(
+                &nats,
+                &worker.query_subject,
+                &request,
+                expect_nodes,
+                timeout,
+            )
+            .await
+            .map_err(|e| Error::Replay(format!("query plane: {e}")))?;
+            if let Some(n) = expect_nodes {
+                if live.complete.len() < n {
+                    return Err(Error::Replay(format!(
+                        "expected {n} node(s) to answer, {} did fully",
+                        live.complete.len()
+                    )));
+                }
+            }
+            if !live.errors.is_empty() {
+                return Err(Error::Replay(format!("node errors: {:?}", live.errors)));
+            }
+            out.nodes = live.complete.clone();
+            let rebuilt = match writer.query(request).await {
+                Ok(Ok((w, _))) => merge_windows(w),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(e) => return Err(Error::Replay(e.to_string())),
+            };
+            let key = |w: &WindowRow| (w.series.clone(), w.field.clone(), w.start_ns);
+            let live: std::collections::BTreeMap<_, _> =
+                live.windows.into_iter().map(|w| (key(&w), w)).collect();
+            let rebuilt: std::collections::BTreeMap<_, _> =
+                rebuilt.into_iter().map(|w| (key(&w), w)).collect();
+            let keys: std::collections::BTreeSet<_> =
+                live.keys().chain(rebuilt.keys()).cloned().collect();
+            out.windows += keys.len();
+            let brief = |w: &WindowRow| (w.agg.count, w.agg.sum, w.agg.min, w.agg.max);
+            for k in keys {
+                let (r, l) = (rebuilt.get(&k), live.get(&k));
+                let equal = matches!((r, l), (Some(a), Some(b)) if same(a, b));
+                if !equal {
+                    out.differences.push(Difference {
+                        series: k.0.clone(),
+                        field: k.1.clone(),
+                        resolution_secs: res,
+                        start_ns: k.2,
+                        rebuilt: r.map(brief),
+                        live: l.map(brief),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(writer);
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    result.map(|()| out)
+}
