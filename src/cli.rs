@@ -489,7 +489,7 @@ pub struct ReplayArgs {
     /// Read through this durable consumer, so an interrupted replay resumes where it stopped.
     #[arg(long)]
     pub durable: Option<String>,
-    /// Messages per fetch and per commit [default 10000].
+    /// Messages per fetch and per commit.
     #[arg(long, default_value_t = 10_000)]
     pub batch: usize,
     /// After the replay, compare the rebuilt store with the live fleet's merged
@@ -497,7 +497,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub verify: bool,
     /// With --verify: wait for this many workers to answer.
-    #[arg(long)]
+    #[arg(long, requires = "verify")]
     pub expect_nodes: Option<usize>,
     /// Progress on stderr: auto (bar on a terminal, log lines otherwise), bar, log, none.
     #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]

@@ -69,7 +69,11 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 .role::<windrow_workers::Config>("worker")
                 .map_err(|e| e.to_string())
                 .and_then(|c| c.validate().map_err(|e| e.to_string()));
-            let res = bridge.and(worker);
+            let jetstream = settings
+                .jetstream()
+                .map_err(|e| e.to_string())
+                .and_then(|d| d.validate().map_err(|e| e.to_string()));
+            let res = bridge.and(worker).and(jetstream);
             match res {
                 Ok(()) => {
                     println!("configuration is valid");
@@ -95,10 +99,10 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 }
             };
             if args.ensure_streams {
-                if let Err(e) = streams::ensure(&settings, &config.nats).await {
+                if let Err((is_config, e)) = streams::ensure(&settings, &config.nats).await {
                     tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
                     telemetry.shutdown();
-                    return config_error(&format!("--ensure-streams: {e:#}"));
+                    return exit_code(Err((is_config, e.context("--ensure-streams"))));
                 }
             }
             let res = windrow_workers::run(config, shutdown_on_signal()).await;
@@ -169,10 +173,10 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 "starting bridge"
             );
             if args.ensure_streams {
-                if let Err(e) = streams::ensure(&settings, &config.nats).await {
+                if let Err((is_config, e)) = streams::ensure(&settings, &config.nats).await {
                     tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
                     telemetry.shutdown();
-                    return config_error(&format!("--ensure-streams: {e:#}"));
+                    return exit_code(Err((is_config, e.context("--ensure-streams"))));
                 }
             }
             let shutdown = shutdown_on_signal();

@@ -83,17 +83,36 @@ pub async fn command(settings: &Settings, args: &StreamsArgs, apply: bool) -> Ex
 /// `--ensure-streams`: apply the declaration (never recreating) before a role starts.
 ///
 /// # Errors
-/// The declaration is invalid, the server is unreachable, or a change needs `--recreate`.
-pub async fn ensure(settings: &Settings, nats: &NatsConfig) -> anyhow::Result<()> {
-    let declaration = settings.jetstream()?;
+/// `(true, _)` (exit 2) when the declaration is invalid or a change needs
+/// `--recreate`; `(false, _)` (exit 1) when the server cannot be reached or fails.
+pub async fn ensure(settings: &Settings, nats: &NatsConfig) -> Result<(), (bool, anyhow::Error)> {
+    let declaration = settings
+        .jetstream()
+        .map_err(|e| (true, anyhow::Error::from(e)))?;
+    if let Err(e) = declaration.validate() {
+        return Err((true, e.into()));
+    }
     if declaration.is_empty() {
         tracing::info!("--ensure-streams: nothing declared in [jetstream]");
         return Ok(());
     }
-    let js = jetstream(nats).await?;
-    let applied = streams::apply(&js, &declaration, false)
-        .await
-        .with_context(|| format!("applying [jetstream] on {}", nats.url))?;
+    let js = jetstream(nats).await.map_err(|e| (false, e))?;
+    let applied = match streams::apply(&js, &declaration, false).await {
+        Ok(a) => a,
+        Err(e) => {
+            let config = e.is_config();
+            let hint = if matches!(e, Error::Refused(_)) {
+                format!("\n{RECREATE_HINT}")
+            } else {
+                String::new()
+            };
+            return Err((
+                config,
+                anyhow::Error::from(e)
+                    .context(format!("applying [jetstream] on {}{hint}", nats.url)),
+            ));
+        }
+    };
     for item in &applied.items {
         tracing::info!(item = %item.target, action = ?item.action, changes = item.changes.len(), "--ensure-streams");
     }

@@ -75,7 +75,7 @@ pub(crate) fn parse_time(s: &str) -> anyhow::Result<i64> {
     i64::try_from(t.unix_timestamp_nanos()).context("time out of range")
 }
 
-pub(crate) fn now_ns() -> i64 {
+fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)

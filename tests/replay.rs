@@ -465,3 +465,70 @@ async fn a_rebuilt_store_put_into_service_keeps_merged_answers_exact_during_and_
     );
     assert!(!new.process.log().contains("panicked"));
 }
+
+/// A stream deleted and created again numbers its messages from 1 again: a
+/// store that applied the old stream's sequences must not take the new
+/// stream's messages for them (neither a live worker nor a replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recreated_stream_is_not_mistaken_for_the_old_one() {
+    let nats = NatsServer::start().await;
+    stream(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = recent_base();
+    let range = (base - 120_000_000_000, now_ns() + 60_000_000_000);
+    let worker = Worker::start(
+        &nats,
+        "live",
+        &dir.path().join("live"),
+        &["--mode", "jetstream"],
+    )
+    .await;
+    let mut sent = fleet_readings(100, 50, base);
+    publish_jetstream(&nats.url(), &sent).await;
+    let rebuilt = dir.path().join("rebuilt");
+    let applied = |n: usize| {
+        let nats = &nats;
+        async move {
+            wait_until(Duration::from_secs(60), || async move {
+                total(&query_windows(nats, 60, range.0, range.1, 1).await) >= n as u64
+            })
+            .await
+        }
+    };
+    assert!(
+        applied(sent.len()).await,
+        "the first stream was not applied"
+    );
+    let out = replay(&nats, &rebuilt, &[]).await;
+    assert!(
+        stdout(&out).contains("5000 applied, 0 already"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Same name, same sequences 1..5000, other messages.
+    stream(&nats).await;
+    let second = fleet_readings(100, 50, base + 30_000_000_000);
+    publish_jetstream(&nats.url(), &second).await;
+    sent.extend(second);
+    assert!(
+        applied(sent.len()).await,
+        "the live worker skipped the new stream's messages: {}",
+        worker.process.log()
+    );
+    assert_same(
+        &query_windows(&nats, 60, range.0, range.1, 1).await,
+        &expected_windows(&sent, 60),
+    );
+    let out = replay(&nats, &rebuilt, &[]).await;
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains("5000 applied, 0 already"),
+        "the replay skipped the new stream's messages: {}",
+        stdout(&out)
+    );
+    assert_same(
+        &store_windows(&rebuilt, 60).await,
+        &expected_windows(&sent, 60),
+    );
+}

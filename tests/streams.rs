@@ -501,3 +501,52 @@ async fn worker_with_ensure_streams_does_not_start_on_a_refused_change() {
         stream::StorageType::File
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_with_ensure_streams_exits_1_when_the_server_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &declaration(V1_STREAM, V1_CONSUMER));
+    let data = dir.path().join("data");
+    let url = format!("nats://127.0.0.1:{}", windrow_harness::free_port());
+    let mut worker = RoleProcess::spawn(
+        common::windrow(),
+        &[
+            "worker",
+            "--config",
+            config.to_str().unwrap(),
+            "--nats-url",
+            &url,
+            "--nats-request-timeout-secs",
+            "1",
+            "--mode",
+            "jetstream",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--http-listen",
+            &format!("127.0.0.1:{}", windrow_harness::free_port()),
+            "--ensure-streams",
+        ],
+        &[],
+    );
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
+    let log = worker.log();
+    // Not a configuration problem (2): an orchestrator should retry it.
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("--ensure-streams"), "{log}");
+}
+
+#[tokio::test]
+async fn config_check_validates_the_jetstream_declaration() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = V1_STREAM.replace("storage = \"file\"", "storage = \"tape\"");
+    let config = write_config(dir.path(), &declaration(&bad, V1_CONSUMER));
+    let out = tokio::process::Command::new(common::windrow())
+        .args(["--config", config.to_str().unwrap(), "config", "check"])
+        .env_remove("WINDROW_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("jetstream.streams[0].storage"), "{stderr}");
+}

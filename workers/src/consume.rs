@@ -44,6 +44,7 @@ pub(crate) struct Incoming {
 
 /// A JetStream message's place and time in its stream.
 pub(crate) struct Stored {
+    /// The stream's identity ([`stream_identity`]).
     pub stream: String,
     pub seq: u64,
     /// The stream's timestamp, Unix ns: lateness is judged against it.
@@ -62,22 +63,23 @@ impl Incoming {
         }
     }
 
-    /// From an explicit-ack consumer: acknowledged after its commit.
-    pub fn jetstream(m: jetstream::Message) -> Self {
-        let mut incoming = Self::unacked(&m);
+    /// From an explicit-ack consumer of the stream `identity`
+    /// ([`stream_identity`]): acknowledged after its commit.
+    pub fn jetstream(m: jetstream::Message, identity: &str) -> Self {
+        let mut incoming = Self::unacked(&m, identity);
         incoming.ack = Some(m);
         incoming
     }
 
     /// From a consumer without acknowledgements (an ordered replay).
-    pub fn unacked(m: &jetstream::Message) -> Self {
+    pub fn unacked(m: &jetstream::Message, identity: &str) -> Self {
         let info = m.info().ok();
         Self {
             subject: m.subject.to_string(),
             headers: m.headers.clone(),
             payload: m.payload.clone(),
             stored: info.as_ref().map(|info| Stored {
-                stream: info.stream.to_owned(),
+                stream: identity.to_owned(),
                 seq: info.stream_sequence,
                 at_ns: i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
             }),
@@ -85,6 +87,18 @@ impl Incoming {
             pending: info.as_ref().map(|info| info.pending),
         }
     }
+}
+
+/// What the store records applied sequences under: the stream's name and
+/// creation time. A stream deleted and created again (`windrow streams apply
+/// --recreate`) numbers its messages from 1 again; keyed by name alone, its new
+/// messages would be taken for ones already applied and silently skipped.
+pub(crate) fn stream_identity(info: &jetstream::stream::Info) -> String {
+    format!(
+        "{}@{}",
+        info.config.name,
+        info.created.unix_timestamp_nanos()
+    )
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);
@@ -145,9 +159,13 @@ impl Processor {
     /// Returns when the batch is committed and acknowledged, or `None` when
     /// `hard_stop` fires first (then nothing of it is acknowledged, and
     /// JetStream redelivers).
+    ///
+    /// `ack_wait` is the consumer's: while a commit is retried, the batch is
+    /// kept from redelivery with in-progress acks well within it.
     pub async fn process(
         &self,
         batch: Vec<Incoming>,
+        ack_wait: Duration,
         hard_stop: &CancellationToken,
     ) -> Option<Outcome> {
         if batch.is_empty() {
@@ -194,7 +212,7 @@ impl Processor {
             .collect();
         let messages = Arc::new(messages);
         let started = Instant::now();
-        let verdicts = self.commit(&batch, &messages, hard_stop).await?;
+        let verdicts = self.commit(&batch, &messages, ack_wait, hard_stop).await?;
         drop(apply_spans);
         let commit_spans: Vec<tracing::Span> = spans
             .iter()
@@ -252,6 +270,7 @@ impl Processor {
         &self,
         batch: &[Incoming],
         messages: &Arc<Vec<Message>>,
+        ack_wait: Duration,
         hard_stop: &CancellationToken,
     ) -> Option<Vec<Verdict>> {
         let mut backoff = Duration::from_millis(100);
@@ -274,7 +293,7 @@ impl Processor {
             }
             // Keep JetStream from redelivering the batch to another replica while
             // this one retries.
-            if last_progress.elapsed() > Duration::from_secs(self.config.ack_wait_secs / 3 + 1) {
+            if last_progress.elapsed() > ack_wait / 3 {
                 for m in batch.iter().filter_map(|m| m.ack.as_ref()) {
                     let _ = m.ack_with(AckKind::Progress).await;
                 }
@@ -284,7 +303,10 @@ impl Processor {
                 () = tokio::time::sleep(backoff) => {}
                 () = hard_stop.cancelled() => return None,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            // Never sleep past the next in-progress ack.
+            backoff = (backoff * 2)
+                .min(Duration::from_secs(5))
+                .min((ack_wait / 3).max(Duration::from_millis(10)));
         }
     }
 

@@ -26,7 +26,7 @@ use windrow_ops::Health;
 
 use crate::{
     config::Config,
-    consume::{Incoming, Outcome, Processor},
+    consume::{stream_identity, Incoming, Outcome, Processor},
     events::Metrics,
     query::{gather, merge_windows, QueryRequest},
     store::{SystemClock, WindowRow},
@@ -191,7 +191,8 @@ pub async fn replay(
         health: Health::new(),
     };
     let mut summary = Summary::default();
-    let mut reader = Reader::open(&stream, &config, &filter, policy).await?;
+    let identity = stream_identity(&info);
+    let mut reader = Reader::open(&stream, &config, &filter, policy, identity).await?;
     tracing::info!(
         stream = %config.stream,
         %filter,
@@ -246,7 +247,7 @@ pub async fn replay(
             next = reader.next_in_batch().await?;
         }
         summary.messages += batch.len() as u64;
-        match processor.process(batch, &hard_stop).await {
+        match processor.process(batch, reader.ack_wait, &hard_stop).await {
             Some(outcome) => summary.add(outcome),
             None => {
                 summary.interrupted = true;
@@ -299,6 +300,10 @@ fn end_distance(end: End, last: Option<u64>) -> u64 {
 struct Reader {
     messages: ReaderStream,
     initial_pending: u64,
+    /// Key of the applied sequences ([`stream_identity`]): the live workers'.
+    identity: String,
+    /// The durable consumer's ack wait (in-progress acks during commit retries).
+    ack_wait: Duration,
 }
 
 // One reader per replay: the size of its variants does not matter.
@@ -322,6 +327,7 @@ impl Reader {
         config: &ReplayConfig,
         filter: &str,
         policy: DeliverPolicy,
+        identity: String,
     ) -> Result<Reader, Error> {
         let err = |e: &dyn std::fmt::Display| Error::Replay(format!("consumer: {e}"));
         match &config.durable {
@@ -339,6 +345,8 @@ impl Reader {
                 Ok(Reader {
                     messages: ReaderStream::Ordered(messages),
                     initial_pending,
+                    identity,
+                    ack_wait: Duration::from_secs(30),
                 })
             }
             Some(name) => {
@@ -382,6 +390,11 @@ impl Reader {
                         size = limit;
                     }
                 }
+                let ack_wait = if info.config.ack_wait.is_zero() {
+                    Duration::from_secs(30)
+                } else {
+                    info.config.ack_wait
+                };
                 Ok(Reader {
                     messages: ReaderStream::Durable {
                         consumer,
@@ -389,6 +402,8 @@ impl Reader {
                         batch: None,
                     },
                     initial_pending,
+                    identity,
+                    ack_wait,
                 })
             }
         }
@@ -401,7 +416,7 @@ impl Reader {
             match &mut self.messages {
                 ReaderStream::Ordered(s) => match s.next().await {
                     None => return Err(Error::Replay("the consumer ended".into())),
-                    Some(Ok(m)) => return Ok(Incoming::unacked(&m)),
+                    Some(Ok(m)) => return Ok(Incoming::unacked(&m, &self.identity)),
                     Some(Err(e)) => tracing::warn!(error = %e, "replay consumer"),
                 },
                 ReaderStream::Durable {
@@ -422,7 +437,7 @@ impl Reader {
                         ),
                     };
                     match current.next().await {
-                        Some(Ok(m)) => return Ok(Incoming::jetstream(m)),
+                        Some(Ok(m)) => return Ok(Incoming::jetstream(m, &self.identity)),
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "replay consumer");
                             *batch = None;
@@ -452,7 +467,7 @@ impl Reader {
                 };
                 loop {
                     match current.next().await {
-                        Some(Ok(m)) => return Ok(Some(Incoming::jetstream(m))),
+                        Some(Ok(m)) => return Ok(Some(Incoming::jetstream(m, &self.identity))),
                         Some(Err(e)) => tracing::warn!(error = %e, "replay consumer"),
                         None => {
                             *batch = None;
@@ -474,7 +489,7 @@ impl Reader {
                     tokio::time::timeout(Duration::from_secs(10), b.next()).await
                 {
                     if let Ok(m) = item {
-                        hand_back(Incoming::jetstream(m)).await;
+                        let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
                     }
                 }
             }

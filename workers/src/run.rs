@@ -10,7 +10,7 @@ use windrow_ops::{Health, OpsServer};
 
 use crate::{
     config::{Config, Mode},
-    consume::{Incoming, Processor},
+    consume::{stream_identity, Incoming, Processor},
     events::Metrics,
     query::{QueryReply, QueryRequest},
     store::{Clock, SystemClock},
@@ -180,7 +180,10 @@ async fn consume_core(
                 _ => break,
             }
         }
-        let _ = processor.process(batch, hard_stop).await;
+        // Core NATS: nothing to acknowledge, so the ack wait does not matter.
+        let _ = processor
+            .process(batch, Duration::from_secs(config.ack_wait_secs), hard_stop)
+            .await;
     }
     let _ = sub.unsubscribe().await;
 }
@@ -203,15 +206,15 @@ async fn consume_jetstream(
 ) {
     let js = jetstream::new(nats.clone());
     while !shutdown.is_cancelled() {
-        let Some(consumer) = bind_consumer(&js, config, health, shutdown).await else {
+        let Some(bound) = bind_consumer(&js, config, health, shutdown).await else {
             return;
         };
         let lag = tokio::spawn(poll_lag(
-            consumer.clone(),
+            bound.consumer.clone(),
             metrics.clone(),
             shutdown.clone(),
         ));
-        pull_batches(&consumer, config, processor, health, shutdown, hard_stop).await;
+        pull_batches(&bound, config, processor, health, shutdown, hard_stop).await;
         lag.abort();
         if !shutdown.is_cancelled() {
             health.set("consumer", false);
@@ -224,17 +227,71 @@ async fn consume_jetstream(
     }
 }
 
+/// The durable consumer as the server has it, which may differ from the
+/// worker's settings (declared in `[jetstream]`, or created by another role).
+struct Bound {
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    /// Key of the applied sequences ([`stream_identity`]).
+    identity: String,
+    /// The consumer's ack wait: in-progress acks are paced by it.
+    ack_wait: Duration,
+    /// Messages per batch: `batch_max_messages`, at most the consumer's
+    /// `max_ack_pending` (a larger batch would never fill).
+    batch: usize,
+}
+
+impl Bound {
+    fn new(
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        identity: String,
+        config: &Config,
+    ) -> Bound {
+        let info = consumer.cached_info();
+        let ack_wait = if info.config.ack_wait.is_zero() {
+            Duration::from_secs(30) // the server's default
+        } else {
+            info.config.ack_wait
+        };
+        let mut batch = config.batch_max_messages;
+        if let Ok(limit) = usize::try_from(info.config.max_ack_pending) {
+            if limit > 0 && limit < batch {
+                tracing::warn!(
+                    durable = %config.durable,
+                    max_ack_pending = limit,
+                    batch_max_messages = batch,
+                    "the consumer allows fewer unacknowledged messages than worker.batch_max_messages; batches are held to max_ack_pending"
+                );
+                batch = limit;
+            }
+        }
+        if ack_wait != Duration::from_secs(config.ack_wait_secs) {
+            tracing::info!(
+                durable = %config.durable,
+                ack_wait_secs = ack_wait.as_secs_f64(),
+                "the consumer's ack wait differs from worker.ack_wait_secs; using the consumer's"
+            );
+        }
+        Bound {
+            consumer,
+            identity,
+            ack_wait,
+            batch,
+        }
+    }
+}
+
 /// Gets or creates the durable consumer, retrying with backoff until shutdown.
 async fn bind_consumer(
     js: &jetstream::Context,
     config: &Config,
     health: &Health,
     shutdown: &CancellationToken,
-) -> Option<jetstream::consumer::Consumer<pull::Config>> {
+) -> Option<Bound> {
     let mut backoff = Duration::from_millis(200);
     loop {
         let res = async {
-            let stream = js.get_stream(&config.stream).await?;
+            let mut stream = js.get_stream(&config.stream).await?;
+            let identity = stream_identity(stream.info().await?);
             let c = stream
                 .get_or_create_consumer(
                     &config.durable,
@@ -249,11 +306,11 @@ async fn bind_consumer(
                     },
                 )
                 .await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(c)
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Bound::new(c, identity, config))
         }
         .await;
         match res {
-            Ok(c) => return Some(c),
+            Ok(b) => return Some(b),
             Err(e) => {
                 health.set("consumer", false);
                 tracing::warn!(error = %e, stream = %config.stream, durable = %config.durable, "cannot bind the durable consumer; retrying");
@@ -270,16 +327,17 @@ async fn bind_consumer(
 /// Pulls, batches by size or time, and processes until shutdown or until the
 /// pull stream ends (consumer deleted).
 async fn pull_batches(
-    consumer: &jetstream::consumer::Consumer<pull::Config>,
+    bound: &Bound,
     config: &Config,
     processor: &Processor,
     health: &Health,
     shutdown: &CancellationToken,
     hard_stop: &CancellationToken,
 ) {
-    let mut messages = match consumer
+    let mut messages = match bound
+        .consumer
         .stream()
-        .max_messages_per_batch(config.batch_max_messages)
+        .max_messages_per_batch(bound.batch)
         .expires(Duration::from_secs(30))
         .heartbeat(Duration::from_secs(5))
         .messages()
@@ -308,11 +366,11 @@ async fn pull_batches(
                 continue;
             }
         };
-        let mut batch = vec![Incoming::jetstream(first)];
+        let mut batch = vec![Incoming::jetstream(first, &bound.identity)];
         let deadline = tokio::time::Instant::now() + wait;
-        while batch.len() < config.batch_max_messages {
+        while batch.len() < bound.batch {
             match tokio::time::timeout_at(deadline, messages.next()).await {
-                Ok(Some(Ok(m))) => batch.push(Incoming::jetstream(m)),
+                Ok(Some(Ok(m))) => batch.push(Incoming::jetstream(m, &bound.identity)),
                 Ok(Some(Err(e))) => {
                     tracing::warn!(error = %e, "pull consumer");
                     break;
@@ -321,7 +379,7 @@ async fn pull_batches(
             }
         }
         tracing::debug!(messages = batch.len(), "batch");
-        let _ = processor.process(batch, hard_stop).await;
+        let _ = processor.process(batch, bound.ack_wait, hard_stop).await;
     }
     // Hand back what was delivered but not processed, so that another replica
     // gets it now rather than after the ack wait.
