@@ -15,7 +15,10 @@ use async_nats::jetstream::{
 };
 use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
 use rumqttc::{Publish, QoS};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 use windrow_jetstream::{headers, subject};
 
@@ -50,6 +53,8 @@ pub(crate) struct InFlight {
     received: Instant,
     attempt: u32,
     first: Option<PublishAckFuture>,
+    /// This message's share of `max_in_flight`, returned when it is dropped.
+    _permit: OwnedSemaphorePermit,
     _span: Option<tracing::Span>,
 }
 
@@ -63,6 +68,12 @@ pub(crate) struct Forwarder {
     retry_max: Duration,
     nats: async_nats::Client,
     js: jetstream::Context,
+    /// `max_in_flight` permits, one held by each [`InFlight`] from its first
+    /// publish until its JetStream ack. The JetStream context's own limit is
+    /// not enough: it counts only publishes awaiting an ack, and one that timed
+    /// out and waits for its retry holds no slot there, so during a NATS outage
+    /// the bridge would keep reading MQTT past `max_in_flight`.
+    in_flight: Arc<Semaphore>,
     metrics: Metrics,
     sampler: Sampler,
 }
@@ -90,6 +101,7 @@ impl Forwarder {
             retry_max: Duration::from_millis(config.retry_max_ms),
             nats,
             js,
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             metrics,
             sampler: Sampler::new(sample_ratio),
         }
@@ -98,7 +110,8 @@ impl Forwarder {
     /// Forwards one publish; returns what the acker must do for it, if anything.
     ///
     /// Waits (backpressure) while `max_in_flight` JetStream publishes are
-    /// unacknowledged or the NATS client's buffer is full.
+    /// unacknowledged (awaiting their ack or a retry) or the NATS client's
+    /// buffer is full.
     pub async fn handle(&self, publish: Publish, generation: u64) -> Option<ToAcker> {
         let received = Instant::now();
         let ack = Ack {
@@ -171,6 +184,10 @@ impl Forwarder {
                 done
             }
             Delivery::Jetstream => {
+                let permit = Arc::clone(&self.in_flight)
+                    .acquire_owned()
+                    .await
+                    .expect("the in-flight semaphore is never closed");
                 let first = match self.send(&env).await {
                     Ok(f) => Some(f),
                     Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
@@ -190,6 +207,7 @@ impl Forwarder {
                     received,
                     attempt: u32::from(first.is_none()),
                     first,
+                    _permit: permit,
                     _span: span,
                 })))
             }

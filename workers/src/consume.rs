@@ -151,6 +151,11 @@ pub(crate) struct Processor {
     pub nats: async_nats::Client,
     pub metrics: Metrics,
     pub health: Health,
+    /// Acknowledge with a confirmed (double) ack, as the live workers must:
+    /// their promise is that an acknowledged message is in the store. A
+    /// replay acknowledges plainly: a lost ack only means a redelivery that
+    /// the store skips as a duplicate, and the round trips cost throughput.
+    pub double_ack: bool,
 }
 
 impl Processor {
@@ -163,7 +168,7 @@ impl Processor {
     /// `ack_wait` is the consumer's: while a commit is retried, the batch is
     /// kept from redelivery with in-progress acks well within it.
     pub async fn process(
-        &self,
+        self: &Arc<Self>,
         batch: Vec<Incoming>,
         ack_wait: Duration,
         hard_stop: &CancellationToken,
@@ -354,10 +359,11 @@ impl Processor {
         }
         // The dead-letter copies must be on their way before the originals are terminated.
         let _ = self.nats.flush().await;
+        let double_ack = self.double_ack;
         futures::stream::iter(acks)
             .for_each_concurrent(256, |(m, kind)| async move {
                 let res = match kind {
-                    AckKind::Ack => m.double_ack().await,
+                    AckKind::Ack if double_ack => m.double_ack().await,
                     other => m.ack_with(other).await,
                 };
                 if let Err(e) = res {

@@ -183,15 +183,16 @@ pub async fn replay(
         .map_err(|e| Error::Replay(format!("stream {}: {e}", config.stream)))?;
     let last_seq = info.state.last_sequence;
     let policy = deliver_policy(config.start)?;
-    let processor = Processor {
+    let processor = Arc::new(Processor {
         config: Arc::new(worker),
         writer: writer.clone(),
         nats: nats.clone(),
         metrics: Metrics::register(&mut Registry::default()),
         health: Health::new(),
-    };
+        double_ack: false,
+    });
     let mut summary = Summary::default();
-    let identity = stream_identity(&info);
+    let identity = stream_identity(info);
     let mut reader = Reader::open(&stream, &config, &filter, policy, identity).await?;
     tracing::info!(
         stream = %config.stream,
@@ -204,8 +205,17 @@ pub async fn replay(
     let mut last_report = Instant::now();
     let mut remaining = reader.initial_pending;
     let hard_stop = shutdown.clone();
+    // Reading and decoding the next batch overlaps the commit of the one
+    // before: at most one batch is being processed at a time.
+    let mut processing: Option<tokio::task::JoinHandle<Option<Outcome>>> = None;
     loop {
+        // Waiting for messages an earlier run held: give up waiting now and
+        // then to count them again (acks still on their way lower the count).
+        let mut patience = None;
         if remaining == 0 {
+            if !finish(&mut processing, &mut summary).await {
+                break;
+            }
             // A durable consumer may still hold messages delivered to an
             // earlier, killed run: they come back after the ack wait.
             remaining = reader.outstanding().await;
@@ -216,14 +226,26 @@ pub async fn replay(
                 unacknowledged = remaining,
                 "waiting for messages an earlier run received but did not acknowledge (redelivered after the ack wait)"
             );
+            patience = Some(Duration::from_secs(5));
         }
-        let Some(first) = (tokio::select! {
-            () = shutdown.cancelled() => None,
-            m = reader.next() => Some(m?),
-        }) else {
-            summary.interrupted = true;
-            break;
+        let next = async {
+            match patience {
+                None => Some(reader.next().await),
+                Some(p) => tokio::time::timeout(p, reader.next()).await.ok(),
+            }
         };
+        let first = tokio::select! {
+            () = shutdown.cancelled() => {
+                summary.interrupted = true;
+                break;
+            }
+            m = next => m,
+        };
+        let Some(first) = first else {
+            remaining = 0; // count again
+            continue;
+        };
+        let first = first?;
         let mut batch = Vec::with_capacity(config.batch);
         let mut next = Some(first);
         let mut reached_end = false;
@@ -247,13 +269,13 @@ pub async fn replay(
             next = reader.next_in_batch().await?;
         }
         summary.messages += batch.len() as u64;
-        match processor.process(batch, reader.ack_wait, &hard_stop).await {
-            Some(outcome) => summary.add(outcome),
-            None => {
-                summary.interrupted = true;
-                break;
-            }
+        if !finish(&mut processing, &mut summary).await {
+            break;
         }
+        let (p, ack_wait, stop) = (processor.clone(), reader.ack_wait, hard_stop.clone());
+        processing = Some(tokio::spawn(async move {
+            p.process(batch, ack_wait, &stop).await
+        }));
         if reached_end {
             break;
         }
@@ -266,6 +288,7 @@ pub async fn replay(
             });
         }
     }
+    finish(&mut processing, &mut summary).await;
     reader.hand_back_buffered().await;
     summary.elapsed = started.elapsed();
     progress(Progress {
@@ -279,6 +302,27 @@ pub async fn replay(
     drop(writer);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     Ok(summary)
+}
+
+/// Waits for the batch being processed, if any; false if it was interrupted
+/// (then [`Summary::interrupted`] is set).
+async fn finish(
+    processing: &mut Option<tokio::task::JoinHandle<Option<Outcome>>>,
+    summary: &mut Summary,
+) -> bool {
+    let Some(handle) = processing.take() else {
+        return true;
+    };
+    match handle.await {
+        Ok(Some(outcome)) => {
+            summary.add(outcome);
+            true
+        }
+        Ok(None) | Err(_) => {
+            summary.interrupted = true;
+            false
+        }
+    }
 }
 
 /// Negatively acknowledges a durable consumer's message: redelivered at once
@@ -499,14 +543,32 @@ impl Reader {
 
     /// Messages delivered to some client of a durable consumer and not yet
     /// acknowledged.
+    ///
+    /// Acks are plain (no confirmation), so the server may still be counting
+    /// this run's last ones: the count is taken again until it is zero or has
+    /// stayed the same for a second.
     async fn outstanding(&mut self) -> u64 {
-        match &mut self.messages {
-            ReaderStream::Ordered(_) => 0,
-            ReaderStream::Durable { consumer, .. } => consumer
+        let ReaderStream::Durable { consumer, .. } = &mut self.messages else {
+            return 0;
+        };
+        let mut last = None;
+        let mut steady_since = Instant::now();
+        loop {
+            let now = consumer
                 .info()
                 .await
                 .map(|i| i.num_ack_pending as u64)
-                .unwrap_or(0),
+                .unwrap_or(0);
+            if now == 0 {
+                return 0;
+            }
+            if last != Some(now) {
+                last = Some(now);
+                steady_since = Instant::now();
+            } else if steady_since.elapsed() >= Duration::from_secs(1) {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

@@ -83,13 +83,14 @@ pub async fn run_with_clock(
 
     let config = Arc::new(config);
     let hard_stop = CancellationToken::new();
-    let processor = Processor {
+    let processor = Arc::new(Processor {
         config: config.clone(),
         writer: writer.clone(),
         nats: nats.clone(),
         metrics: metrics.clone(),
         health: health.clone(),
-    };
+        double_ack: true,
+    });
     let queries = tokio::spawn(answer_queries(
         nats.clone(),
         writer.clone(),
@@ -150,7 +151,7 @@ pub async fn run_with_clock(
 async fn consume_core(
     nats: &async_nats::Client,
     config: &Config,
-    processor: &Processor,
+    processor: &Arc<Processor>,
     health: &Health,
     shutdown: &CancellationToken,
     hard_stop: &CancellationToken,
@@ -198,7 +199,7 @@ async fn consume_core(
 async fn consume_jetstream(
     nats: &async_nats::Client,
     config: &Config,
-    processor: &Processor,
+    processor: &Arc<Processor>,
     health: &Health,
     metrics: &Metrics,
     shutdown: &CancellationToken,
@@ -329,7 +330,7 @@ async fn bind_consumer(
 async fn pull_batches(
     bound: &Bound,
     config: &Config,
-    processor: &Processor,
+    processor: &Arc<Processor>,
     health: &Health,
     shutdown: &CancellationToken,
     hard_stop: &CancellationToken,

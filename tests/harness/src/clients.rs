@@ -153,6 +153,16 @@ impl Collector {
 /// with the given duplicate window.
 pub async fn create_stream(url: &str, name: &str, subjects: &[&str], duplicate_window: Duration) {
     let client = async_nats::connect(url).await.expect("connect to NATS");
+    create_stream_on(client, name, subjects, duplicate_window).await;
+}
+
+/// [`create_stream`] over an existing connection (e.g. one set up for TLS).
+pub async fn create_stream_on(
+    client: async_nats::Client,
+    name: &str,
+    subjects: &[&str],
+    duplicate_window: Duration,
+) {
     let js = jetstream::new(client);
     let _ = js.delete_stream(name).await;
     js.create_stream(jetstream::stream::Config {
@@ -169,6 +179,11 @@ pub async fn create_stream(url: &str, name: &str, subjects: &[&str], duplicate_w
 /// Reads every message of stream `name` (an ordered ephemeral consumer).
 pub async fn read_stream(url: &str, name: &str) -> Vec<Received> {
     let client = async_nats::connect(url).await.expect("connect to NATS");
+    read_stream_on(client, name).await
+}
+
+/// [`read_stream`] over an existing connection (e.g. one set up for TLS).
+pub async fn read_stream_on(client: async_nats::Client, name: &str) -> Vec<Received> {
     let js = jetstream::new(client);
     let mut stream = js.get_stream(name).await.expect("get stream");
     let info = stream.info().await.expect("stream info");
@@ -200,6 +215,11 @@ pub async fn read_stream(url: &str, name: &str) -> Vec<Received> {
 /// The number of messages stored in stream `name`.
 pub async fn stream_len(url: &str, name: &str) -> u64 {
     let client = async_nats::connect(url).await.expect("connect to NATS");
+    stream_len_on(client, name).await
+}
+
+/// [`stream_len`] over an existing connection (e.g. one set up for TLS).
+pub async fn stream_len_on(client: async_nats::Client, name: &str) -> u64 {
     let js = jetstream::new(client);
     let mut stream = js.get_stream(name).await.expect("get stream");
     stream.info().await.expect("stream info").state.messages

@@ -22,6 +22,7 @@
 //! - `mosquitto.rs`: [`Mosquitto`], [`MosquittoOptions`].
 //! - `process.rs`: child supervision shared by the guards, and [`RoleProcess`].
 //! - `net.rs`: [`free_port`], [`http_get`], [`wait_until`].
+//! - `tls.rs`: [`ServerTls`], the certificate files of a TLS server.
 #![warn(missing_docs)]
 
 pub mod clients;
@@ -29,6 +30,7 @@ mod mosquitto;
 mod nats;
 mod net;
 mod process;
+mod tls;
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -41,6 +43,7 @@ pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use nats::{NatsOptions, NatsServer};
 pub use net::{free_port, http_get, wait_until};
 pub use process::RoleProcess;
+pub use tls::ServerTls;
 
 /// Deadline for a first start to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);

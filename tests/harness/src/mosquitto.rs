@@ -15,7 +15,8 @@ use crate::{
     process::{
         log_len, print_tail_if_panicking, read_log, read_log_from, startup_failure, Supervised,
     },
-    require_binary, Startup, MAX_START_ATTEMPTS, READY_TIMEOUT, RESTART_READY_TIMEOUT, STOP_GRACE,
+    require_binary, ServerTls, Startup, MAX_START_ATTEMPTS, READY_TIMEOUT, RESTART_READY_TIMEOUT,
+    STOP_GRACE,
 };
 
 /// Logged by mosquitto 2.0 once every listener is open ("mosquitto version 2.0.11 running").
@@ -58,6 +59,8 @@ pub struct Mosquitto {
     bin: PathBuf,
     port: u16,
     opts: MosquittoOptions,
+    /// The TLS listener's settings and port (0 until picked).
+    tls: Option<(ServerTls, u16)>,
     config_path: PathBuf,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -82,6 +85,25 @@ impl Mosquitto {
     /// If `mosquitto` is not installed, or it exits for another reason or is
     /// not ready within 10 s (the message holds the broker log).
     pub async fn start_with(opts: MosquittoOptions) -> Mosquitto {
+        Self::start_inner(opts, None).await
+    }
+
+    /// Starts a broker with `opts` and a second, TLS-only listener (requiring a
+    /// client certificate if `tls.verify_clients`) on [`tls_port`](Self::tls_port),
+    /// and waits until both accept connections.
+    ///
+    /// The plain listener on [`port`](Self::port) stays, so that test publishers
+    /// and subscribers need no TLS; give the client under test only `tls_port`.
+    /// Both ports and TLS survive [`restart`](Self::restart).
+    ///
+    /// # Panics
+    /// As [`start_with`](Self::start_with) (a bad certificate or key makes the
+    /// broker exit during start-up; the message holds its log).
+    pub async fn start_with_tls(opts: MosquittoOptions, tls: ServerTls) -> Mosquitto {
+        Self::start_inner(opts, Some(tls)).await
+    }
+
+    async fn start_inner(opts: MosquittoOptions, tls: Option<ServerTls>) -> Mosquitto {
         let bin = require_binary("mosquitto");
         let dir = tempfile::Builder::new()
             .prefix("windrow-mosquitto-")
@@ -95,6 +117,7 @@ impl Mosquitto {
             bin,
             port: 0,
             opts,
+            tls: tls.map(|t| (t, 0)),
             config_path: dir.path().join("mosquitto.conf"),
             data_dir,
             log_path: dir.path().join("mosquitto.log"),
@@ -115,9 +138,14 @@ impl Mosquitto {
         "127.0.0.1"
     }
 
-    /// The broker port.
+    /// The broker port (plain MQTT).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The TLS listener's port, if started with [`start_with_tls`](Self::start_with_tls).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls.as_ref().map(|(_, port)| *port)
     }
 
     /// The persistence directory (holds `mosquitto.db`), kept across restarts.
@@ -211,6 +239,15 @@ impl Mosquitto {
         c.push_str("log_timestamp_format %Y-%m-%dT%H:%M:%S\n");
         c.push_str(&o.extra_config);
         c.push('\n');
+        if let Some((tls, port)) = &self.tls {
+            // Last, so that listener options in `extra_config` keep applying to
+            // the plain listener; cafile..require_certificate apply to this one.
+            let _ = writeln!(c, "listener {port} 127.0.0.1");
+            let _ = writeln!(c, "cafile {}", tls.ca_file.display());
+            let _ = writeln!(c, "certfile {}", tls.cert_file.display());
+            let _ = writeln!(c, "keyfile {}", tls.key_file.display());
+            let _ = writeln!(c, "require_certificate {}", tls.verify_clients);
+        }
         std::fs::write(&self.config_path, c)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", self.config_path.display()));
     }
@@ -221,6 +258,14 @@ impl Mosquitto {
         for attempt in 1..=MAX_START_ATTEMPTS {
             if new_port {
                 self.port = free_port();
+                if let Some((_, tls_port)) = self.tls.as_mut() {
+                    *tls_port = loop {
+                        let p = free_port();
+                        if p != self.port {
+                            break p;
+                        }
+                    };
+                }
             }
             self.write_config();
             let offset = log_len(&self.log_path);
@@ -259,6 +304,16 @@ impl Mosquitto {
         }
     }
 
+    /// The first of the broker's ports (plain, then TLS) that refuses a TCP connection.
+    async fn refusing_port(&self) -> Option<u16> {
+        for port in std::iter::once(self.port).chain(self.tls_port()) {
+            if !accepts(port).await {
+                return Some(port);
+            }
+        }
+        None
+    }
+
     async fn await_ready(&self, child: &mut Supervised, offset: u64, timeout: Duration) -> Startup {
         let deadline = Instant::now() + timeout;
         loop {
@@ -269,8 +324,8 @@ impl Mosquitto {
             // alone could reach another server that took it.
             let why = if !read_log_from(&self.log_path, offset).contains(READY_MARKER) {
                 format!("no {READY_MARKER:?} line in the log")
-            } else if !accepts(self.port).await {
-                format!("port {} refuses connections", self.port)
+            } else if let Some(port) = self.refusing_port().await {
+                format!("port {port} refuses connections")
             } else {
                 return Startup::Ready;
             };

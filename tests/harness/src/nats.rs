@@ -15,11 +15,16 @@ use crate::{
     process::{
         log_len, print_tail_if_panicking, read_log, read_log_from, startup_failure, Supervised,
     },
-    require_binary, Startup, MAX_START_ATTEMPTS, READY_TIMEOUT, RESTART_READY_TIMEOUT, STOP_GRACE,
+    require_binary, ServerTls, Startup, MAX_START_ATTEMPTS, READY_TIMEOUT, RESTART_READY_TIMEOUT,
+    STOP_GRACE,
 };
 
 /// Line nats-server 2.9+ logs once JetStream is up and clients are accepted.
 const READY_MARKER: &str = "Server is ready";
+
+/// Seconds nats-server allows a client for the TLS handshake. Its default (0.5 s)
+/// is too tight for a loaded 2-core test machine.
+const TLS_HANDSHAKE_TIMEOUT_SECS: u32 = 10;
 
 /// Settings for [`NatsServer::start_with`].
 #[derive(Debug, Clone)]
@@ -53,6 +58,7 @@ pub struct NatsServer {
     bin: PathBuf,
     port: u16,
     opts: NatsOptions,
+    tls: Option<ServerTls>,
     config_path: PathBuf,
     ports_dir: PathBuf,
     store_dir: PathBuf,
@@ -78,6 +84,24 @@ impl NatsServer {
     /// If `nats-server` is not installed, or it exits or is not ready within
     /// 10 s (the message holds the server log).
     pub async fn start_with(opts: NatsOptions) -> NatsServer {
+        Self::start_inner(opts, None).await
+    }
+
+    /// Starts a server with `opts` that requires TLS from every client (and a
+    /// client certificate if `tls.verify_clients`), and waits until it is ready.
+    ///
+    /// Clients keep using [`url`](Self::url): nats-server announces
+    /// `tls_required` in its plain-text `INFO` and clients upgrade. TLS stays on
+    /// across [`restart`](Self::restart).
+    ///
+    /// # Panics
+    /// As [`start_with`](Self::start_with) (a bad certificate or key makes the
+    /// server exit during start-up; the message holds its log).
+    pub async fn start_with_tls(opts: NatsOptions, tls: ServerTls) -> NatsServer {
+        Self::start_inner(opts, Some(tls)).await
+    }
+
+    async fn start_inner(opts: NatsOptions, tls: Option<ServerTls>) -> NatsServer {
         let bin = require_binary("nats-server");
         let dir = tempfile::Builder::new()
             .prefix("windrow-nats-")
@@ -93,6 +117,7 @@ impl NatsServer {
             bin,
             port: 0,
             opts,
+            tls,
             config_path: dir.path().join("nats.conf"),
             ports_dir,
             store_dir,
@@ -194,6 +219,17 @@ impl NatsServer {
         if let Some(max_payload) = self.opts.max_payload {
             let _ = writeln!(config, "max_payload: {max_payload}");
         }
+        if let Some(tls) = &self.tls {
+            let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+            let _ = writeln!(
+                config,
+                "tls {{\n  cert_file: {}\n  key_file: {}\n  ca_file: {}\n  verify: {}\n  timeout: {TLS_HANDSHAKE_TIMEOUT_SECS}\n}}",
+                quoted(&tls.cert_file),
+                quoted(&tls.key_file),
+                quoted(&tls.ca_file),
+                tls.verify_clients,
+            );
+        }
         config.push_str(&self.opts.extra_config);
         config.push('\n');
         std::fs::write(&self.config_path, config)
@@ -277,7 +313,8 @@ impl NatsServer {
     }
 }
 
-/// The client port from `nats-server_<pid>.ports`: `{"nats":["nats://127.0.0.1:PORT"],...}`.
+/// The client port from `nats-server_<pid>.ports`: `{"nats":["nats://127.0.0.1:PORT"],...}`
+/// (`tls://` when the server requires TLS).
 fn read_ports_file(dir: &Path, pid: u32) -> Option<u16> {
     let text = std::fs::read_to_string(dir.join(format!("nats-server_{pid}.ports"))).ok()?;
     parse_ports_file(&text)
@@ -285,7 +322,7 @@ fn read_ports_file(dir: &Path, pid: u32) -> Option<u16> {
 
 fn parse_ports_file(text: &str) -> Option<u16> {
     let after_key = &text[text.find("\"nats\"")?..];
-    let url_start = after_key.find("nats://")? + "nats://".len();
+    let url_start = after_key.find("://")? + "://".len();
     let url = &after_key[url_start..];
     let url = &url[..url.find('"')?];
     let port = url.rsplit(':').next()?.parse().ok()?;
@@ -311,6 +348,8 @@ mod tests {
     fn parses_the_ports_file() {
         let text = r#"{"nats":["nats://127.0.0.1:46645"],"monitoring":["http://127.0.0.1:8222"]}"#;
         assert_eq!(parse_ports_file(text), Some(46645));
+        let tls = r#"{"nats":["tls://127.0.0.1:32787"]}"#;
+        assert_eq!(parse_ports_file(tls), Some(32787));
         assert_eq!(parse_ports_file("{"), None);
     }
 
