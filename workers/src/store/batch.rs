@@ -132,34 +132,41 @@ impl Pending {
     }
 
     /// Merges into what the day holds and puts everything.
+    ///
+    /// Most keys are new (at 1 Hz a series opens a 1 s window per message),
+    /// so each is put if absent in one B-tree descent (`get_or_put`), and
+    /// only a key that exists costs a second descent to store the merge.
     fn write(self, day: &DayEnv, txn: &mut RwTxn<'_>, applied: u64) -> Result<(), StoreError> {
         let err = lmdb(&day.name);
         for (key, delta) in self.windows {
-            let merged = match day.windows.get(txn, &key).map_err(&err)? {
-                Some(bytes) => {
-                    let mut a = Aggregate::from_bytes(bytes)
-                        .ok_or_else(|| corrupt(&day.name, "window aggregate"))?;
-                    a.merge(&delta);
-                    a
-                }
-                None => delta,
-            };
-            day.windows
-                .put(txn, &key, &merged.to_bytes())
-                .map_err(&err)?;
+            let existing = day
+                .windows
+                .get_or_put(txn, &key, &delta.to_bytes())
+                .map_err(&err)?
+                .map(|bytes| {
+                    Aggregate::from_bytes(bytes)
+                        .ok_or_else(|| corrupt(&day.name, "window aggregate"))
+                })
+                .transpose()?;
+            if let Some(mut merged) = existing {
+                merged.merge(&delta);
+                day.windows
+                    .put(txn, &key, &merged.to_bytes())
+                    .map_err(&err)?;
+            }
         }
         for (key, sample) in self.latest {
-            let newer = match day.latest.get(txn, &key).map_err(&err)? {
-                Some(bytes) => is_newer(
-                    sample,
-                    parse_latest_value(bytes).ok_or_else(|| corrupt(&day.name, "latest value"))?,
-                ),
-                None => true,
-            };
-            if newer {
-                day.latest
-                    .put(txn, &key, &latest_value(sample.0, sample.1))
-                    .map_err(&err)?;
+            let value = latest_value(sample.0, sample.1);
+            let existing = day
+                .latest
+                .get_or_put(txn, &key, &value)
+                .map_err(&err)?
+                .map(|bytes| {
+                    parse_latest_value(bytes).ok_or_else(|| corrupt(&day.name, "latest value"))
+                })
+                .transpose()?;
+            if existing.is_some_and(|old| is_newer(sample, old)) {
+                day.latest.put(txn, &key, &value).map_err(&err)?;
             }
         }
         let mut buf = Vec::new();
