@@ -529,7 +529,7 @@ impl Scenario {
                 group(s.batch() as i64 * 4)
             ),
             Scenario::ReplayDurable => format!(
-                "release `windrow replay --durable` into an empty store (batch {batch}, double ack after commit)"
+                "release `windrow replay --durable` into an empty store (batch {batch}, plain ack after commit)"
             ),
         }
     }
