@@ -10,7 +10,7 @@ use windrow_ops::{Health, OpsServer};
 
 use crate::{
     config::{Config, Mode},
-    consume::{stream_identity, Incoming, Pipeline, Processor},
+    consume::{stream_identity, Incoming, Processor},
     events::Metrics,
     query::{QueryReply, QueryRequest},
     store::{Clock, SystemClock},
@@ -168,12 +168,6 @@ async fn consume_core(
     };
     health.set("consumer", true);
     let wait = Duration::from_millis(config.batch_max_wait_ms);
-    // Core NATS: nothing to acknowledge, so the ack wait does not matter.
-    let mut pipeline = Pipeline::new(
-        processor.clone(),
-        Duration::from_secs(config.ack_wait_secs),
-        hard_stop.clone(),
-    );
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -187,12 +181,12 @@ async fn consume_core(
                 _ => break,
             }
         }
-        if pipeline.submit(batch).await.is_none() {
-            break;
-        }
+        // Core NATS: nothing to acknowledge, so the ack wait does not matter.
+        let _ = processor
+            .process(batch, Duration::from_secs(config.ack_wait_secs), hard_stop)
+            .await;
     }
     let _ = sub.unsubscribe().await;
-    pipeline.finish().await;
 }
 
 /// JetStream mode: batches from the shared durable pull consumer.
