@@ -11,7 +11,10 @@ use std::{
 };
 
 use async_nats::jetstream::{self, consumer::pull, consumer::Info};
-use common::{expected_windows, fleet_readings, publish_jetstream, query_windows, Windows, Worker};
+use common::{
+    assert_same, expected_windows, fleet_readings, publish_jetstream, query_windows, Windows,
+    Worker,
+};
 use windrow_harness::{
     clients::{create_stream, Collector},
     http_get, wait_until, NatsServer,
@@ -30,26 +33,6 @@ fn now_ns() -> i64 {
 
 fn total(w: &Windows) -> u64 {
     w.values().map(|v| v.0).sum()
-}
-
-/// Asserts two window maps are equal (sums within floating-point tolerance).
-fn assert_same(got: &Windows, want: &Windows) {
-    assert_eq!(got.len(), want.len(), "number of windows");
-    for (k, w) in want {
-        let g = got.get(k).unwrap_or_else(|| panic!("window {k:?} missing"));
-        assert_eq!(g.0, w.0, "count of {k:?}");
-        assert!(
-            (g.1 - w.1).abs() <= 1e-6 * w.1.abs().max(1.0),
-            "sum of {k:?}: {} vs {}",
-            g.1,
-            w.1
-        );
-        assert_eq!(
-            (g.2, g.3, g.4, g.5),
-            (w.2, w.3, w.4, w.5),
-            "min/max/first/last of {k:?}"
-        );
-    }
 }
 
 /// Writes a worker config file with these map limits.
