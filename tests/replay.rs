@@ -5,15 +5,11 @@
 
 mod common;
 
-use std::{
-    path::Path,
-    process::Output,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{path::Path, process::Output, time::Duration};
 
 use common::{
-    assert_same, expected_windows, fleet_readings, parse_windows, publish_jetstream, query_windows,
-    windrow, Bridge, Reading, Windows, Worker,
+    assert_same, expected_windows, fleet_readings, now_ns, parse_windows, publish_jetstream,
+    query_windows, windrow, Bridge, Reading, Windows, Worker,
 };
 use rumqttc::QoS;
 use windrow_harness::{
@@ -22,13 +18,6 @@ use windrow_harness::{
 };
 
 const STREAM: &str = "TELEMETRY";
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
 
 async fn stream(nats: &NatsServer) {
     create_stream(

@@ -7,13 +7,13 @@ mod common;
 
 use std::{
     path::Path,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use async_nats::jetstream::{self, consumer::pull, consumer::Info};
 use common::{
-    assert_same, expected_windows, fleet_readings, publish_jetstream, query_windows, Windows,
-    Worker,
+    assert_same, expected_windows, fleet_readings, now_ns, publish_jetstream, query_windows,
+    Windows, Worker,
 };
 use windrow_harness::{
     clients::{create_stream, Collector},
@@ -23,13 +23,6 @@ use windrow_harness::{
 const NS_PER_SEC: i64 = 1_000_000_000;
 const NS_PER_DAY: i64 = 86_400 * NS_PER_SEC;
 const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
 
 fn total(w: &Windows) -> u64 {
     w.values().map(|v| v.0).sum()

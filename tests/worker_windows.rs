@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::{
     assert_same, expected_windows, fleet_readings, publish_core, publish_jetstream, query_windows,
@@ -12,14 +12,7 @@ use common::{
 };
 use windrow_harness::{clients::create_stream, wait_until, NatsServer};
 
-use common::Windows;
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
+use common::{now_ns, Windows};
 
 /// Asserts two window maps are equal (sums within floating-point tolerance).
 fn total(w: &Windows) -> u64 {
@@ -111,12 +104,6 @@ async fn jetstream_fleet(nats: &NatsServer, dir: &std::path::Path, n: usize) -> 
     workers
 }
 
-// Open bug: in some runs (more often inside the full suite) not every
-// message is applied within 120 s after the restart: the consumer then holds
-// tens of thousands of undelivered messages with every worker's pull request
-// waiting, and delivers ~1,000 msg/s (nats-server 2.9.10, async-nats 0.51).
-// Nothing is lost. Run it with `cargo test --test worker_windows -- --ignored`.
-#[ignore = "open bug: JetStream delivery sometimes collapses after a worker restart"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jetstream_worker_killed_mid_stream_loses_nothing_and_double_counts_at_most_one_batch() {
     let nats = NatsServer::start().await;
@@ -173,10 +160,6 @@ async fn jetstream_worker_killed_mid_stream_loses_nothing_and_double_counts_at_m
     );
 }
 
-// Same open bug as the SIGKILL test above: after the restart, delivery from
-// the shared pull consumer sometimes collapses to ~1,000 msg/s, so the
-// 120 s wait runs out (seen once in a full-suite run).
-#[ignore = "open bug: JetStream delivery sometimes collapses after a worker restart"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jetstream_worker_stopped_with_sigterm_mid_stream_is_exact() {
     let nats = NatsServer::start().await;
@@ -364,4 +347,72 @@ async fn bad_payloads_are_dead_lettered_with_reason_and_terminated() {
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_pending, 0);
     let _ = &mut stream;
+}
+
+/// nats-server 2.9 counts a filtered consumer's pending messages by scanning
+/// the stream under the consumer's lock (README, footnote ²): a worker leaves
+/// off a filter that covers the whole stream, keeps one that narrows it, and
+/// warns about an existing consumer that filters on its whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durable_consumers_carry_a_filter_only_when_it_narrows_the_stream() {
+    use async_nats::jetstream::{self, consumer::pull};
+    let nats = NatsServer::start().await;
+    create_stream(
+        &nats.url(),
+        "TELEMETRY",
+        &["windrow.telemetry.>"],
+        Duration::from_secs(120),
+    )
+    .await;
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("TELEMETRY").await.unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("legacy".into()),
+            filter_subject: "windrow.telemetry.>".into(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let start = |node: &'static str, extra: &'static [&'static str]| {
+        let data = dir.path().join(node);
+        let nats = &nats;
+        async move {
+            let mut args = vec!["--mode", "jetstream"];
+            args.extend_from_slice(extra);
+            Worker::start(nats, node, &data, &args).await
+        }
+    };
+    let _whole = start("whole", &["--durable", "whole"]).await;
+    let _part = start(
+        "part",
+        &[
+            "--durable",
+            "part",
+            "--subject-filter",
+            "windrow.telemetry.site1.>",
+        ],
+    )
+    .await;
+    let legacy = start("legacy", &["--durable", "legacy"]).await;
+    let filter = |name: &'static str| {
+        let stream = stream.clone();
+        async move {
+            let mut c: jetstream::consumer::PullConsumer = stream.get_consumer(name).await.unwrap();
+            c.info().await.unwrap().config.filter_subject.clone()
+        }
+    };
+    assert_eq!(filter("whole").await, "");
+    assert_eq!(filter("part").await, "windrow.telemetry.site1.>");
+    assert_eq!(filter("legacy").await, "windrow.telemetry.>");
+    assert!(
+        legacy
+            .process
+            .log()
+            .contains("the durable consumer filters on its whole stream"),
+        "no warning about the whole-stream filter:\n{}",
+        legacy.process.log()
+    );
 }

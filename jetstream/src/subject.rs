@@ -289,12 +289,102 @@ pub fn is_valid_subject(subject: &str) -> bool {
         })
 }
 
+/// Whether NATS filter `filter` matches every subject that `pattern` (itself
+/// possibly with wildcards, like a stream's subject) can match.
+pub fn filter_covers(filter: &str, pattern: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut p = pattern.split('.');
+    loop {
+        match (f.next(), p.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(pt)) if pt != ">" => {}
+            (Some(ft), Some(pt)) if ft == pt && ft != ">" && ft != "*" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The filter subject to give a consumer of a stream with `stream_subjects`
+/// that should read `filter`: none (empty) when `filter` covers the whole
+/// stream.
+///
+/// Why it matters: nats-server 2.9 counts a filtered consumer's pending
+/// messages by scanning the stream from the consumer's position (or its ack
+/// floor) while holding the consumer's lock, on every consumer-info request
+/// and pull request. With a backlog of 100k messages each scan takes long
+/// enough to starve deliveries and acks — a fleet whose durable consumer
+/// carries the stream's own subject as its filter was seen crawling at ~30
+/// msg/s after a worker restart. An unfiltered consumer's count is O(1).
+pub fn consumer_filter(stream_subjects: &[String], filter: &str) -> String {
+    let covers_all =
+        !stream_subjects.is_empty() && stream_subjects.iter().all(|s| filter_covers(filter, s));
+    if covers_all {
+        String::new()
+    } else {
+        filter.to_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     const P: &str = "windrow.telemetry";
+
+    #[test]
+    fn a_filter_covers_the_subjects_it_matches_whatever_they_hold() {
+        assert!(filter_covers("a.>", "a.>"));
+        assert!(filter_covers("a.>", "a.b.*"));
+        assert!(filter_covers(">", "a"));
+        assert!(filter_covers("a.*", "a.b"));
+        assert!(filter_covers("a.*", "a.*"));
+        assert!(filter_covers("a.b", "a.b"));
+        assert!(
+            !filter_covers("a.*", "a.>"),
+            "* is one token, > may be many"
+        );
+        assert!(!filter_covers("a.b", "a.*"));
+        assert!(!filter_covers("a.b.>", "a.>"));
+        assert!(!filter_covers("a.>", "a"), "> needs at least one token");
+        assert!(!filter_covers("a.b", "a.b.c"));
+    }
+
+    #[test]
+    fn a_consumer_that_reads_the_whole_stream_gets_no_filter() {
+        let subjects = |s: &[&str]| s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            consumer_filter(&subjects(&["windrow.telemetry.>"]), "windrow.telemetry.>"),
+            ""
+        );
+        assert_eq!(
+            consumer_filter(
+                &subjects(&["windrow.telemetry.a.*", "windrow.telemetry.b"]),
+                "windrow.telemetry.>"
+            ),
+            ""
+        );
+        assert_eq!(
+            consumer_filter(
+                &subjects(&["windrow.telemetry.>"]),
+                "windrow.telemetry.site1.>"
+            ),
+            "windrow.telemetry.site1.>"
+        );
+        assert_eq!(
+            consumer_filter(
+                &subjects(&["windrow.telemetry.>", "other.>"]),
+                "windrow.telemetry.>"
+            ),
+            "windrow.telemetry.>"
+        );
+        assert_eq!(
+            consumer_filter(&[], "x.>"),
+            "x.>",
+            "a stream without subjects (a mirror) keeps the filter"
+        );
+    }
 
     #[test]
     fn awkward_topics_map_to_readable_subjects() {

@@ -12,6 +12,15 @@ use std::{path::Path, time::Duration};
 
 use windrow_harness::{free_port, Mosquitto, NatsServer, RoleProcess};
 
+/// Wall-clock time, Unix ns: readings are stamped relative to it so that they
+/// fall within the store's lateness and retention.
+pub fn now_ns() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    i64::try_from(since.as_nanos()).expect("before 2262")
+}
+
 /// The `windrow` binary cargo built for these tests.
 pub fn windrow() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_windrow"))

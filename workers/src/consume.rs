@@ -101,6 +101,44 @@ pub(crate) fn stream_identity(info: &jetstream::stream::Info) -> String {
     )
 }
 
+/// What a worker or a replay takes from a durable consumer as the server has
+/// it, which may differ from what they asked for (declared in `[jetstream]`,
+/// created by another role, or created before a setting changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConsumerLimits {
+    /// The consumer's ack wait: in-progress acks during commit retries are
+    /// paced by it.
+    pub ack_wait: Duration,
+    /// Messages per pull request: the wanted batch, at most the consumer's
+    /// `max_ack_pending`. A larger request is served only up to that limit and
+    /// then waits for acks that come only after the batch is complete.
+    pub batch: usize,
+}
+
+impl ConsumerLimits {
+    /// `batch_key` names the setting behind `wanted_batch` in the warning.
+    pub fn of(info: &jetstream::consumer::Info, wanted_batch: usize, batch_key: &str) -> Self {
+        let ack_wait = if info.config.ack_wait.is_zero() {
+            Duration::from_secs(30) // the server's default
+        } else {
+            info.config.ack_wait
+        };
+        let mut batch = wanted_batch;
+        if let Ok(limit) = usize::try_from(info.config.max_ack_pending) {
+            if limit > 0 && limit < batch {
+                tracing::warn!(
+                    durable = %info.name,
+                    max_ack_pending = limit,
+                    wanted = batch,
+                    "the consumer allows fewer unacknowledged messages than {batch_key}; pulling at most max_ack_pending at a time"
+                );
+                batch = limit;
+            }
+        }
+        ConsumerLimits { ack_wait, batch }
+    }
+}
+
 struct HeaderExtractor<'a>(&'a HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {

@@ -22,11 +22,12 @@ use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use windrow_jetstream::subject::consumer_filter;
 use windrow_ops::Health;
 
 use crate::{
     config::Config,
-    consume::{stream_identity, Incoming, Outcome, Processor},
+    consume::{stream_identity, ConsumerLimits, Incoming, Outcome, Processor},
     events::Metrics,
     query::{gather, merge_windows, QueryRequest},
     store::{SystemClock, WindowRow},
@@ -193,7 +194,8 @@ pub async fn replay(
     });
     let mut summary = Summary::default();
     let identity = stream_identity(info);
-    let mut reader = Reader::open(&stream, &config, &filter, policy, identity).await?;
+    let consumer_filter = consumer_filter(&info.config.subjects, &filter);
+    let mut reader = Reader::open(&stream, &config, &consumer_filter, policy, identity).await?;
     tracing::info!(
         stream = %config.stream,
         %filter,
@@ -418,27 +420,10 @@ impl Reader {
                     );
                 }
                 let initial_pending = info.num_pending + info.num_ack_pending as u64;
-                // A pull request larger than the consumer's max_ack_pending is
-                // served only up to it and then waits for acks that come only
-                // after the request ends: cap the request (an existing consumer
-                // keeps the limit it was created with).
-                let mut size = config.batch;
-                if let Ok(limit) = usize::try_from(info.config.max_ack_pending) {
-                    if limit > 0 && limit < size {
-                        tracing::warn!(
-                            durable = %name,
-                            max_ack_pending = limit,
-                            batch = size,
-                            "the durable consumer allows fewer unacknowledged messages than --batch; pulling that many at a time"
-                        );
-                        size = limit;
-                    }
-                }
-                let ack_wait = if info.config.ack_wait.is_zero() {
-                    Duration::from_secs(30)
-                } else {
-                    info.config.ack_wait
-                };
+                let ConsumerLimits {
+                    ack_wait,
+                    batch: size,
+                } = ConsumerLimits::of(info, config.batch, "--batch");
                 Ok(Reader {
                     messages: ReaderStream::Durable {
                         consumer,

@@ -6,11 +6,12 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::{FutureExt, StreamExt};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
+use windrow_jetstream::subject::consumer_filter;
 use windrow_ops::{Health, OpsServer};
 
 use crate::{
     config::{Config, Mode},
-    consume::{stream_identity, Incoming, Processor},
+    consume::{stream_identity, ConsumerLimits, Incoming, Processor},
     events::Metrics,
     query::{QueryReply, QueryRequest},
     store::{Clock, SystemClock},
@@ -228,17 +229,12 @@ async fn consume_jetstream(
     }
 }
 
-/// The durable consumer as the server has it, which may differ from the
-/// worker's settings (declared in `[jetstream]`, or created by another role).
+/// The durable consumer as the server has it.
 struct Bound {
     consumer: jetstream::consumer::Consumer<pull::Config>,
     /// Key of the applied sequences ([`stream_identity`]).
     identity: String,
-    /// The consumer's ack wait: in-progress acks are paced by it.
-    ack_wait: Duration,
-    /// Messages per batch: `batch_max_messages`, at most the consumer's
-    /// `max_ack_pending` (a larger batch would never fill).
-    batch: usize,
+    limits: ConsumerLimits,
 }
 
 impl Bound {
@@ -248,35 +244,19 @@ impl Bound {
         config: &Config,
     ) -> Bound {
         let info = consumer.cached_info();
-        let ack_wait = if info.config.ack_wait.is_zero() {
-            Duration::from_secs(30) // the server's default
-        } else {
-            info.config.ack_wait
-        };
-        let mut batch = config.batch_max_messages;
-        if let Ok(limit) = usize::try_from(info.config.max_ack_pending) {
-            if limit > 0 && limit < batch {
-                tracing::warn!(
-                    durable = %config.durable,
-                    max_ack_pending = limit,
-                    batch_max_messages = batch,
-                    "the consumer allows fewer unacknowledged messages than worker.batch_max_messages; batches are held to max_ack_pending"
-                );
-                batch = limit;
-            }
-        }
-        if ack_wait != Duration::from_secs(config.ack_wait_secs) {
+        let limits =
+            ConsumerLimits::of(info, config.batch_max_messages, "worker.batch_max_messages");
+        if limits.ack_wait != Duration::from_secs(config.ack_wait_secs) {
             tracing::info!(
                 durable = %config.durable,
-                ack_wait_secs = ack_wait.as_secs_f64(),
+                ack_wait_secs = limits.ack_wait.as_secs_f64(),
                 "the consumer's ack wait differs from worker.ack_wait_secs; using the consumer's"
             );
         }
         Bound {
             consumer,
             identity,
-            ack_wait,
-            batch,
+            limits,
         }
     }
 }
@@ -292,13 +272,15 @@ async fn bind_consumer(
     loop {
         let res = async {
             let mut stream = js.get_stream(&config.stream).await?;
-            let identity = stream_identity(stream.info().await?);
+            let info = stream.info().await?;
+            let identity = stream_identity(info);
+            let subjects = info.config.subjects.clone();
             let c = stream
                 .get_or_create_consumer(
                     &config.durable,
                     pull::Config {
                         durable_name: Some(config.durable.clone()),
-                        filter_subject: config.filter(),
+                        filter_subject: consumer_filter(&subjects, &config.filter()),
                         ack_policy: jetstream::consumer::AckPolicy::Explicit,
                         ack_wait: Duration::from_secs(config.ack_wait_secs),
                         max_deliver: config.max_deliver,
@@ -307,6 +289,14 @@ async fn bind_consumer(
                     },
                 )
                 .await?;
+            let filter = &c.cached_info().config.filter_subject;
+            if !filter.is_empty() && consumer_filter(&subjects, filter).is_empty() {
+                tracing::warn!(
+                    durable = %config.durable,
+                    filter = %filter,
+                    "the durable consumer filters on its whole stream; nats-server 2.9 then counts its pending messages by scanning the stream under the consumer's lock, which starves deliveries when a backlog builds up. Recreate it without a filter (stop the workers, delete the consumer; the workers create it again)"
+                );
+            }
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Bound::new(c, identity, config))
         }
         .await;
@@ -338,7 +328,7 @@ async fn pull_batches(
     let mut messages = match bound
         .consumer
         .stream()
-        .max_messages_per_batch(bound.batch)
+        .max_messages_per_batch(bound.limits.batch)
         .expires(Duration::from_secs(30))
         .heartbeat(Duration::from_secs(5))
         .messages()
@@ -369,7 +359,7 @@ async fn pull_batches(
         };
         let mut batch = vec![Incoming::jetstream(first, &bound.identity)];
         let deadline = tokio::time::Instant::now() + wait;
-        while batch.len() < bound.batch {
+        while batch.len() < bound.limits.batch {
             match tokio::time::timeout_at(deadline, messages.next()).await {
                 Ok(Some(Ok(m))) => batch.push(Incoming::jetstream(m, &bound.identity)),
                 Ok(Some(Err(e))) => {
@@ -380,7 +370,17 @@ async fn pull_batches(
             }
         }
         tracing::debug!(messages = batch.len(), "batch");
-        let _ = processor.process(batch, bound.ack_wait, hard_stop).await;
+        // The count the server stamped on the newest delivery: exact when it
+        // was sent, and free (see `poll_lag`).
+        if let Some(pending) = batch.last().and_then(|m| m.pending) {
+            processor
+                .metrics
+                .consumer_pending
+                .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        }
+        let _ = processor
+            .process(batch, bound.limits.ack_wait, hard_stop)
+            .await;
     }
     // Hand back what was delivered but not processed, so that another replica
     // gets it now rather than after the ack wait.
@@ -394,11 +394,22 @@ async fn pull_batches(
     }
 }
 
+/// Keeps the lag gauges current while no message arrives (deliveries set the
+/// pending count themselves).
+///
+/// Consumer info is cheap for an unfiltered consumer but, on nats-server 2.9,
+/// scans the stream under the consumer's lock for a filtered one (see
+/// [`consumer_filter`]), so a filtered consumer is asked rarely.
 async fn poll_lag(
     mut consumer: jetstream::consumer::Consumer<pull::Config>,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    let every = if consumer.cached_info().config.filter_subject.is_empty() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(60)
+    };
     loop {
         if let Ok(info) = consumer.info().await {
             metrics.consumer_pending.set(info.num_pending as i64);
@@ -407,7 +418,7 @@ async fn poll_lag(
                 .set(info.num_ack_pending as i64);
         }
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
         }
     }
