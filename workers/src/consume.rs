@@ -196,24 +196,99 @@ pub(crate) struct Processor {
     pub double_ack: bool,
 }
 
+/// A decoded batch, ready to commit.
+pub(crate) struct Prepared {
+    batch: Vec<Incoming>,
+    fates: Vec<Fate>,
+    messages: Arc<Vec<Message>>,
+    /// Index in `batch` of each of `messages`.
+    owners: Vec<usize>,
+    /// Trace spans of the messages that carry a `traceparent`.
+    spans: Vec<(usize, tracing::Span)>,
+    apply_spans: Vec<tracing::Span>,
+}
+
+/// Batches processed one at a time, each decoded while the one before is
+/// still committing: decoding on this task and LMDB on the writer thread
+/// overlap, which is most of a worker's CPU.
+///
+/// At most one batch is committing or being acknowledged at a time, so a
+/// worker killed mid-stream leaves at most one batch committed but not
+/// acknowledged (counted twice on redelivery).
+pub(crate) struct Pipeline {
+    processor: Arc<Processor>,
+    ack_wait: Duration,
+    hard_stop: CancellationToken,
+    running: Option<tokio::task::JoinHandle<Option<Outcome>>>,
+}
+
+impl Pipeline {
+    /// `ack_wait` is the consumer's (see [`Processor::complete`]); `hard_stop`
+    /// interrupts a commit that cannot succeed.
+    pub fn new(
+        processor: Arc<Processor>,
+        ack_wait: Duration,
+        hard_stop: CancellationToken,
+    ) -> Self {
+        Self {
+            processor,
+            ack_wait,
+            hard_stop,
+            running: None,
+        }
+    }
+
+    /// Decodes `batch`, waits for the batch before, then starts committing
+    /// this one. Returns the outcome of the batch before (empty if there was
+    /// none), or `None` if that one was interrupted; then `batch` is dropped
+    /// unacknowledged.
+    pub async fn submit(&mut self, batch: Vec<Incoming>) -> Option<Outcome> {
+        let prepared = self.processor.prepare(batch);
+        let Some(before) = self.finish().await else {
+            // Interrupted: hand the decoded batch back for redelivery now.
+            for m in prepared.batch {
+                if let Some(js) = m.ack {
+                    let _ = js.ack_with(AckKind::Nak(None)).await;
+                }
+            }
+            return None;
+        };
+        let (processor, ack_wait, stop) = (
+            self.processor.clone(),
+            self.ack_wait,
+            self.hard_stop.clone(),
+        );
+        self.running = Some(tokio::spawn(async move {
+            processor.complete(prepared, ack_wait, &stop).await
+        }));
+        Some(before)
+    }
+
+    /// Waits for the batch being committed, if any: its outcome (empty if
+    /// there was none), or `None` if it was interrupted.
+    pub async fn finish(&mut self) -> Option<Outcome> {
+        match self.running.take() {
+            None => Some(Outcome::default()),
+            Some(handle) => handle.await.ok().flatten(),
+        }
+    }
+}
+
 impl Processor {
-    /// Decodes, commits, dead-letters and acknowledges one batch.
-    ///
-    /// Returns when the batch is committed and acknowledged, or `None` when
-    /// `hard_stop` fires first (then nothing of it is acknowledged, and
-    /// JetStream redelivers).
-    ///
-    /// `ack_wait` is the consumer's: while a commit is retried, the batch is
-    /// kept from redelivery with in-progress acks well within it.
+    /// Decodes, commits, dead-letters and acknowledges one batch: see
+    /// [`complete`](Self::complete).
     pub async fn process(
         self: &Arc<Self>,
         batch: Vec<Incoming>,
         ack_wait: Duration,
         hard_stop: &CancellationToken,
     ) -> Option<Outcome> {
-        if batch.is_empty() {
-            return Some(Outcome::default());
-        }
+        let prepared = self.prepare(batch);
+        self.complete(prepared, ack_wait, hard_stop).await
+    }
+
+    /// Decodes a batch: the part of processing that needs no store.
+    fn prepare(&self, batch: Vec<Incoming>) -> Prepared {
         self.metrics.consumed(batch.len());
         let prefix = &self.config.nats.subject_prefix;
         let mut fates: Vec<Fate> = Vec::with_capacity(batch.len());
@@ -253,7 +328,41 @@ impl Processor {
             .iter()
             .filter_map(|(i, _)| continue_trace("worker.apply", batch[*i].headers.as_ref()))
             .collect();
-        let messages = Arc::new(messages);
+        Prepared {
+            batch,
+            fates,
+            messages: Arc::new(messages),
+            owners,
+            spans,
+            apply_spans,
+        }
+    }
+
+    /// Commits, dead-letters and acknowledges a decoded batch.
+    ///
+    /// Returns when the batch is committed and acknowledged, or `None` when
+    /// `hard_stop` fires first (then nothing of it is acknowledged, and
+    /// JetStream redelivers).
+    ///
+    /// `ack_wait` is the consumer's: while a commit is retried, the batch is
+    /// kept from redelivery with in-progress acks well within it.
+    async fn complete(
+        self: &Arc<Self>,
+        prepared: Prepared,
+        ack_wait: Duration,
+        hard_stop: &CancellationToken,
+    ) -> Option<Outcome> {
+        let Prepared {
+            batch,
+            mut fates,
+            messages,
+            owners,
+            spans,
+            apply_spans,
+        } = prepared;
+        if batch.is_empty() {
+            return Some(Outcome::default());
+        }
         let started = Instant::now();
         let verdicts = self.commit(&batch, &messages, ack_wait, hard_stop).await?;
         drop(apply_spans);

@@ -11,7 +11,7 @@ use windrow_ops::{Health, OpsServer};
 
 use crate::{
     config::{Config, Mode},
-    consume::{stream_identity, ConsumerLimits, Incoming, Processor},
+    consume::{stream_identity, ConsumerLimits, Incoming, Pipeline, Processor},
     events::Metrics,
     query::{QueryReply, QueryRequest},
     store::{Clock, SystemClock},
@@ -169,6 +169,12 @@ async fn consume_core(
     };
     health.set("consumer", true);
     let wait = Duration::from_millis(config.batch_max_wait_ms);
+    // Core NATS: nothing to acknowledge, so the ack wait does not matter.
+    let mut pipeline = Pipeline::new(
+        processor.clone(),
+        Duration::from_secs(config.ack_wait_secs),
+        hard_stop.clone(),
+    );
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -182,12 +188,12 @@ async fn consume_core(
                 _ => break,
             }
         }
-        // Core NATS: nothing to acknowledge, so the ack wait does not matter.
-        let _ = processor
-            .process(batch, Duration::from_secs(config.ack_wait_secs), hard_stop)
-            .await;
+        if pipeline.submit(batch).await.is_none() {
+            break;
+        }
     }
     let _ = sub.unsubscribe().await;
+    pipeline.finish().await;
 }
 
 /// JetStream mode: batches from the shared durable pull consumer.
@@ -342,13 +348,14 @@ async fn pull_batches(
     };
     health.set("consumer", true);
     let wait = Duration::from_millis(config.batch_max_wait_ms);
+    let mut pipeline = Pipeline::new(processor.clone(), bound.limits.ack_wait, hard_stop.clone());
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
             m = messages.next() => m,
         };
         let first = match first {
-            None => return,
+            None => break,
             Some(Ok(m)) => m,
             Some(Err(e)) => {
                 // Missed heartbeats, a failed pull request, a reconnect: the
@@ -378,10 +385,11 @@ async fn pull_batches(
                 .consumer_pending
                 .set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
-        let _ = processor
-            .process(batch, bound.limits.ack_wait, hard_stop)
-            .await;
+        if pipeline.submit(batch).await.is_none() {
+            break;
+        }
     }
+    pipeline.finish().await;
     // Hand back what was delivered but not processed, so that another replica
     // gets it now rather than after the ack wait.
     let mut handed_back = 0;
