@@ -88,9 +88,17 @@ impl Telemetry {
     }
 }
 
+/// The log filter when `RUST_LOG` is unset: `info`, plus async-nats's
+/// connection attempts. async-nats reports a failed attempt to the client only
+/// by its kind ("IO error" for a refused connection and for an untrusted TLS
+/// certificate alike); the cause is in its connector's debug line, one per
+/// attempt.
+pub const DEFAULT_LOG_FILTER: &str = "info,async_nats::connector=debug";
+
 /// Installs the global tracing subscriber and the W3C trace-context propagator.
 ///
-/// Logs go to stderr in `format`, filtered by `RUST_LOG` (default `info`). When
+/// Logs go to stderr in `format`, filtered by `RUST_LOG` (default
+/// [`DEFAULT_LOG_FILTER`]). When
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set and
 /// `OTEL_SDK_DISABLED` is not `true`, spans at `info` and above are also exported over
 /// OTLP/HTTP protobuf as service `OTEL_SERVICE_NAME` (else `service.name` from
@@ -115,10 +123,13 @@ pub fn init(format: LogFormat, default_service: &str) -> anyhow::Result<Telemetr
         var("OTEL_TRACES_SAMPLER_ARG").as_deref(),
     );
     let service = service_name(var("OTEL_SERVICE_NAME"), default_service);
-    let filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
-        .from_env()
-        .context("RUST_LOG: invalid filter directive")?;
+    let filter = match var("RUST_LOG").filter(|v| !v.trim().is_empty()) {
+        Some(directives) => EnvFilter::builder()
+            .with_default_directive(LevelFilter::INFO.into())
+            .parse(directives)
+            .context("RUST_LOG: invalid filter directive")?,
+        None => EnvFilter::new(DEFAULT_LOG_FILTER),
+    };
     let provider = enabled.then(|| tracer_provider(&service)).transpose()?;
     let otel_layer = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()

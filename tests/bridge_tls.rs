@@ -375,9 +375,13 @@ async fn wrong_ca_for_nats_keeps_bridge_unready_and_logs_nats_errors() {
     );
     // async-nats hands the bridge only the kind of a failed connection attempt
     // ("client error: nats: IO error", the same as for a server that is down);
-    // the certificate error itself is only in async-nats's debug log
-    // (RUST_LOG=async_nats::connector=debug).
+    // the certificate error itself is in async-nats's connector debug line,
+    // which the default log filter keeps.
     let log = bridge.log();
+    assert!(
+        log.contains("invalid peer certificate: UnknownIssuer"),
+        "the certificate error is not in the log:\n{log}"
+    );
     let warnings = log
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("NATS event") && l.contains("client error"))

@@ -217,8 +217,9 @@ pub struct RoleProcess {
 impl RoleProcess {
     /// Starts `bin` with `args` and `envs` added to the inherited environment.
     ///
-    /// `RUST_LOG` defaults to `info` (or the test runner's `ROLE_LOG`, to debug a
-    /// failing test) and `NO_COLOR` to `1` unless `envs` sets them; inherited `WINDROW_*` variables are removed so that a developer's
+    /// `RUST_LOG` is the test runner's `ROLE_LOG` (to debug a failing test), else
+    /// unset so that the role logs as it does by default; `NO_COLOR` is `1`
+    /// unless `envs` sets it; inherited `WINDROW_*` variables are removed so that a developer's
     /// shell cannot change a test's configuration.
     ///
     /// # Panics
@@ -236,8 +237,11 @@ impl RoleProcess {
                 cmd.env_remove(key);
             }
         }
-        let level = std::env::var("ROLE_LOG").unwrap_or_else(|_| "info".into());
-        cmd.env("RUST_LOG", level).env("NO_COLOR", "1");
+        match std::env::var("ROLE_LOG") {
+            Ok(level) => cmd.env("RUST_LOG", level),
+            Err(_) => cmd.env_remove("RUST_LOG"),
+        };
+        cmd.env("NO_COLOR", "1");
         cmd.envs(envs.iter().copied());
         let child = Supervised::spawn(cmd, &log_path);
         tracing::debug!(pid = child.pid(), bin = %bin.display(), ?args, "role started");
