@@ -24,25 +24,28 @@
 //! Without `--bench` (e.g. `cargo test --all-targets`) it does nothing.
 #![allow(missing_docs)]
 
+mod support;
+
 use std::{
     fmt::Write as _,
     io::{self, Read, Write},
     net::TcpStream,
     path::Path,
-    process::Command,
-    sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Condvar, Mutex, MutexGuard,
-    },
+    sync::{Arc, Condvar, Mutex, MutexGuard},
     thread::JoinHandle,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
+use support::{
+    cores, cpu_model, cpu_of, env_usize, group, measuring_client, median, metric, rate_text,
+    sample, split_publisher, stat_path, thread_cpu_secs, unix_ms, version_line, wait_for_quiet,
+    ClientEvents, Cores, Meter, Procs, DISTURBED_CORES,
+};
 use windrow_harness::{
     clients::{create_stream, stream_len},
-    free_port, http_get, require_binary, Mosquitto, MosquittoOptions, NatsServer, RoleProcess,
+    free_port, http_get, Mosquitto, MosquittoOptions, NatsServer, RoleProcess,
 };
 
 /// Distinct topics of the workload.
@@ -69,15 +72,8 @@ const IDLE_END_QOS1: Duration = Duration::from_secs(10);
 const STALL: Duration = Duration::from_secs(10);
 /// How often the controller looks at the counters.
 const POLL: Duration = Duration::from_millis(20);
-/// Before each scenario, wait (up to `QUIET_WAIT`) until the machine's busy
-/// cores over one second fall below this: other processes would skew the rates.
-const QUIET_CORES: f64 = 0.3;
-/// A run during which more than this many cores went to other work is marked †.
-const DISTURBED_CORES: f64 = 0.25;
-/// Longest wait for a quiet machine before going ahead anyway.
+/// Longest wait for a quiet machine before a scenario goes ahead anyway.
 const QUIET_WAIT: Duration = Duration::from_secs(600);
-/// Kernel clock ticks per second in /proc/*/stat (100 on Linux x86-64 and arm64).
-const CLK_TCK: f64 = 100.0;
 
 // ---------------------------------------------------------------------------
 // Settings and workload
@@ -96,19 +92,9 @@ struct Settings {
     publisher: PublisherKind,
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .replace(['_', ','], "")
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}={v:?}: {e}")),
-        Err(_) => default,
-    }
-}
-
 impl Settings {
     fn from_env() -> Settings {
-        let n = env_usize("WINDROW_BENCH_MESSAGES", 1_000_000);
+        let n = env_usize("WINDROW_BENCH_MESSAGES").unwrap_or(1_000_000);
         let publisher = match std::env::var("WINDROW_BENCH_PUBLISHER").as_deref() {
             Ok("rumqttc") => PublisherKind::Rumqttc,
             Ok("raw") | Err(_) => PublisherKind::Raw,
@@ -116,8 +102,8 @@ impl Settings {
         };
         let s = Settings {
             n,
-            n_qos1: env_usize("WINDROW_BENCH_QOS1_MESSAGES", n),
-            runs: env_usize("WINDROW_BENCH_RUNS", 3),
+            n_qos1: env_usize("WINDROW_BENCH_QOS1_MESSAGES").unwrap_or(n),
+            runs: env_usize("WINDROW_BENCH_RUNS").unwrap_or(3),
             publisher,
         };
         assert!(s.n > 0 && s.n_qos1 > 0 && s.runs > 0, "{s:?}");
@@ -433,7 +419,7 @@ fn spawn_publisher(
     std::thread::Builder::new()
         .name("bench-publisher".into())
         .spawn(move || {
-            let cpu0 = cpu_secs("/proc/thread-self/stat").unwrap_or(0.0);
+            let cpu0 = thread_cpu_secs();
             let t0 = Instant::now();
             match (kind, qos) {
                 (PublisherKind::Raw, 0) => raw_qos0(port, &enc)?,
@@ -442,7 +428,7 @@ fn spawn_publisher(
             }
             Ok(PubReport {
                 elapsed: t0.elapsed(),
-                cpu_secs: cpu_secs("/proc/thread-self/stat").unwrap_or(0.0) - cpu0,
+                cpu_secs: thread_cpu_secs() - cpu0,
             })
         })
         .expect("spawn the publisher thread")
@@ -450,49 +436,6 @@ fn spawn_publisher(
 
 // ---------------------------------------------------------------------------
 // Measuring subscribers
-
-/// Message count and first/last arrival, shared by the measuring subscribers.
-struct Meter {
-    base: Instant,
-    count: AtomicU64,
-    first: AtomicU64,
-    last: AtomicU64,
-}
-
-impl Meter {
-    fn new() -> Arc<Meter> {
-        Arc::new(Meter {
-            base: Instant::now(),
-            count: AtomicU64::new(0),
-            first: AtomicU64::new(u64::MAX),
-            last: AtomicU64::new(0),
-        })
-    }
-
-    fn hit(&self) {
-        let t = self.base.elapsed().as_nanos() as u64;
-        if self.first.load(Relaxed) == u64::MAX {
-            self.first.fetch_min(t, Relaxed);
-        }
-        self.last.fetch_max(t, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-    }
-
-    fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
-    fn last_at(&self) -> Option<Instant> {
-        (self.count() > 0).then(|| self.base + Duration::from_nanos(self.last.load(Relaxed)))
-    }
-
-    /// Time from the first to the last message.
-    fn window(&self) -> Duration {
-        let first = self.first.load(Relaxed);
-        let last = self.last.load(Relaxed);
-        Duration::from_nanos(last.saturating_sub(first.min(last)))
-    }
-}
 
 /// A rumqttc subscriber counting publishes into `meter`; returns once subscribed.
 async fn mqtt_subscriber(
@@ -532,7 +475,7 @@ async fn mqtt_subscriber(
         let _client = client;
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::Publish(_))) => meter.hit(),
+                Ok(Event::Incoming(Packet::Publish(_))) => meter.hit(1),
                 Ok(_) => {}
                 Err(e) => {
                     eprintln!("[bench] subscriber {id}: {e}");
@@ -546,33 +489,12 @@ async fn mqtt_subscriber(
 /// A core NATS subscriber on `windrow.telemetry.>` counting bench messages into a meter.
 struct NatsCounter {
     task: tokio::task::JoinHandle<()>,
-    slow_consumer: Arc<AtomicU64>,
-    disconnects: Arc<AtomicU64>,
+    events: Arc<ClientEvents>,
 }
 
 async fn nats_subscriber(url: &str, meter: Arc<Meter>) -> NatsCounter {
-    let slow_consumer = Arc::new(AtomicU64::new(0));
-    let disconnects = Arc::new(AtomicU64::new(0));
-    let (slow, disc) = (slow_consumer.clone(), disconnects.clone());
-    let client = async_nats::ConnectOptions::new()
-        .subscription_capacity(1 << 21)
-        .event_callback(move |event| {
-            let (slow, disc) = (slow.clone(), disc.clone());
-            async move {
-                match event {
-                    async_nats::Event::SlowConsumer(_) => {
-                        slow.fetch_add(1, Relaxed);
-                    }
-                    async_nats::Event::Disconnected => {
-                        disc.fetch_add(1, Relaxed);
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .connect(url)
-        .await
-        .expect("connect the measuring subscriber to NATS");
+    let events = Arc::new(ClientEvents::default());
+    let client = measuring_client(url, events.clone(), 1 << 21).await;
     let mut sub = client
         .subscribe("windrow.telemetry.>")
         .await
@@ -582,16 +504,12 @@ async fn nats_subscriber(url: &str, meter: Arc<Meter>) -> NatsCounter {
         let _client = client;
         while let Some(m) = sub.next().await {
             if m.subject.as_str().starts_with(BENCH_SUBJECTS) {
-                meter.hit();
+                meter.hit(1);
             }
         }
         eprintln!("[bench] the NATS subscription ended");
     });
-    NatsCounter {
-        task,
-        slow_consumer,
-        disconnects,
-    }
+    NatsCounter { task, events }
 }
 
 // ---------------------------------------------------------------------------
@@ -648,14 +566,6 @@ impl std::ops::Sub for BridgeCounts {
 }
 
 impl Bridge {
-    /// Sums the samples of metric `name` (all label sets).
-    fn metric(body: &str, name: &str) -> f64 {
-        body.lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum()
-    }
-
     async fn counts(&self) -> BridgeCounts {
         let body = match http_get(self.http_port, "/metrics").await {
             Ok((200, body)) => body,
@@ -665,10 +575,10 @@ impl Bridge {
             }
         };
         BridgeCounts {
-            received: Self::metric(&body, "windrow_bridge_received_messages_total"),
-            forwarded: Self::metric(&body, "windrow_bridge_forwarded_messages_total"),
-            dropped: Self::metric(&body, "windrow_bridge_dropped_messages_total"),
-            duplicates: Self::metric(&body, "windrow_bridge_jetstream_duplicates_total"),
+            received: metric(&body, "windrow_bridge_received_messages_total"),
+            forwarded: metric(&body, "windrow_bridge_forwarded_messages_total"),
+            dropped: metric(&body, "windrow_bridge_dropped_messages_total"),
+            duplicates: metric(&body, "windrow_bridge_jetstream_duplicates_total"),
         }
     }
 }
@@ -707,60 +617,9 @@ async fn probe_bridge(mqtt_port: u16, nats_url: &str) {
 // ---------------------------------------------------------------------------
 // Measurement
 
-/// CPU seconds (user + system) of a process or thread from its /proc stat file.
-fn cpu_secs(stat_path: &str) -> Option<f64> {
-    let s = std::fs::read_to_string(stat_path).ok()?;
-    let fields: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / CLK_TCK)
-}
-
-#[derive(Clone)]
-struct CpuSample {
-    at: Instant,
-    secs: Vec<f64>,
-    /// Busy CPU seconds of the whole machine.
-    machine: f64,
-}
-
-/// Busy CPU seconds of the whole machine (user, nice, system, irq, softirq, steal) from /proc/stat.
-fn machine_busy_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return 0.0;
-    };
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    let f: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    [0, 1, 2, 5, 6, 7]
-        .iter()
-        .filter_map(|i| f.get(*i))
-        .sum::<f64>()
-        / CLK_TCK
-}
-
-fn sample(procs: &[(&'static str, String)]) -> CpuSample {
-    CpuSample {
-        at: Instant::now(),
-        secs: procs
-            .iter()
-            .map(|(_, p)| cpu_secs(p).unwrap_or(0.0))
-            .collect(),
-        machine: machine_busy_secs(),
-    }
-}
-
-fn procs(
-    mqtt: &Mosquitto,
-    bridge: Option<&Bridge>,
-    nats: Option<&NatsServer>,
-) -> Vec<(&'static str, String)> {
-    let stat = |pid: Option<u32>| pid.map_or_else(String::new, |p| format!("/proc/{p}/stat"));
+/// Processes of a scenario to account (an empty path for one not running: 0 CPU).
+fn procs(mqtt: &Mosquitto, bridge: Option<&Bridge>, nats: Option<&NatsServer>) -> Procs {
+    let stat = |pid: Option<u32>| pid.map_or_else(String::new, stat_path);
     let mut v = vec![
         ("bench", "/proc/self/stat".to_owned()),
         ("mosquitto", stat(mqtt.pid())),
@@ -772,35 +631,6 @@ fn procs(
         v.push(("nats-server", stat(n.pid())));
     }
     v
-}
-
-/// Waits until the machine is (nearly) idle, so that a concurrent build does
-/// not share the two cores with the scenario.
-async fn wait_for_quiet() {
-    let deadline = Instant::now() + QUIET_WAIT;
-    let mut reported = None::<Instant>;
-    let mut quiet_seconds = 0;
-    loop {
-        let (b0, t0) = (machine_busy_secs(), Instant::now());
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let busy = (machine_busy_secs() - b0) / t0.elapsed().as_secs_f64();
-        if busy < QUIET_CORES {
-            quiet_seconds += 1;
-            if quiet_seconds >= 3 {
-                return;
-            }
-            continue;
-        }
-        quiet_seconds = 0;
-        if Instant::now() >= deadline {
-            eprintln!("[bench] still {busy:.2} cores busy after {QUIET_WAIT:?}; going ahead");
-            return;
-        }
-        if reported.is_none_or(|r| r.elapsed() >= Duration::from_secs(15)) {
-            eprintln!("[bench] {busy:.2} cores busy with other work; waiting for a quiet machine");
-            reported = Some(Instant::now());
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -832,9 +662,9 @@ async fn measure(
     expected: u64,
     publish: impl FnOnce() -> JoinHandle<io::Result<PubReport>>,
     idle_end: Duration,
-    procs: &[(&'static str, String)],
+    procs: &Procs,
 ) -> Measured {
-    wait_for_quiet().await;
+    wait_for_quiet(QUIET_WAIT).await;
     let cpu0 = sample(procs);
     let start = Instant::now();
     let mut publisher = Some(publish());
@@ -882,18 +712,13 @@ async fn measure(
             }
         }
     }
-    let wall = cpu_last.at.duration_since(cpu0.at).as_secs_f64().max(1e-9);
-    let mut cpu: Vec<(&'static str, f64)> = procs
-        .iter()
-        .zip(cpu_last.secs.iter().zip(&cpu0.secs))
-        .map(|((name, _), (b, a))| (*name, (b - a) / wall))
-        .collect();
+    let Cores {
+        wall_secs,
+        per: mut cpu,
+        machine,
+    } = cores(procs, &cpu0, &cpu_last);
     if let Some(r) = &report {
-        let publisher = r.cpu_secs / wall;
-        cpu.push(("publisher", publisher));
-        if let Some(bench) = cpu.iter_mut().find(|(n, _)| *n == "bench") {
-            *bench = ("subscriber", (bench.1 - publisher).max(0.0));
-        }
+        split_publisher(&mut cpu, r.cpu_secs / wall_secs, "subscriber");
     }
     Measured {
         received: meter.count(),
@@ -901,7 +726,7 @@ async fn measure(
         end,
         publisher: report,
         cpu,
-        machine: (cpu_last.machine - cpu0.machine) / wall,
+        machine,
     }
 }
 
@@ -999,7 +824,7 @@ impl Outcome {
     }
 
     fn cpu_of(&self, name: &str) -> Option<f64> {
-        self.cpu.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
+        cpu_of(&self.cpu, name)
     }
 
     fn loss_text(&self) -> String {
@@ -1214,8 +1039,7 @@ fn bridge_note(
             group(stored as i64)
         );
     }
-    let slow = counter.slow_consumer.load(Relaxed);
-    let disc = counter.disconnects.load(Relaxed);
+    let (slow, disc) = counter.events.counts();
     if slow + disc > 0 {
         let _ = write!(
             note,
@@ -1230,35 +1054,6 @@ fn bridge_note(
 
 // ---------------------------------------------------------------------------
 // Reporting
-
-/// `1234567` → `1,234,567`.
-fn group(v: i64) -> String {
-    let digits: Vec<char> = v.unsigned_abs().to_string().chars().collect();
-    let groups: Vec<String> = digits
-        .rchunks(3)
-        .rev()
-        .map(|g| g.iter().collect())
-        .collect();
-    let sign = if v < 0 { "-" } else { "" };
-    format!("{sign}{}", groups.join(","))
-}
-
-fn rate_text(r: f64) -> String {
-    group(r.round() as i64)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    }
-}
 
 fn progress(run: usize, runs: usize, o: &Outcome) {
     let cpu: Vec<String> = o.cpu.iter().map(|(n, c)| format!("{n} {c:.2}")).collect();
@@ -1285,37 +1080,6 @@ fn progress(run: usize, runs: usize, o: &Outcome) {
         if o.note.is_empty() { "" } else { "; " },
         o.note
     );
-}
-
-fn first_line_with(bin: &str, arg: &str, needle: &str) -> String {
-    let path = require_binary(bin);
-    match Command::new(&path).arg(arg).output() {
-        Ok(out) => {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            text.lines()
-                .find(|l| l.contains(needle))
-                .unwrap_or("unknown version")
-                .trim()
-                .to_owned()
-        }
-        Err(e) => format!("{bin}: {e}"),
-    }
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -> String {
@@ -1346,8 +1110,8 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
          {}; {}; windrow release build.\n",
         cpu_model(),
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        first_line_with("mosquitto", "-h", "version"),
-        first_line_with("nats-server", "--version", "nats-server"),
+        version_line("mosquitto", "-h", "version"),
+        version_line("nats-server", "--version", "nats-server"),
     );
     let _ = writeln!(
         md,
@@ -1556,19 +1320,7 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("windrow bridge benchmark: run it with `cargo bench --bench bridge`; nothing to do here");
-        return;
-    }
-    // On Ctrl-C or SIGTERM the benchmark future is dropped, and with it the
-    // broker and bridge guards, which kill their processes.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install a SIGTERM handler");
-    tokio::select! {
-        () = run() => {}
-        _ = tokio::signal::ctrl_c() => eprintln!("[bench] interrupted; stopping brokers"),
-        _ = term.recv() => eprintln!("[bench] terminated; stopping brokers"),
-    }
+    support::run_bench("bridge", "brokers", run()).await;
 }
 
 async fn run() {
@@ -1577,9 +1329,7 @@ async fn run() {
         "[bench] {settings:?}: encoding {} QoS 0 and {} QoS 1 messages",
         settings.n, settings.n_qos1
     );
-    let ts0 = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let ts0 = unix_ms() as u64;
     let bench = Bench {
         settings,
         qos0: Arc::new(Encoded::new(settings.n, 0, ts0)),

@@ -36,36 +36,32 @@
 //! Without `--bench` (e.g. `cargo test --all-targets`) it does nothing.
 #![allow(missing_docs)]
 
+mod support;
+
 use std::{
     collections::VecDeque,
     fmt::Write as _,
-    os::unix::fs::MetadataExt,
     path::Path,
-    process::Command,
-    sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
-use async_nats::{
-    jetstream::{self, consumer::pull},
-    Subject,
-};
-use bytes::Bytes;
+use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
+use support::{
+    cores, cpu_model, cpu_of, disk_bytes, env_usize, group, median, proc_status, rate_text, sample,
+    stat_cpu_secs, stat_path, status_mib, version_line, wait_for_quiet, Cores, Fleet, Meter, Procs,
+    DISTURBED_CORES,
+};
 use windrow_harness::{
     clients::{create_stream, stream_len},
-    require_binary, NatsServer, RoleProcess,
+    NatsServer, RoleProcess,
 };
 
 /// Stream replay reads (its default).
 const STREAM: &str = "TELEMETRY";
 /// Subjects of the stream and filter of every consumer.
 const FILTER: &str = "windrow.telemetry.>";
-/// Subject of device `d` is this plus `d<NNNNNN>`.
-const SUBJECT_PREFIX: &str = "windrow.telemetry.fleet.";
 /// `windrow replay --batch` default.
 const REPLAY_DEFAULT_BATCH: usize = 10_000;
 /// Messages the publisher's client buffers before `publish` waits.
@@ -80,15 +76,8 @@ const STALL: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(25);
 /// How often a running scenario reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// Before each scenario, wait (up to `QUIET_WAIT`) until the machine's busy
-/// cores over one second fall below this: other processes would skew the rates.
-const QUIET_CORES: f64 = 0.3;
-/// A run during which more than this many cores went to other work is marked †.
-const DISTURBED_CORES: f64 = 0.25;
-/// Longest wait for a quiet machine before going ahead anyway.
+/// Longest wait for a quiet machine before a scenario goes ahead anyway.
 const QUIET_WAIT: Duration = Duration::from_secs(120);
-/// Kernel clock ticks per second in /proc/*/stat (100 on Linux x86-64 and arm64).
-const CLK_TCK: f64 = 100.0;
 
 // ---------------------------------------------------------------------------
 // Settings and workload
@@ -100,14 +89,6 @@ struct Settings {
     runs: usize,
     /// `--batch` for replay; `None` keeps replay's default.
     batch: Option<usize>,
-}
-
-fn env_usize(name: &str) -> Option<usize> {
-    std::env::var(name).ok().map(|v| {
-        v.replace(['_', ','], "")
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}={v:?}: {e}"))
-    })
 }
 
 impl Settings {
@@ -131,51 +112,9 @@ impl Settings {
     }
 }
 
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Readings of a fleet, round-robin over its devices, made on demand.
-struct Workload {
-    n: usize,
-    series: usize,
-    base_ms: i64,
-    step_ms: i64,
-}
-
-impl Workload {
-    /// A device's readings are 1 s apart (less if that would span over 10
-    /// minutes) and the last ones a minute old when the publish starts: within
-    /// the worker's default lateness (1 h) of their stream timestamps.
-    fn new(n: usize, series: usize) -> Workload {
-        let rounds = n.div_ceil(series) as i64;
-        let step_ms = (600_000 / rounds).clamp(1, 1000);
-        Workload {
-            n,
-            series,
-            base_ms: unix_ms() - rounds * step_ms - 60_000,
-            step_ms,
-        }
-    }
-
-    fn message(&self, i: usize) -> (Subject, Bytes) {
-        let (d, r) = (i % self.series, (i / self.series) as i64);
-        let ts = self.base_ms + r * self.step_ms + d as i64 * self.step_ms / self.series as i64;
-        let temp = ((d * 7 + i / self.series * 13) % 1000) as f64 / 10.0 - 20.0;
-        (
-            Subject::from(format!("{SUBJECT_PREFIX}d{d:06}")),
-            Bytes::from(format!(
-                r#"{{"device":"d{d:06}","ts":{ts},"temp":{temp:.1}}}"#
-            )),
-        )
-    }
-}
-
 /// Publishes the workload into `STREAM`, acknowledged, `JS_PUBLISH_WINDOW` in
 /// flight; returns the time until the last ack.
-async fn publish(url: &str, work: &Workload) -> Duration {
+async fn publish(url: &str, work: &Fleet) -> Duration {
     let client = async_nats::ConnectOptions::new()
         .client_capacity(PUBLISH_CAPACITY)
         .connect(url)
@@ -185,7 +124,7 @@ async fn publish(url: &str, work: &Workload) -> Duration {
     let mut acks = VecDeque::with_capacity(JS_PUBLISH_WINDOW);
     let started = Instant::now();
     let mut next_progress = started + PROGRESS_EVERY;
-    for i in 0..work.n {
+    for i in 0..work.len() {
         let (subject, payload) = work.message(i);
         let ack = js
             .publish(subject, payload)
@@ -201,7 +140,7 @@ async fn publish(url: &str, work: &Workload) -> Duration {
             eprintln!(
                 "[bench]   publish: {} of {}",
                 group(i as i64),
-                group(work.n as i64)
+                group(work.len() as i64)
             );
             next_progress += PROGRESS_EVERY;
         }
@@ -214,37 +153,6 @@ async fn publish(url: &str, work: &Workload) -> Duration {
 
 // ---------------------------------------------------------------------------
 // The raw consumers (in this process)
-
-/// Message count and last arrival.
-struct Meter {
-    base: Instant,
-    count: AtomicU64,
-    last: AtomicU64,
-}
-
-impl Meter {
-    fn new() -> Arc<Meter> {
-        Arc::new(Meter {
-            base: Instant::now(),
-            count: AtomicU64::new(0),
-            last: AtomicU64::new(0),
-        })
-    }
-
-    fn hit(&self) {
-        self.last
-            .fetch_max(self.base.elapsed().as_nanos() as u64, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-    }
-
-    fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
-    fn last(&self) -> Instant {
-        self.base + Duration::from_nanos(self.last.load(Relaxed))
-    }
-}
 
 /// Reads the whole stream through an ordered consumer (`durable` `None`) or a
 /// durable pull consumer acking every message, counting into `meter`.
@@ -276,7 +184,7 @@ async fn raw_consumer(
             .map_err(|e| format!("start the ordered consumer: {e}"))?;
         while let Some(m) = messages.next().await {
             match m {
-                Ok(_) => meter.hit(),
+                Ok(_) => meter.hit(1),
                 Err(e) => eprintln!("[bench] ordered consumer: {e}"),
             }
         }
@@ -307,7 +215,7 @@ async fn raw_consumer(
                 if let Err(e) = m.ack().await {
                     eprintln!("[bench] ack: {e}");
                 }
-                meter.hit();
+                meter.hit(1);
             }
             Err(e) => eprintln!("[bench] durable consumer: {e}"),
         }
@@ -329,38 +237,6 @@ async fn delete_consumer(url: &str, name: &str) {
 
 // ---------------------------------------------------------------------------
 // CPU, memory, disk
-
-/// CPU seconds (user + system) from the text of a /proc stat file.
-fn stat_cpu_secs(s: &str) -> Option<f64> {
-    let fields: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / CLK_TCK)
-}
-
-fn cpu_secs(stat_path: &str) -> Option<f64> {
-    stat_cpu_secs(&std::fs::read_to_string(stat_path).ok()?)
-}
-
-/// Busy CPU seconds of the whole machine (user, nice, system, irq, softirq, steal).
-fn machine_busy_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return 0.0;
-    };
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    let f: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    [0, 1, 2, 5, 6, 7]
-        .iter()
-        .filter_map(|i| f.get(*i))
-        .sum::<f64>()
-        / CLK_TCK
-}
 
 /// CPU seconds of a process's threads, grouped by thread name (tokio's
 /// workers together); `None` once the process is gone.
@@ -390,101 +266,16 @@ fn thread_cpu(pid: u32) -> Option<Vec<(String, f64)>> {
     Some(out)
 }
 
-/// A `/proc/PID/status` value in MiB (`key` like `"VmHWM:"`).
-fn status_mib(pid: u32, key: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
-/// Bytes allocated on disk below `dir`.
-fn disk_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-/// (name, /proc stat path) of every process to account.
-type Procs = Vec<(&'static str, String)>;
-
+/// Processes of a scenario to account.
 fn procs(nats: &NatsServer, replay: Option<u32>) -> Procs {
     let mut v = vec![("bench", "/proc/self/stat".to_owned())];
     if let Some(pid) = nats.pid() {
-        v.push(("nats-server", format!("/proc/{pid}/stat")));
+        v.push(("nats-server", stat_path(pid)));
     }
     if let Some(pid) = replay {
-        v.push(("replay", format!("/proc/{pid}/stat")));
+        v.push(("replay", stat_path(pid)));
     }
     v
-}
-
-#[derive(Clone)]
-struct CpuSample {
-    at: Instant,
-    secs: Vec<Option<f64>>,
-    machine: f64,
-}
-
-fn sample(procs: &Procs) -> CpuSample {
-    CpuSample {
-        at: Instant::now(),
-        secs: procs.iter().map(|(_, p)| cpu_secs(p)).collect(),
-        machine: machine_busy_secs(),
-    }
-}
-
-/// Cores used per process and by the whole machine between two samples.
-fn cores(procs: &Procs, a: &CpuSample, b: &CpuSample) -> (Vec<(&'static str, f64)>, f64) {
-    let wall = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
-    let per = procs
-        .iter()
-        .zip(a.secs.iter().zip(&b.secs))
-        .map(|((name, _), (x, y))| (*name, (y.unwrap_or(0.0) - x.unwrap_or(0.0)) / wall))
-        .collect();
-    (per, (b.machine - a.machine) / wall)
-}
-
-/// Waits until the machine is (nearly) idle, so that a concurrent build does
-/// not share the two cores with the scenario.
-async fn wait_for_quiet() {
-    let deadline = Instant::now() + QUIET_WAIT;
-    let mut reported = None::<Instant>;
-    let mut quiet_seconds = 0;
-    loop {
-        let (b0, t0) = (machine_busy_secs(), Instant::now());
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let busy = (machine_busy_secs() - b0) / t0.elapsed().as_secs_f64();
-        if busy < QUIET_CORES {
-            quiet_seconds += 1;
-            if quiet_seconds >= 3 {
-                return;
-            }
-            continue;
-        }
-        quiet_seconds = 0;
-        if Instant::now() >= deadline {
-            eprintln!("[bench] still {busy:.2} cores busy after {QUIET_WAIT:?}; going ahead");
-            return;
-        }
-        if reported.is_none_or(|r| r.elapsed() >= Duration::from_secs(15)) {
-            eprintln!("[bench] {busy:.2} cores busy with other work; waiting for a quiet machine");
-            reported = Some(Instant::now());
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -614,7 +405,7 @@ struct Outcome {
 
 impl Outcome {
     fn cpu_of(&self, name: &str) -> Option<f64> {
-        self.cpu.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
+        cpu_of(&self.cpu, name)
     }
 
     /// Cores busy outside the tracked processes: other work on the machine.
@@ -649,7 +440,7 @@ impl Bench {
         let durable = (scenario == Scenario::RawDurable).then(|| format!("bench-ceiling-{round}"));
         let n = self.s.n as u64;
         let procs = procs(&self.nats, None);
-        wait_for_quiet().await;
+        wait_for_quiet(QUIET_WAIT).await;
         let meter = Meter::new();
         let cpu0 = sample(&procs);
         let task = tokio::spawn(raw_consumer(
@@ -697,8 +488,12 @@ impl Bench {
             delete_consumer(&url, name).await;
         }
         let count = meter.count();
-        let secs = meter.last().duration_since(meter.base).as_secs_f64();
-        let (cpu, machine) = cores(&procs, &cpu0, &cpu_last);
+        let secs = meter
+            .last_at()
+            .map_or(0.0, |last| last.duration_since(meter.base()).as_secs_f64());
+        let Cores {
+            per: cpu, machine, ..
+        } = cores(&procs, &cpu0, &cpu_last);
         Outcome {
             scenario,
             count,
@@ -742,7 +537,7 @@ impl Bench {
             args.extend(["--batch".into(), b.to_string()]);
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        wait_for_quiet().await;
+        wait_for_quiet(QUIET_WAIT).await;
         let mut cpu0 = sample(&procs(&self.nats, None));
         let started = cpu0.at;
         let mut process = RoleProcess::spawn(Path::new(env!("CARGO_BIN_EXE_windrow")), &refs, &[]);
@@ -766,11 +561,12 @@ impl Bench {
             }
             // Sampled while it runs: the last sample is at most one poll before the exit.
             let now = sample(&procs);
+            let status = proc_status(pid);
             if let (Some(Some(_)), Some(t), Some(h), Some(a)) = (
                 now.secs.last(),
                 thread_cpu(pid),
-                status_mib(pid, "VmHWM:"),
-                status_mib(pid, "RssAnon:"),
+                status.as_deref().and_then(|s| status_mib(s, "VmHWM:")),
+                status.as_deref().and_then(|s| status_mib(s, "RssAnon:")),
             ) {
                 (cpu_last, threads) = (now, t);
                 (hwm, anon) = (hwm.max(h), anon.max(a));
@@ -812,7 +608,9 @@ impl Bench {
         if let Some(name) = &durable {
             delete_consumer(&url, name).await;
         }
-        let (cpu, machine) = cores(&procs, &cpu0, &cpu_last);
+        let Cores {
+            per: cpu, machine, ..
+        } = cores(&procs, &cpu0, &cpu_last);
         let life = cpu_last.at.duration_since(started).as_secs_f64().max(1e-9);
         let stats = ReplayStats {
             exit: process
@@ -843,35 +641,6 @@ impl Bench {
 
 // ---------------------------------------------------------------------------
 // Reporting
-
-/// `1234567` → `1,234,567`.
-fn group(v: i64) -> String {
-    let digits: Vec<char> = v.unsigned_abs().to_string().chars().collect();
-    let groups: Vec<String> = digits
-        .rchunks(3)
-        .rev()
-        .map(|g| g.iter().collect())
-        .collect();
-    let sign = if v < 0 { "-" } else { "" };
-    format!("{sign}{}", groups.join(","))
-}
-
-fn rate_text(r: f64) -> String {
-    group(r.round() as i64)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    }
-}
 
 fn replay_note(r: &ReplayStats) -> String {
     let summary = r.summary.as_ref().map_or("no summary line".into(), |s| {
@@ -926,26 +695,6 @@ fn progress_line(o: &Outcome) {
     }
 }
 
-fn version_of(bin: &str, arg: &str) -> String {
-    Command::new(require_binary(bin))
-        .arg(arg)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|e| format!("unknown ({e})"))
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 /// What was published, reported once.
 struct Setup {
     publish_secs: f64,
@@ -984,7 +733,7 @@ fn report(s: &Settings, setup: &Setup, results: &[Vec<Outcome>]) -> String {
         "Machine: {} cores ({}); {}; windrow release build.\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model(),
-        version_of("nats-server", "--version")
+        version_line("nats-server", "--version", "nats-server")
     );
     let runs_header: String = (1..=s.runs).map(|r| format!(" Run {r} msgs/s |")).collect();
     let runs_rule: String = (1..=s.runs).map(|_| "---:|").collect();
@@ -1180,19 +929,7 @@ fn report(s: &Settings, setup: &Setup, results: &[Vec<Outcome>]) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("windrow replay benchmark: run it with `cargo bench --bench replay`; nothing to do here");
-        return;
-    }
-    // On Ctrl-C or SIGTERM the benchmark future is dropped, and with it the
-    // server and replay guards, which kill their processes.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install a SIGTERM handler");
-    tokio::select! {
-        () = run() => {}
-        _ = tokio::signal::ctrl_c() => eprintln!("[bench] interrupted; stopping servers"),
-        _ = term.recv() => eprintln!("[bench] terminated; stopping servers"),
-    }
+    support::run_bench("replay", "servers", run()).await;
 }
 
 async fn run() {
@@ -1213,7 +950,7 @@ async fn run() {
     .expect("write the replay config file");
 
     eprintln!("[bench] publishing {} messages", group(s.n as i64));
-    let publish_secs = publish(&url, &Workload::new(s.n, s.series))
+    let publish_secs = publish(&url, &Fleet::new(s.n, s.series))
         .await
         .as_secs_f64();
     let stored = stream_len(&url, STREAM).await;

@@ -46,18 +46,15 @@
 //! Without `--bench` (e.g. `cargo test --all-targets`) it does nothing.
 #![allow(missing_docs)]
 
+mod support;
+
 use std::{
     collections::VecDeque,
     fmt::Write as _,
-    os::unix::fs::MetadataExt,
     path::Path,
-    process::Command,
-    sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
-    },
+    sync::Arc,
     thread::JoinHandle,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use async_nats::{
@@ -66,17 +63,21 @@ use async_nats::{
 };
 use bytes::Bytes;
 use futures::StreamExt;
+use support::{
+    cores, cpu_model, cpu_of, disk_bytes, env_usize, group, measuring_client, median, metric,
+    proc_status, rate_text, sample, split_publisher, stat_path, status_mib, thread_cpu_secs,
+    unix_ms, version_line, wait_for_quiet, ClientEvents, Cores, CpuSample, Fleet, Meter, Procs,
+    DISTURBED_CORES,
+};
 use windrow_harness::{
     clients::{create_stream, stream_len},
-    free_port, http_get, require_binary, NatsServer, RoleProcess,
+    free_port, http_get, NatsServer, RoleProcess,
 };
 
 /// Stream the worker reads in jetstream mode (its default).
 const STREAM: &str = "TELEMETRY";
 /// Subjects of the stream and filter of every consumer.
 const FILTER: &str = "windrow.telemetry.>";
-/// Subject of device `d` is this plus `d<NNNNNN>`.
-const SUBJECT_PREFIX: &str = "windrow.telemetry.fleet.";
 /// Probe readings (core mode) that show the worker is subscribed.
 const PROBE_SUBJECT: &str = "windrow.telemetry.probe.p0";
 /// Messages the publisher's client buffers before `publish` waits.
@@ -99,15 +100,8 @@ const STALL: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(25);
 /// How often a running scenario reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// Before each scenario, wait (up to `QUIET_WAIT`) until the machine's busy
-/// cores over one second fall below this: other processes would skew the rates.
-const QUIET_CORES: f64 = 0.3;
-/// A run during which more than this many cores went to other work is marked †.
-const DISTURBED_CORES: f64 = 0.25;
-/// Longest wait for a quiet machine before going ahead anyway.
+/// Longest wait for a quiet machine before a scenario goes ahead anyway.
 const QUIET_WAIT: Duration = Duration::from_secs(300);
-/// Kernel clock ticks per second in /proc/*/stat (100 on Linux x86-64 and arm64).
-const CLK_TCK: f64 = 100.0;
 
 // ---------------------------------------------------------------------------
 // Settings and workload
@@ -124,16 +118,6 @@ struct Settings {
     jetstream: bool,
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .replace(['_', ','], "")
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}={v:?}: {e}")),
-        Err(_) => default,
-    }
-}
-
 impl Settings {
     fn from_env() -> Settings {
         let (core, jetstream) = match std::env::var("WINDROW_BENCH_ONLY").as_deref() {
@@ -143,12 +127,12 @@ impl Settings {
             Ok(other) => panic!("WINDROW_BENCH_ONLY={other:?}: expected core or jetstream"),
         };
         let s = Settings {
-            n: env_usize("WINDROW_BENCH_MESSAGES", 500_000),
-            series: env_usize("WINDROW_BENCH_SERIES", 100_000),
-            runs: env_usize("WINDROW_BENCH_RUNS", 3),
-            batch: env_usize("WINDROW_BENCH_BATCH", 5000),
-            wait_ms: env_usize("WINDROW_BENCH_WAIT_MS", 100) as u64,
-            pace_percent: env_usize("WINDROW_BENCH_PACE_PERCENT", 80),
+            n: env_usize("WINDROW_BENCH_MESSAGES").unwrap_or(500_000),
+            series: env_usize("WINDROW_BENCH_SERIES").unwrap_or(100_000),
+            runs: env_usize("WINDROW_BENCH_RUNS").unwrap_or(3),
+            batch: env_usize("WINDROW_BENCH_BATCH").unwrap_or(5000),
+            wait_ms: env_usize("WINDROW_BENCH_WAIT_MS").unwrap_or(100) as u64,
+            pace_percent: env_usize("WINDROW_BENCH_PACE_PERCENT").unwrap_or(80),
             core,
             jetstream,
         };
@@ -165,40 +149,21 @@ impl Settings {
     }
 }
 
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Readings of a fleet, round-robin over its devices.
+/// A [`Fleet`]'s readings, made before the publisher starts, so that its CPU
+/// and rate are publishing alone.
 struct Workload {
     subjects: Vec<Subject>,
     payloads: Vec<Bytes>,
 }
 
 impl Workload {
-    /// `n` readings of `series` devices; a device's readings are 1 s apart (less
-    /// if that would span over 10 minutes) and the last ones a minute old, well
-    /// inside the worker's default lateness (1 h) and future (5 min) limits.
+    /// `n` readings of `series` devices (see [`Fleet`]).
     fn new(n: usize, series: usize) -> Workload {
-        let rounds = n.div_ceil(series) as i64;
-        let step_ms = (600_000 / rounds).clamp(1, 1000);
-        let base = unix_ms() - rounds * step_ms - 60_000;
-        let subjects = (0..series)
-            .map(|d| Subject::from(format!("{SUBJECT_PREFIX}d{d:06}")))
-            .collect();
-        let payloads = (0..n)
-            .map(|i| {
-                let (d, r) = (i % series, (i / series) as i64);
-                let ts = base + r * step_ms + d as i64 * step_ms / series as i64;
-                let temp = ((d * 7 + i / series * 13) % 1000) as f64 / 10.0 - 20.0;
-                Bytes::from(format!(
-                    r#"{{"device":"d{d:06}","ts":{ts},"temp":{temp:.1}}}"#
-                ))
-            })
-            .collect();
-        Workload { subjects, payloads }
+        let fleet = Fleet::new(n, series);
+        Workload {
+            subjects: (0..series).map(|d| fleet.subject(d)).collect(),
+            payloads: (0..n).map(|i| fleet.payload(i)).collect(),
+        }
     }
 
     fn len(&self) -> usize {
@@ -246,7 +211,7 @@ fn spawn_publisher(url: String, work: Arc<Workload>, how: Publish) -> Publisher 
                 .enable_all()
                 .build()
                 .map_err(|e| format!("publisher runtime: {e}"))?;
-            let cpu0 = cpu_secs("/proc/thread-self/stat").unwrap_or(0.0);
+            let cpu0 = thread_cpu_secs();
             let (first, done) = rt.block_on(async {
                 let client = async_nats::ConnectOptions::new()
                     .client_capacity(PUBLISH_CAPACITY)
@@ -261,7 +226,7 @@ fn spawn_publisher(url: String, work: Arc<Workload>, how: Publish) -> Publisher 
             Ok(PubReport {
                 first,
                 done,
-                cpu_secs: cpu_secs("/proc/thread-self/stat").unwrap_or(0.0) - cpu0,
+                cpu_secs: thread_cpu_secs() - cpu0,
             })
         })
         .expect("spawn the publisher thread")
@@ -318,75 +283,6 @@ async fn publish_jetstream(
 
 // ---------------------------------------------------------------------------
 // Measuring clients in this process
-
-/// Message count and first/last arrival.
-struct Meter {
-    base: Instant,
-    count: AtomicU64,
-    first: AtomicU64,
-    last: AtomicU64,
-}
-
-impl Meter {
-    fn new() -> Arc<Meter> {
-        Arc::new(Meter {
-            base: Instant::now(),
-            count: AtomicU64::new(0),
-            first: AtomicU64::new(u64::MAX),
-            last: AtomicU64::new(0),
-        })
-    }
-
-    fn hit(&self, n: u64) {
-        let t = self.base.elapsed().as_nanos() as u64;
-        if self.first.load(Relaxed) == u64::MAX {
-            self.first.fetch_min(t, Relaxed);
-        }
-        self.last.fetch_max(t, Relaxed);
-        self.count.fetch_add(n, Relaxed);
-    }
-
-    fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
-    fn at(&self, nanos: &AtomicU64) -> Instant {
-        self.base + Duration::from_nanos(nanos.load(Relaxed))
-    }
-}
-
-/// Counts of the NATS client events that mean loss.
-#[derive(Default)]
-struct ClientEvents {
-    slow_consumer: AtomicU64,
-    disconnects: AtomicU64,
-}
-
-async fn measuring_client(
-    url: &str,
-    events: Arc<ClientEvents>,
-    capacity: usize,
-) -> async_nats::Client {
-    async_nats::ConnectOptions::new()
-        .subscription_capacity(capacity)
-        .event_callback(move |event| {
-            let events = events.clone();
-            async move {
-                match event {
-                    async_nats::Event::SlowConsumer(_) => {
-                        events.slow_consumer.fetch_add(1, Relaxed);
-                    }
-                    async_nats::Event::Disconnected => {
-                        events.disconnects.fetch_add(1, Relaxed);
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("connect a measuring client to {url}: {e}"))
-}
 
 /// A core subscriber on `FILTER` counting into `meter`; subscribed on return.
 async fn core_subscriber(
@@ -532,14 +428,6 @@ impl std::ops::Sub for Counters {
     }
 }
 
-/// Sums the samples of metric `name` (all label sets).
-fn metric(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
-}
-
 impl Worker {
     async fn start(nats: &NatsServer, s: &Settings, mode: &str, envs: &[(&str, &str)]) -> Worker {
         let data = tempfile::Builder::new()
@@ -627,21 +515,13 @@ impl Worker {
     }
 
     fn memory(&self) -> Memory {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()))
-            .unwrap_or_default();
-        let kb = |key: &str| -> f64 {
-            status
-                .lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0)
-        };
+        let status = proc_status(self.process.pid()).unwrap_or_default();
+        let mib = |key: &str| status_mib(&status, key).unwrap_or(0.0);
         Memory {
-            rss_mib: kb("VmRSS:") / 1024.0,
-            anon_mib: kb("RssAnon:") / 1024.0,
-            file_mib: kb("RssFile:") / 1024.0,
-            hwm_mib: kb("VmHWM:") / 1024.0,
+            rss_mib: mib("VmRSS:"),
+            anon_mib: mib("RssAnon:"),
+            file_mib: mib("RssFile:"),
+            hwm_mib: mib("VmHWM:"),
             store_mib: disk_bytes(self.data.path()) as f64 / (1024.0 * 1024.0),
         }
     }
@@ -677,21 +557,6 @@ impl std::ops::Add for Counters {
     }
 }
 
-/// Bytes allocated on disk below `dir`.
-fn disk_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 #[derive(Debug, Clone, Copy, Default)]
 struct Memory {
     rss_mib: f64,
@@ -704,98 +569,20 @@ struct Memory {
 // ---------------------------------------------------------------------------
 // CPU and machine load
 
-/// CPU seconds (user + system) of a process or thread from its /proc stat file.
-fn cpu_secs(stat_path: &str) -> Option<f64> {
-    let s = std::fs::read_to_string(stat_path).ok()?;
-    let fields: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / CLK_TCK)
-}
-
-/// Busy CPU seconds of the whole machine (user, nice, system, irq, softirq, steal) from /proc/stat.
-fn machine_busy_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return 0.0;
-    };
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    let f: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    [0, 1, 2, 5, 6, 7]
-        .iter()
-        .filter_map(|i| f.get(*i))
-        .sum::<f64>()
-        / CLK_TCK
-}
-
-/// (name, /proc stat path) of every process (and the writer thread) to account.
-type Procs = Vec<(&'static str, String)>;
-
+/// Processes of a scenario (and the worker's writer thread) to account.
 fn procs(nats: &NatsServer, worker: Option<&Worker>) -> Procs {
     let mut v = vec![("bench", "/proc/self/stat".to_owned())];
     if let Some(pid) = nats.pid() {
-        v.push(("nats-server", format!("/proc/{pid}/stat")));
+        v.push(("nats-server", stat_path(pid)));
     }
     if let Some(w) = worker {
         let pid = w.process.pid();
-        v.push(("worker", format!("/proc/{pid}/stat")));
+        v.push(("worker", stat_path(pid)));
         if let Some(tid) = w.writer_thread() {
             v.push(("lmdb-writer", format!("/proc/{pid}/task/{tid}/stat")));
         }
     }
     v
-}
-
-#[derive(Clone)]
-struct CpuSample {
-    at: Instant,
-    secs: Vec<f64>,
-    machine: f64,
-}
-
-fn sample(procs: &Procs) -> CpuSample {
-    CpuSample {
-        at: Instant::now(),
-        secs: procs
-            .iter()
-            .map(|(_, p)| cpu_secs(p).unwrap_or(0.0))
-            .collect(),
-        machine: machine_busy_secs(),
-    }
-}
-
-/// Waits until the machine is (nearly) idle, so that a concurrent build does
-/// not share the two cores with the scenario.
-async fn wait_for_quiet() {
-    let deadline = Instant::now() + QUIET_WAIT;
-    let mut reported = None::<Instant>;
-    let mut quiet_seconds = 0;
-    loop {
-        let (b0, t0) = (machine_busy_secs(), Instant::now());
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let busy = (machine_busy_secs() - b0) / t0.elapsed().as_secs_f64();
-        if busy < QUIET_CORES {
-            quiet_seconds += 1;
-            if quiet_seconds >= 3 {
-                return;
-            }
-            continue;
-        }
-        quiet_seconds = 0;
-        if Instant::now() >= deadline {
-            eprintln!("[bench] still {busy:.2} cores busy after {QUIET_WAIT:?}; going ahead");
-            return;
-        }
-        if reported.is_none_or(|r| r.elapsed() >= Duration::from_secs(15)) {
-            eprintln!("[bench] {busy:.2} cores busy with other work; waiting for a quiet machine");
-            reported = Some(Instant::now());
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -917,24 +704,20 @@ async fn watch(
     }
     if let Source::Meter(m) = source {
         // The meter's own clock is exact; polls are 25 ms apart.
-        if m.count() > 0 {
-            first = Some((m.at(&m.first), 1));
-            last = Some(m.at(&m.last));
+        if let (Some(f), Some(l)) = (m.first_at(), m.last_at()) {
+            first = Some((f, 1));
+            last = Some(l);
         }
     }
-    let wall = cpu_last.at.duration_since(cpu0.at).as_secs_f64().max(1e-9);
-    let mut cpu: Vec<(&'static str, f64)> = procs
-        .iter()
-        .zip(cpu_last.secs.iter().zip(&cpu0.secs))
-        .map(|((name, _), (b, a))| (*name, (b - a) / wall))
-        .collect();
+    let Cores {
+        wall_secs,
+        per: mut cpu,
+        machine,
+    } = cores(procs, &cpu0, &cpu_last);
     if let Some(r) = &report {
         // The publisher may have finished after the last progress: cap its share.
-        let publisher = (r.cpu_secs / wall).min(cpu_of(&cpu, "bench").unwrap_or(0.0));
-        cpu.push(("publisher", publisher));
-        if let Some(bench) = cpu.iter_mut().find(|(n, _)| *n == "bench") {
-            *bench = ("consumer", (bench.1 - publisher).max(0.0));
-        }
+        let publisher = (r.cpu_secs / wall_secs).min(cpu_of(&cpu, "bench").unwrap_or(0.0));
+        split_publisher(&mut cpu, publisher, "consumer");
     } else if let Some(bench) = cpu.iter_mut().find(|(n, _)| *n == "bench") {
         bench.0 = "consumer";
     }
@@ -945,12 +728,8 @@ async fn watch(
         end,
         publisher: report,
         cpu,
-        machine: (cpu_last.machine - cpu0.machine) / wall,
+        machine,
     }
-}
-
-fn cpu_of(cpu: &[(&'static str, f64)], name: &str) -> Option<f64> {
-    cpu.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
 }
 
 // ---------------------------------------------------------------------------
@@ -1129,7 +908,7 @@ impl Bench {
         let sub =
             core_subscriber(&nats.url(), meter.clone(), events.clone(), self.s.n + 1024).await;
         let procs = procs(&nats, None);
-        wait_for_quiet().await;
+        wait_for_quiet(QUIET_WAIT).await;
         let cpu0 = sample(&procs);
         let publisher = spawn_publisher(nats.url(), work, Publish::Core(None));
         let w = watch(
@@ -1144,10 +923,7 @@ impl Bench {
         .await;
         sub.abort();
         let mut o = Outcome::new(Scenario::CoreCeiling, self.s.n, &w, true);
-        o.client_events = (
-            events.slow_consumer.load(Relaxed),
-            events.disconnects.load(Relaxed),
-        );
+        o.client_events = events.counts();
         o
     }
 
@@ -1167,7 +943,7 @@ impl Bench {
             None => Scenario::WorkerCore,
             Some(_) => Scenario::WorkerCorePaced,
         };
-        wait_for_quiet().await;
+        wait_for_quiet(QUIET_WAIT).await;
         let cpu0 = sample(&procs);
         let publisher = spawn_publisher(nats.url(), work, Publish::Core(rate));
         let w = watch(
@@ -1195,7 +971,7 @@ impl Bench {
         let mut out = Vec::new();
 
         let procs_nats = procs(&nats, None);
-        wait_for_quiet().await;
+        wait_for_quiet(QUIET_WAIT).await;
         let cpu0 = sample(&procs_nats);
         let publisher = spawn_publisher(url.clone(), work, Publish::JetStream);
         let w = watch_publisher(n as u64, publisher, &procs_nats, cpu0).await;
@@ -1216,7 +992,7 @@ impl Bench {
             ),
         ] {
             let (meter, events) = (Meter::new(), Arc::new(ClientEvents::default()));
-            wait_for_quiet().await;
+            wait_for_quiet(QUIET_WAIT).await;
             let cpu0 = sample(&procs_nats);
             let task =
                 pull_consumer(&url, durable, style, &self.s, meter.clone(), events.clone()).await;
@@ -1232,17 +1008,14 @@ impl Bench {
             .await;
             task.abort();
             let mut o = Outcome::new(scenario, n, &w, false);
-            o.client_events = (
-                events.slow_consumer.load(Relaxed),
-                events.disconnects.load(Relaxed),
-            );
+            o.client_events = events.counts();
             progress_line(&o);
             out.push(o);
         }
 
         // The worker consumes as soon as it is ready: the quiet wait comes
         // first, and the rate is taken from the first batch it applied.
-        wait_for_quiet().await;
+        wait_for_quiet(QUIET_WAIT).await;
         let worker = Worker::start(&nats, &self.s, "jetstream", &[]).await;
         let procs = procs(&nats, Some(&worker));
         let w = watch(
@@ -1278,19 +1051,13 @@ async fn watch_publisher(n: u64, publisher: Publisher, procs: &Procs, cpu0: CpuS
     }
     let cpu_last = sample(procs);
     let report = join_publisher(publisher);
-    let wall = cpu_last.at.duration_since(cpu0.at).as_secs_f64().max(1e-9);
-    let mut cpu: Vec<(&'static str, f64)> = procs
-        .iter()
-        .zip(cpu_last.secs.iter().zip(&cpu0.secs))
-        .map(|((name, _), (b, a))| (*name, (b - a) / wall))
-        .collect();
+    let Cores {
+        wall_secs,
+        per: mut cpu,
+        machine,
+    } = cores(procs, &cpu0, &cpu_last);
     if let Some(r) = &report {
-        for c in &mut cpu {
-            if c.0 == "bench" {
-                *c = ("consumer", (c.1 - r.cpu_secs / wall).max(0.0));
-            }
-        }
-        cpu.push(("publisher", r.cpu_secs / wall));
+        split_publisher(&mut cpu, r.cpu_secs / wall_secs, "consumer");
     }
     Watched {
         count: n,
@@ -1303,7 +1070,7 @@ async fn watch_publisher(n: u64, publisher: Publisher, procs: &Procs, cpu0: CpuS
         },
         publisher: report,
         cpu,
-        machine: (cpu_last.machine - cpu0.machine) / wall,
+        machine,
     }
 }
 
@@ -1319,35 +1086,6 @@ async fn worker_stats(worker: &Worker) -> WorkerStats {
 
 // ---------------------------------------------------------------------------
 // Reporting
-
-/// `1234567` → `1,234,567`.
-fn group(v: i64) -> String {
-    let digits: Vec<char> = v.unsigned_abs().to_string().chars().collect();
-    let groups: Vec<String> = digits
-        .rchunks(3)
-        .rev()
-        .map(|g| g.iter().collect())
-        .collect();
-    let sign = if v < 0 { "-" } else { "" };
-    format!("{sign}{}", groups.join(","))
-}
-
-fn rate_text(r: f64) -> String {
-    group(r.round() as i64)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    }
-}
 
 fn worker_note(o: &Outcome) -> String {
     let Some(w) = &o.worker else {
@@ -1419,26 +1157,6 @@ fn progress_line(o: &Outcome) {
     }
 }
 
-fn version_of(bin: &str, arg: &str) -> String {
-    Command::new(require_binary(bin))
-        .arg(arg)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|e| format!("unknown ({e})"))
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 fn report(s: &Settings, results: &[Vec<Outcome>]) -> String {
     let mut md = String::new();
     let of = |sc: Scenario| -> Vec<&Outcome> {
@@ -1467,7 +1185,7 @@ fn report(s: &Settings, results: &[Vec<Outcome>]) -> String {
         "Machine: {} cores ({}); {}; windrow release build.\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model(),
-        version_of("nats-server", "--version")
+        version_line("nats-server", "--version", "nats-server")
     );
     let runs_header: String = (1..=s.runs).map(|r| format!(" Run {r} msgs/s |")).collect();
     let runs_rule: String = (1..=s.runs).map(|_| "---:|").collect();
@@ -1690,19 +1408,7 @@ fn report(s: &Settings, results: &[Vec<Outcome>]) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("windrow worker benchmark: run it with `cargo bench --bench worker`; nothing to do here");
-        return;
-    }
-    // On Ctrl-C or SIGTERM the benchmark future is dropped, and with it the
-    // server and worker guards, which kill their processes.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install a SIGTERM handler");
-    tokio::select! {
-        () = run() => {}
-        _ = tokio::signal::ctrl_c() => eprintln!("[bench] interrupted; stopping servers"),
-        _ = term.recv() => eprintln!("[bench] terminated; stopping servers"),
-    }
+    support::run_bench("worker", "servers", run()).await;
 }
 
 async fn run() {

@@ -15,24 +15,13 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 use rumqttc::QoS;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-    sync::mpsc,
-};
 use windrow_harness::{
     clients::{mqtt_publish, Collector},
-    free_port, Mosquitto, NatsServer, RoleProcess,
+    free_port, Mosquitto, NatsServer, OtlpCollector, OtlpRequest, RoleProcess,
 };
 
 const BRIDGE_SERVICE: &str = "windrow-trace-test-bridge";
 const WORKER_SERVICE: &str = "windrow-trace-test-worker";
-
-/// One POST the collector received: request line and headers, and the body.
-struct Request {
-    head: String,
-    body: Vec<u8>,
-}
 
 /// One exported span, flattened.
 #[derive(Debug, Clone)]
@@ -48,71 +37,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reads one HTTP/1.1 request with a `Content-Length` body and answers 200.
-async fn serve(mut stream: TcpStream, seen: mpsc::UnboundedSender<Request>) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        if stream.read_buf(&mut buf).await? == 0 {
-            return Ok(());
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().to_owned())
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + length {
-        if stream.read_buf(&mut buf).await? == 0 {
-            break;
-        }
-    }
-    let body = buf[head_end..].to_vec();
-    // Recorded before answering: once the exporter has its 200, the request is in the channel.
-    let _ = seen.send(Request { head, body });
-    stream
-        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-        .await?;
-    Ok(())
-}
-
-/// An OTLP/HTTP collector on a runtime of its own (as a real one runs outside
-/// the roles); returns its port and the requests it receives.
-fn start_collector() -> (u16, mpsc::UnboundedReceiver<Request>) {
-    let (port_tx, port_rx) = std::sync::mpsc::channel();
-    let (seen_tx, seen_rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("collector runtime");
-        runtime.block_on(async move {
-            let listener = TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind collector");
-            port_tx
-                .send(listener.local_addr().expect("local addr").port())
-                .expect("send port");
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, seen_tx.clone()));
-            }
-        });
-    });
-    let port = port_rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("collector port");
-    (port, seen_rx)
-}
-
 /// Every span of an OTLP/HTTP protobuf trace export.
-fn spans_of(request: &Request) -> Vec<SpanRecord> {
+fn spans_of(request: &OtlpRequest) -> Vec<SpanRecord> {
     assert!(
         request.head.starts_with("POST /v1/traces "),
         "{}",
@@ -156,10 +82,10 @@ fn spans_of(request: &Request) -> Vec<SpanRecord> {
     out
 }
 
-/// Environment that sends a role's spans to the collector on `port`, and
-/// pins every OTEL_* setting a developer's shell could otherwise change.
-fn otel_env(port: u16, service: &'static str) -> Vec<(&'static str, String)> {
-    let base = format!("http://127.0.0.1:{port}");
+/// Environment that sends a role's spans to `collector`, and pins every
+/// OTEL_* setting a developer's shell could otherwise change.
+fn otel_env(collector: &OtlpCollector, service: &'static str) -> Vec<(&'static str, String)> {
+    let base = collector.url();
     vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", base.clone()),
         (
@@ -200,7 +126,7 @@ fn parse_traceparent(value: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_trace_begun_at_the_bridge_continues_through_fetch_apply_and_commit_in_the_worker() {
-    let (otlp_port, mut seen) = start_collector();
+    let mut collector = OtlpCollector::start();
     let nats = NatsServer::start().await;
     let mqtt = Mosquitto::start().await;
     let data = tempfile::tempdir().unwrap();
@@ -221,7 +147,7 @@ async fn a_trace_begun_at_the_bridge_continues_through_fetch_apply_and_commit_in
             "--series-field",
             "device",
         ]),
-        &otel_env(otlp_port, WORKER_SERVICE),
+        &otel_env(&collector, WORKER_SERVICE),
     );
     worker
         .wait_ready(worker_port, Duration::from_secs(30))
@@ -245,7 +171,7 @@ async fn a_trace_begun_at_the_bridge_continues_through_fetch_apply_and_commit_in
             "--trace-sample-ratio",
             "1",
         ]),
-        &otel_env(otlp_port, BRIDGE_SERVICE),
+        &otel_env(&collector, BRIDGE_SERVICE),
     );
     bridge
         .wait_ready(bridge_port, Duration::from_secs(20))
@@ -305,7 +231,9 @@ async fn a_trace_begun_at_the_bridge_continues_through_fetch_apply_and_commit_in
     assert_eq!(worker_exit.code(), Some(0), "worker: {}", worker.log());
 
     let mut spans = Vec::new();
-    while let Ok(Some(request)) = tokio::time::timeout(Duration::from_secs(1), seen.recv()).await {
+    while let Ok(Some(request)) =
+        tokio::time::timeout(Duration::from_secs(1), collector.recv()).await
+    {
         spans.extend(spans_of(&request));
     }
     let by_id: HashMap<&str, &SpanRecord> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();

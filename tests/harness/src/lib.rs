@@ -23,12 +23,15 @@
 //! - `process.rs`: child supervision shared by the guards, and [`RoleProcess`].
 //! - `net.rs`: [`free_port`], [`http_get`], [`wait_until`].
 //! - `tls.rs`: [`ServerTls`], the certificate files of a TLS server.
+//! - `otlp.rs`: [`OtlpCollector`], a stand-in OTLP/HTTP collector, and the
+//!   [`OtlpRequest`]s it records.
 #![warn(missing_docs)]
 
 pub mod clients;
 mod mosquitto;
 mod nats;
 mod net;
+mod otlp;
 mod process;
 mod tls;
 
@@ -42,6 +45,7 @@ use std::{
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use nats::{NatsOptions, NatsServer};
 pub use net::{free_port, http_get, wait_until};
+pub use otlp::{OtlpCollector, OtlpRequest};
 pub use process::RoleProcess;
 pub use tls::ServerTls;
 
