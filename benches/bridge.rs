@@ -11,7 +11,10 @@
 //! - (c) bridge QoS 1: QoS 1 publisher → Mosquitto → `windrow bridge` (C
 //!   connections, JetStream) → a file stream, observed by a core subscriber;
 //!
-//! then (d) (a) and (b) once more with Mosquitto's default queue limits. Every
+//! and, in the same rounds, (e) (b) with OTLP tracing on (exporting to a
+//! stand-in collector) at the default 1 % sampling and at 100 %, reported as a
+//! ratio to (b); then (d) (a) and (b) once more with Mosquitto's default queue
+//! limits. Every
 //! scenario gets fresh brokers. The rate is the number of messages the measuring
 //! subscriber received divided by the time between its first and its last
 //! message. Progress goes to stderr, a Markdown report to stdout.
@@ -19,7 +22,8 @@
 //! Environment: `WINDROW_BENCH_MESSAGES` (default 1,000,000),
 //! `WINDROW_BENCH_QOS1_MESSAGES` (default: the same), `WINDROW_BENCH_RUNS`
 //! (default 3), `WINDROW_BENCH_PUBLISHER` (`raw`, the default: pre-encoded MQTT
-//! packets written straight to the socket; or `rumqttc`).
+//! packets written straight to the socket; or `rumqttc`), `WINDROW_BENCH_TRACING`
+//! (`0` leaves out (e)).
 //!
 //! Without `--bench` (e.g. `cargo test --all-targets`) it does nothing.
 #![allow(missing_docs)]
@@ -31,7 +35,10 @@ use std::{
     io::{self, Read, Write},
     net::TcpStream,
     path::Path,
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -45,7 +52,7 @@ use support::{
 };
 use windrow_harness::{
     clients::{create_stream, stream_len},
-    free_port, http_get, Mosquitto, MosquittoOptions, NatsServer, RoleProcess,
+    free_port, http_get, Mosquitto, MosquittoOptions, NatsServer, OtlpCollector, RoleProcess,
 };
 
 /// Distinct topics of the workload.
@@ -90,6 +97,7 @@ struct Settings {
     n_qos1: usize,
     runs: usize,
     publisher: PublisherKind,
+    tracing: bool,
 }
 
 impl Settings {
@@ -105,6 +113,7 @@ impl Settings {
             n_qos1: env_usize("WINDROW_BENCH_QOS1_MESSAGES").unwrap_or(n),
             runs: env_usize("WINDROW_BENCH_RUNS").unwrap_or(3),
             publisher,
+            tracing: env_usize("WINDROW_BENCH_TRACING") != Some(0),
         };
         assert!(s.n > 0 && s.n_qos1 > 0 && s.runs > 0, "{s:?}");
         s
@@ -520,7 +529,12 @@ struct Bridge {
     http_port: u16,
 }
 
-async fn start_bridge(nats: &NatsServer, mqtt: &Mosquitto, extra: &[&str]) -> Bridge {
+async fn start_bridge(
+    nats: &NatsServer,
+    mqtt: &Mosquitto,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Bridge {
     let http_port = free_port();
     let mut args: Vec<String> = [
         "bridge",
@@ -540,7 +554,7 @@ async fn start_bridge(nats: &NatsServer, mqtt: &Mosquitto, extra: &[&str]) -> Br
     .collect();
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let process = RoleProcess::spawn(Path::new(env!("CARGO_BIN_EXE_windrow")), &refs, &[]);
+    let process = RoleProcess::spawn(Path::new(env!("CARGO_BIN_EXE_windrow")), &refs, envs);
     process.wait_ready(http_port, Duration::from_secs(20)).await;
     Bridge { process, http_port }
 }
@@ -741,6 +755,21 @@ enum Scenario {
     BridgeQos1,
     CeilingQos0Defaults,
     BridgeQos0Defaults,
+    /// (b) with OTLP export at the default 1 % sampling.
+    BridgeQos0Traced1,
+    /// (b) with OTLP export, every message traced.
+    BridgeQos0Traced100,
+}
+
+impl Scenario {
+    /// The OTLP sampler settings of a traced scenario.
+    fn sampling(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Scenario::BridgeQos0Traced1 => Some(("traceidratio", "0.01")),
+            Scenario::BridgeQos0Traced100 => Some(("always_on", "1")),
+            _ => None,
+        }
+    }
 }
 
 impl Scenario {
@@ -752,6 +781,8 @@ impl Scenario {
             Scenario::BridgeQos1 => "(c) bridge QoS 1 → JetStream",
             Scenario::CeilingQos0Defaults => "(d) ceiling QoS 0, Mosquitto defaults",
             Scenario::BridgeQos0Defaults => "(d) bridge QoS 0, Mosquitto defaults",
+            Scenario::BridgeQos0Traced1 => "(e) bridge QoS 0, tracing 1 %",
+            Scenario::BridgeQos0Traced100 => "(e) bridge QoS 0, tracing 100 %",
         }
     }
 
@@ -764,6 +795,14 @@ impl Scenario {
                 "publisher → Mosquitto → windrow bridge ({QOS0_CONNECTIONS} connections, `#` QoS 0 core) \
                  → nats-server → 1 async-nats subscriber"
             ),
+            Scenario::BridgeQos0Traced1 | Scenario::BridgeQos0Traced100 => {
+                let (sampler, arg) = self.sampling().unwrap_or_default();
+                format!(
+                    "as (b), with `OTEL_EXPORTER_OTLP_ENDPOINT` set (OTLP/HTTP to a stand-in \
+                     collector on loopback), `OTEL_TRACES_SAMPLER={sampler}` \
+                     `OTEL_TRACES_SAMPLER_ARG={arg}`"
+                )
+            }
             Scenario::CeilingQos1 => format!(
                 "QoS 1 publisher → Mosquitto → {QOS1_CONNECTIONS} rumqttc QoS 1 subscribers \
                  (`$share/bench/bench/#`)"
@@ -897,8 +936,29 @@ impl Bench {
         let nats = NatsServer::start().await;
         let mqtt = Mosquitto::start_with(opts).await;
         let connections = QOS0_CONNECTIONS.to_string();
-        let bridge = start_bridge(&nats, &mqtt, &["--connections", &connections]).await;
+        let collector = scenario.sampling().map(|_| OtlpCollector::start());
+        let endpoint = collector.as_ref().map(OtlpCollector::url);
+        let mut envs = Vec::new();
+        if let (Some((sampler, arg)), Some(endpoint)) = (scenario.sampling(), &endpoint) {
+            envs.extend([
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_TRACES_SAMPLER", sampler),
+                ("OTEL_TRACES_SAMPLER_ARG", arg),
+            ]);
+        }
+        let bridge = start_bridge(&nats, &mqtt, &["--connections", &connections], &envs).await;
         probe_bridge(mqtt.port(), &nats.url()).await;
+        // Counts what the bridge exports while the scenario runs.
+        let exported = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let drain = collector.map(|mut collector| {
+            let exported = exported.clone();
+            tokio::spawn(async move {
+                while let Some(r) = collector.recv().await {
+                    exported.0.fetch_add(1, Ordering::Relaxed);
+                    exported.1.fetch_add(r.body.len() as u64, Ordering::Relaxed);
+                }
+            })
+        });
         let before = bridge.counts().await;
         let meter = Meter::new();
         let counter = nats_subscriber(&nats.url(), meter.clone()).await;
@@ -913,7 +973,19 @@ impl Bench {
         .await;
         counter.task.abort();
         let c = bridge.counts().await - before;
-        let note = bridge_note(&bridge, c, &counter, None);
+        let mut note = bridge_note(&bridge, c, &counter, None);
+        if let Some(drain) = drain {
+            // The exporter flushes its last batch at shutdown.
+            bridge.process.sigterm().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drain.abort();
+            let _ = write!(
+                note,
+                "; OTLP export requests {} ({} KiB)",
+                group(exported.0.load(Ordering::Relaxed) as i64),
+                group((exported.1.load(Ordering::Relaxed) / 1024) as i64)
+            );
+        }
         Outcome::new(scenario, self.qos0.len(), m, note)
     }
 
@@ -969,6 +1041,7 @@ impl Bench {
                 "--connections",
                 &connections,
             ],
+            &[],
         )
         .await;
         probe_bridge(mqtt.port(), &url).await;
@@ -1121,6 +1194,8 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
     let order = [
         Scenario::CeilingQos0,
         Scenario::BridgeQos0,
+        Scenario::BridgeQos0Traced1,
+        Scenario::BridgeQos0Traced100,
         Scenario::CeilingQos1,
         Scenario::BridgeQos1,
     ];
@@ -1146,6 +1221,9 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
     let _ = writeln!(md, "---:|---:|---:|");
     for s in order {
         let outcomes = of(s);
+        if outcomes.is_empty() {
+            continue;
+        }
         let _ = write!(md, "| {} | {} |", s.short(), s.path());
         for o in &outcomes {
             let mark = if o.disturbed() { " †" } else { "" };
@@ -1155,6 +1233,11 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
         let ratio = match s {
             Scenario::BridgeQos0 => format!("{:.2}", med(s) / med(Scenario::CeilingQos0)),
             Scenario::BridgeQos1 => format!("{:.2}", med(s) / med(Scenario::CeilingQos1)),
+            Scenario::BridgeQos0Traced1 | Scenario::BridgeQos0Traced100 => format!(
+                "{:.2} ({:.2} of (b))",
+                med(s) / med(Scenario::CeilingQos0),
+                med(s) / med(Scenario::BridgeQos0)
+            ),
             _ => "—".into(),
         };
         let _ = writeln!(
@@ -1230,6 +1313,9 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
             .into_iter()
             .chain(defaults.iter().filter(|o| o.scenario == s))
             .collect();
+        if outcomes.is_empty() {
+            continue;
+        }
         let cell = |name: &str| -> String {
             let v: Vec<f64> = outcomes.iter().filter_map(|o| o.cpu_of(name)).collect();
             if v.is_empty() {
@@ -1349,6 +1435,13 @@ async fn run() {
             .await;
         progress(run, runs, &o);
         this.push(o);
+        if settings.tracing {
+            for scenario in [Scenario::BridgeQos0Traced1, Scenario::BridgeQos0Traced100] {
+                let o = bench.bridge_qos0(scenario, qos0_options()).await;
+                progress(run, runs, &o);
+                this.push(o);
+            }
+        }
         let o = bench.ceiling_qos1().await;
         progress(run, runs, &o);
         this.push(o);

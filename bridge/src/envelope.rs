@@ -4,7 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use async_nats::HeaderMap;
+use async_nats::{header::HeaderName, HeaderMap};
 use bytes::Bytes;
 use rumqttc::{Publish, QoS};
 use windrow_jetstream::{headers, subject, SubjectError};
@@ -76,23 +76,26 @@ pub fn build(
 ) -> Result<Envelope, SubjectError> {
     let topic = publish.topic.as_str();
     let subject = subject::encode_topic(prefix, topic)?;
+    // Names built once: a name given as &str is validated and, unless it is
+    // one of NATS's own, allocated again for every message.
+    const MSG_ID: HeaderName = HeaderName::from_static(headers::MSG_ID);
+    const MQTT_TOPIC: HeaderName = HeaderName::from_static(headers::MQTT_TOPIC);
+    const MQTT_QOS: HeaderName = HeaderName::from_static(headers::MQTT_QOS);
+    const MQTT_RETAIN: HeaderName = HeaderName::from_static(headers::MQTT_RETAIN);
+    const RECEIVED_AT: HeaderName = HeaderName::from_static(headers::RECEIVED_AT);
     let mut h = HeaderMap::new();
-    h.insert(
-        headers::MSG_ID,
-        message_id(mode, topic, &publish.payload).as_str(),
-    );
+    h.insert(MSG_ID, message_id(mode, topic, &publish.payload).as_str());
     if headers::is_header_safe(topic) {
-        h.insert(headers::MQTT_TOPIC, topic);
+        h.insert(MQTT_TOPIC, topic);
     }
-    h.insert(
-        headers::MQTT_QOS,
-        qos_number(publish.qos).to_string().as_str(),
-    );
-    h.insert(
-        headers::MQTT_RETAIN,
-        if publish.retain { "true" } else { "false" },
-    );
-    h.insert(headers::RECEIVED_AT, received_at_ns.to_string().as_str());
+    let qos = match publish.qos {
+        QoS::AtMostOnce => "0",
+        QoS::AtLeastOnce => "1",
+        QoS::ExactlyOnce => "2",
+    };
+    h.insert(MQTT_QOS, qos);
+    h.insert(MQTT_RETAIN, if publish.retain { "true" } else { "false" });
+    h.insert(RECEIVED_AT, itoa::Buffer::new().format(received_at_ns));
     Ok(Envelope {
         subject,
         headers: h,

@@ -274,18 +274,6 @@ impl Pipeline {
 }
 
 impl Processor {
-    /// Decodes, commits, dead-letters and acknowledges one batch: see
-    /// [`complete`](Self::complete).
-    pub async fn process(
-        self: &Arc<Self>,
-        batch: Vec<Incoming>,
-        ack_wait: Duration,
-        hard_stop: &CancellationToken,
-    ) -> Option<Outcome> {
-        let prepared = self.prepare(batch);
-        self.complete(prepared, ack_wait, hard_stop).await
-    }
-
     /// Decodes a batch: the part of processing that needs no store.
     fn prepare(&self, batch: Vec<Incoming>) -> Prepared {
         self.metrics.consumed(batch.len());

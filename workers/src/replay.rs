@@ -27,7 +27,7 @@ use windrow_ops::Health;
 
 use crate::{
     config::Config,
-    consume::{stream_identity, ConsumerLimits, Incoming, Outcome, Processor},
+    consume::{stream_identity, ConsumerLimits, Incoming, Outcome, Pipeline, Processor},
     events::Metrics,
     query::{gather, merge_windows, QueryRequest},
     store::{SystemClock, WindowRow},
@@ -120,6 +120,21 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Counts a processed batch's outcome; false (and `interrupted` set) if
+    /// the batch was interrupted instead.
+    fn settle(&mut self, outcome: Option<Outcome>) -> bool {
+        match outcome {
+            Some(o) => {
+                self.add(o);
+                true
+            }
+            None => {
+                self.interrupted = true;
+                false
+            }
+        }
+    }
+
     fn add(&mut self, o: Outcome) {
         self.applied += o.applied;
         self.duplicates += o.duplicates;
@@ -208,14 +223,14 @@ pub async fn replay(
     let mut remaining = reader.initial_pending;
     let hard_stop = shutdown.clone();
     // Reading and decoding the next batch overlaps the commit of the one
-    // before: at most one batch is being processed at a time.
-    let mut processing: Option<tokio::task::JoinHandle<Option<Outcome>>> = None;
+    // before: at most one batch is being committed at a time.
+    let mut pipeline = Pipeline::new(processor.clone(), reader.ack_wait, hard_stop.clone());
     loop {
         // Waiting for messages an earlier run held: give up waiting now and
         // then to count them again (acks still on their way lower the count).
         let mut patience = None;
         if remaining == 0 {
-            if !finish(&mut processing, &mut summary).await {
+            if !summary.settle(pipeline.finish().await) {
                 break;
             }
             // A durable consumer may still hold messages delivered to an
@@ -271,13 +286,9 @@ pub async fn replay(
             next = reader.next_in_batch().await?;
         }
         summary.messages += batch.len() as u64;
-        if !finish(&mut processing, &mut summary).await {
+        if !summary.settle(pipeline.submit(batch).await) {
             break;
         }
-        let (p, ack_wait, stop) = (processor.clone(), reader.ack_wait, hard_stop.clone());
-        processing = Some(tokio::spawn(async move {
-            p.process(batch, ack_wait, &stop).await
-        }));
         if reached_end {
             break;
         }
@@ -290,7 +301,7 @@ pub async fn replay(
             });
         }
     }
-    finish(&mut processing, &mut summary).await;
+    summary.settle(pipeline.finish().await);
     reader.hand_back_buffered().await;
     summary.elapsed = started.elapsed();
     progress(Progress {
@@ -300,31 +311,11 @@ pub async fn replay(
     });
     drop(reader);
     let _ = tokio::time::timeout(Duration::from_secs(5), nats.flush()).await;
+    drop(pipeline);
     drop(processor);
     drop(writer);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     Ok(summary)
-}
-
-/// Waits for the batch being processed, if any; false if it was interrupted
-/// (then [`Summary::interrupted`] is set).
-async fn finish(
-    processing: &mut Option<tokio::task::JoinHandle<Option<Outcome>>>,
-    summary: &mut Summary,
-) -> bool {
-    let Some(handle) = processing.take() else {
-        return true;
-    };
-    match handle.await {
-        Ok(Some(outcome)) => {
-            summary.add(outcome);
-            true
-        }
-        Ok(None) | Err(_) => {
-            summary.interrupted = true;
-            false
-        }
-    }
 }
 
 /// Negatively acknowledges a durable consumer's message: redelivered at once
