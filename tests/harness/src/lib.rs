@@ -153,7 +153,9 @@ mod tests {
             })
             .await
         );
-        assert!(role.log().contains("log=info x=1"), "{}", role.log());
+        // RUST_LOG is the runner's ROLE_LOG, else unset (the role's default).
+        let want = format!("log={} x=1", std::env::var("ROLE_LOG").unwrap_or_default());
+        assert!(role.log().contains(&want), "{}", role.log());
         role.sigterm().await;
         let status = role.wait_exit(Duration::from_secs(5)).await;
         assert_eq!(status.code(), Some(3));
