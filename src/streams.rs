@@ -46,6 +46,9 @@ pub async fn command(settings: &Settings, args: &StreamsArgs, apply: bool) -> Ex
         println!("nothing declared in [jetstream]: no streams or consumers to manage");
         return ExitCode::SUCCESS;
     }
+    for w in declaration.warnings() {
+        eprintln!("warning: {w}");
+    }
     let js = match jetstream(&nats).await {
         Ok(js) => js,
         Err(e) => {
@@ -95,6 +98,9 @@ pub async fn ensure(settings: &Settings, nats: &NatsConfig) -> Result<(), (bool,
     if declaration.is_empty() {
         tracing::info!("--ensure-streams: nothing declared in [jetstream]");
         return Ok(());
+    }
+    for w in declaration.warnings() {
+        tracing::warn!("--ensure-streams: {w}");
     }
     let js = jetstream(nats).await.map_err(|e| (false, e))?;
     let applied = match streams::apply(&js, &declaration, false).await {

@@ -16,6 +16,8 @@ use async_nats::jetstream::{context::RequestError, Context};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::subject::{consumer_filter, subject_within};
+
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// Longest duration in seconds whose nanoseconds fit the server's int64.
 const MAX_SECS: u64 = i64::MAX as u64 / NANOS_PER_SEC;
@@ -279,6 +281,30 @@ impl Declaration {
         }
     }
 
+    /// Advice that does not stop `plan` or `apply`, one line per case, naming
+    /// the key: a consumer whose filter covers its whole (declared) stream.
+    /// nats-server 2.9 counts a filtered consumer's pending messages by
+    /// scanning the stream under the consumer's lock, which starves deliveries
+    /// once a backlog builds up; without the filter the count is O(1).
+    pub fn warnings(&self) -> Vec<String> {
+        self.consumers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let stream = self.streams.iter().find(|s| s.name == c.stream)?;
+                let filter = c.filter_subject.as_ref()?;
+                consumer_filter(&stream.subjects, filter).is_empty().then(|| {
+                    format!(
+                        "jetstream.consumers[{i}].filter_subject: {filter:?} covers all of stream {:?}: \
+                         leave it out (nats-server 2.9 scans the stream to count a filtered \
+                         consumer's pending messages, which starves deliveries under a backlog)",
+                        stream.name
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// True when nothing is declared.
     pub fn is_empty(&self) -> bool {
         self.streams.is_empty() && self.consumers.is_empty()
@@ -478,20 +504,6 @@ fn check_subject(s: &str) -> Result<(), &'static str> {
         }
     }
     Ok(())
-}
-
-/// True when every subject matching `filter` also matches `pattern`.
-fn subject_within(filter: &str, pattern: &str) -> bool {
-    let (mut f, mut p) = (filter.split('.'), pattern.split('.'));
-    loop {
-        match (f.next(), p.next()) {
-            (None, None) => return true,
-            (Some(_), Some(">")) => return true,
-            (Some(ft), Some("*")) if ft != ">" => {}
-            (Some(ft), Some(pt)) if ft == pt => {}
-            _ => return false,
-        }
-    }
 }
 
 /// A declared field: its key in the file, its key on the server, whether it
@@ -1226,16 +1238,25 @@ mod tests {
     }
 
     #[test]
-    fn subject_within_follows_wildcards() {
-        assert!(subject_within("a.b", "a.>"));
-        assert!(subject_within("a.*.c", "a.>"));
-        assert!(subject_within("a.b.>", "a.*.>"));
-        assert!(subject_within("a.b", "a.*"));
-        assert!(subject_within("a.>", "a.>"));
-        assert!(!subject_within("a.>", "a.*"));
-        assert!(!subject_within("a", "a.>"));
-        assert!(!subject_within("a.b.c", "a.*"));
-        assert!(!subject_within("b.c", "a.>"));
+    fn a_consumer_filter_covering_its_whole_stream_is_warned_about() {
+        let filtered = |filter: &str| ConsumerDeclaration {
+            filter_subject: Some(filter.into()),
+            ..consumer("S", "w")
+        };
+        let d = |c: ConsumerDeclaration| Declaration {
+            streams: vec![stream("S", &["a.>", "b.*"])],
+            consumers: vec![c],
+        };
+        let w = d(filtered(">")).warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "jetstream.consumers[0].filter_subject: \">\" covers all of stream \"S\""
+            ),
+            "{w:?}"
+        );
+        assert!(d(filtered("a.>")).warnings().is_empty());
+        assert!(d(consumer("S", "w")).warnings().is_empty());
     }
 
     #[test]

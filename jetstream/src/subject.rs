@@ -289,17 +289,16 @@ pub fn is_valid_subject(subject: &str) -> bool {
         })
 }
 
-/// Whether NATS filter `filter` matches every subject that `pattern` (itself
-/// possibly with wildcards, like a stream's subject) can match.
-pub fn filter_covers(filter: &str, pattern: &str) -> bool {
-    let mut f = filter.split('.');
-    let mut p = pattern.split('.');
+/// True when every subject matching `filter` also matches `pattern` (both NATS
+/// subjects, possibly with wildcards).
+pub fn subject_within(filter: &str, pattern: &str) -> bool {
+    let (mut f, mut p) = (filter.split('.'), pattern.split('.'));
     loop {
         match (f.next(), p.next()) {
-            (Some(">"), Some(_)) => return true,
-            (Some("*"), Some(pt)) if pt != ">" => {}
-            (Some(ft), Some(pt)) if ft == pt && ft != ">" && ft != "*" => {}
             (None, None) => return true,
+            (Some(_), Some(">")) => return true,
+            (Some(ft), Some("*")) if ft != ">" => {}
+            (Some(ft), Some(pt)) if ft == pt => {}
             _ => return false,
         }
     }
@@ -318,7 +317,7 @@ pub fn filter_covers(filter: &str, pattern: &str) -> bool {
 /// msg/s after a worker restart. An unfiltered consumer's count is O(1).
 pub fn consumer_filter(stream_subjects: &[String], filter: &str) -> String {
     let covers_all =
-        !stream_subjects.is_empty() && stream_subjects.iter().all(|s| filter_covers(filter, s));
+        !stream_subjects.is_empty() && stream_subjects.iter().all(|s| subject_within(s, filter));
     if covers_all {
         String::new()
     } else {
@@ -334,21 +333,21 @@ mod tests {
     const P: &str = "windrow.telemetry";
 
     #[test]
-    fn a_filter_covers_the_subjects_it_matches_whatever_they_hold() {
-        assert!(filter_covers("a.>", "a.>"));
-        assert!(filter_covers("a.>", "a.b.*"));
-        assert!(filter_covers(">", "a"));
-        assert!(filter_covers("a.*", "a.b"));
-        assert!(filter_covers("a.*", "a.*"));
-        assert!(filter_covers("a.b", "a.b"));
+    fn subject_within_follows_wildcards() {
+        assert!(subject_within("a.b", "a.>"));
+        assert!(subject_within("a.*.c", "a.>"));
+        assert!(subject_within("a.b.>", "a.*.>"));
+        assert!(subject_within("a.b", "a.*"));
+        assert!(subject_within("a.>", "a.>"));
+        assert!(subject_within("a.*", "a.*"));
         assert!(
-            !filter_covers("a.*", "a.>"),
-            "* is one token, > may be many"
+            !subject_within("a.>", "a.*"),
+            "> may be many tokens, * is one"
         );
-        assert!(!filter_covers("a.b", "a.*"));
-        assert!(!filter_covers("a.b.>", "a.>"));
-        assert!(!filter_covers("a.>", "a"), "> needs at least one token");
-        assert!(!filter_covers("a.b", "a.b.c"));
+        assert!(!subject_within("a", "a.>"), "> needs at least one token");
+        assert!(!subject_within("a.b.c", "a.*"));
+        assert!(!subject_within("b.c", "a.>"));
+        assert!(!subject_within("a.*", "a.b"));
     }
 
     #[test]
