@@ -12,13 +12,10 @@ use std::{
 
 use async_nats::jetstream::{self, consumer::pull, consumer::Info};
 use common::{
-    assert_same, expected_windows, fleet_readings, now_ns, publish_jetstream, query_windows,
-    Windows, Worker,
+    assert_same, expected_windows, fleet_readings, nats_with_telemetry_stream, now_ns,
+    publish_jetstream, query_windows, Windows, Worker,
 };
-use windrow_harness::{
-    clients::{create_stream, Collector},
-    http_get, wait_until, NatsServer,
-};
+use windrow_harness::{clients::Collector, http_get, wait_until};
 
 const NS_PER_SEC: i64 = 1_000_000_000;
 const NS_PER_DAY: i64 = 86_400 * NS_PER_SEC;
@@ -67,14 +64,7 @@ fn acknowledged(info: &Info) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_lmdb_map_stops_acknowledgements_and_a_larger_map_applies_everything_once() {
-    let nats = NatsServer::start().await;
-    create_stream(
-        &nats.url(),
-        "TELEMETRY",
-        &["windrow.telemetry.>"],
-        Duration::from_secs(120),
-    )
-    .await;
+    let nats = nats_with_telemetry_stream().await;
     let mut dead = Collector::subscribe(&nats.url(), "windrow.deadletter.>").await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("node");

@@ -10,9 +10,9 @@ use common::{
     assert_same, expected_windows, fleet_readings, publish_core, publish_jetstream, query_windows,
     Worker,
 };
-use windrow_harness::{clients::create_stream, wait_until, NatsServer};
+use windrow_harness::{wait_until, NatsServer};
 
-use common::{now_ns, Windows};
+use common::{nats_with_telemetry_stream, now_ns, Windows};
 
 /// Asserts two window maps are equal (sums within floating-point tolerance).
 fn total(w: &Windows) -> u64 {
@@ -106,14 +106,7 @@ async fn jetstream_fleet(nats: &NatsServer, dir: &std::path::Path, n: usize) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jetstream_worker_killed_mid_stream_loses_nothing_and_double_counts_at_most_one_batch() {
-    let nats = NatsServer::start().await;
-    create_stream(
-        &nats.url(),
-        "TELEMETRY",
-        &["windrow.telemetry.>"],
-        Duration::from_secs(120),
-    )
-    .await;
+    let nats = nats_with_telemetry_stream().await;
     let dir = tempfile::tempdir().unwrap();
     let mut workers = jetstream_fleet(&nats, dir.path(), 3).await;
     let base = now_ns() - 10 * 60 * 1_000_000_000;
@@ -162,14 +155,7 @@ async fn jetstream_worker_killed_mid_stream_loses_nothing_and_double_counts_at_m
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jetstream_worker_stopped_with_sigterm_mid_stream_is_exact() {
-    let nats = NatsServer::start().await;
-    create_stream(
-        &nats.url(),
-        "TELEMETRY",
-        &["windrow.telemetry.>"],
-        Duration::from_secs(120),
-    )
-    .await;
+    let nats = nats_with_telemetry_stream().await;
     let dir = tempfile::tempdir().unwrap();
     let mut workers = jetstream_fleet(&nats, dir.path(), 3).await;
     let base = now_ns() - 10 * 60 * 1_000_000_000;
@@ -201,14 +187,7 @@ async fn jetstream_worker_stopped_with_sigterm_mid_stream_is_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_messages_delivered_twice_to_one_worker_change_nothing() {
-    let nats = NatsServer::start().await;
-    create_stream(
-        &nats.url(),
-        "TELEMETRY",
-        &["windrow.telemetry.>"],
-        Duration::from_secs(120),
-    )
-    .await;
+    let nats = nats_with_telemetry_stream().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("node");
     let base = now_ns() - 10 * 60 * 1_000_000_000;
@@ -260,14 +239,7 @@ async fn the_same_messages_delivered_twice_to_one_worker_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_payloads_are_dead_lettered_with_reason_and_terminated() {
-    let nats = NatsServer::start().await;
-    create_stream(
-        &nats.url(),
-        "TELEMETRY",
-        &["windrow.telemetry.>"],
-        Duration::from_secs(120),
-    )
-    .await;
+    let nats = nats_with_telemetry_stream().await;
     let dir = tempfile::tempdir().unwrap();
     let worker = Worker::start(
         &nats,
@@ -356,14 +328,7 @@ async fn bad_payloads_are_dead_lettered_with_reason_and_terminated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durable_consumers_carry_a_filter_only_when_it_narrows_the_stream() {
     use async_nats::jetstream::{self, consumer::pull};
-    let nats = NatsServer::start().await;
-    create_stream(
-        &nats.url(),
-        "TELEMETRY",
-        &["windrow.telemetry.>"],
-        Duration::from_secs(120),
-    )
-    .await;
+    let nats = nats_with_telemetry_stream().await;
     let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let stream = js.get_stream("TELEMETRY").await.unwrap();
     stream

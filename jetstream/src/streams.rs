@@ -16,7 +16,7 @@ use async_nats::jetstream::{context::RequestError, Context};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::subject::{consumer_filter, subject_within};
+use crate::subject::{covers_stream, subject_within};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// Longest duration in seconds whose nanoseconds fit the server's int64.
@@ -293,7 +293,7 @@ impl Declaration {
             .filter_map(|(i, c)| {
                 let stream = self.streams.iter().find(|s| s.name == c.stream)?;
                 let filter = c.filter_subject.as_ref()?;
-                consumer_filter(&stream.subjects, filter).is_empty().then(|| {
+                covers_stream(&stream.subjects, filter).then(|| {
                     format!(
                         "jetstream.consumers[{i}].filter_subject: {filter:?} covers all of stream {:?}: \
                          leave it out (nats-server 2.9 scans the stream to count a filtered \

@@ -316,13 +316,20 @@ pub fn subject_within(filter: &str, pattern: &str) -> bool {
 /// carries the stream's own subject as its filter was seen crawling at ~30
 /// msg/s after a worker restart. An unfiltered consumer's count is O(1).
 pub fn consumer_filter(stream_subjects: &[String], filter: &str) -> String {
-    let covers_all =
-        !stream_subjects.is_empty() && stream_subjects.iter().all(|s| subject_within(s, filter));
-    if covers_all {
+    if covers_stream(stream_subjects, filter) {
         String::new()
     } else {
         filter.to_owned()
     }
+}
+
+/// Whether consumer filter `filter` (non-empty) selects every subject of a
+/// stream with `stream_subjects`: a filter to leave off ([`consumer_filter`]),
+/// and to warn about on a consumer that already carries it.
+pub fn covers_stream(stream_subjects: &[String], filter: &str) -> bool {
+    !filter.is_empty()
+        && !stream_subjects.is_empty()
+        && stream_subjects.iter().all(|s| subject_within(s, filter))
 }
 
 #[cfg(test)]

@@ -21,6 +21,20 @@ pub fn now_ns() -> i64 {
     i64::try_from(since.as_nanos()).expect("before 2262")
 }
 
+/// A private nats-server with the workers' default stream: `TELEMETRY` on
+/// `windrow.telemetry.>`, file storage, a 2-minute duplicate window.
+pub async fn nats_with_telemetry_stream() -> NatsServer {
+    let nats = NatsServer::start().await;
+    windrow_harness::clients::create_stream(
+        &nats.url(),
+        "TELEMETRY",
+        &["windrow.telemetry.>"],
+        Duration::from_secs(120),
+    )
+    .await;
+    nats
+}
+
 /// The `windrow` binary cargo built for these tests.
 pub fn windrow() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_windrow"))

@@ -6,7 +6,7 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::{FutureExt, StreamExt};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
-use windrow_jetstream::subject::consumer_filter;
+use windrow_jetstream::subject::{consumer_filter, covers_stream};
 use windrow_ops::{Health, OpsServer};
 
 use crate::{
@@ -296,7 +296,7 @@ async fn bind_consumer(
                 )
                 .await?;
             let filter = &c.cached_info().config.filter_subject;
-            if !filter.is_empty() && consumer_filter(&subjects, filter).is_empty() {
+            if covers_stream(&subjects, filter) {
                 tracing::warn!(
                     durable = %config.durable,
                     filter = %filter,
