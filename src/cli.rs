@@ -17,7 +17,7 @@ pub struct Cli {
     /// TOML configuration file (`windrow config default` prints one).
     #[arg(long, short, global = true, env = "WINDROW_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Log format on stderr. Filter with RUST_LOG (default `info`).
+    /// Log format on stderr. Filter with RUST_LOG (default `info,async_nats::connector=debug`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty, env = "WINDROW_LOG_FORMAT")]
     pub log_format: LogFormat,
     /// What to run.
