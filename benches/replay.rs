@@ -31,7 +31,7 @@
 //! `{"device":"d000042","ts":1764000000000,"temp":21.5}`, as in the worker
 //! benchmark; replay runs with `[worker.decode] series_fields = ["device"]`.
 //! `WINDROW_BENCH_RUNS` (default 3), `WINDROW_BENCH_BATCH` (replay `--batch`
-//! and the durable ceiling's pull size; default: replay's own, 10,000).
+//! and the durable ceiling's pull size; default: replay's own, 50,000).
 //!
 //! Without `--bench` (e.g. `cargo test --all-targets`) it does nothing.
 #![allow(missing_docs)]
@@ -63,7 +63,7 @@ const STREAM: &str = "TELEMETRY";
 /// Subjects of the stream and filter of every consumer.
 const FILTER: &str = "windrow.telemetry.>";
 /// `windrow replay --batch` default.
-const REPLAY_DEFAULT_BATCH: usize = 10_000;
+const REPLAY_DEFAULT_BATCH: usize = 50_000;
 /// Messages the publisher's client buffers before `publish` waits.
 const PUBLISH_CAPACITY: usize = 65_536;
 /// Unacknowledged JetStream publishes in flight.

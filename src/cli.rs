@@ -490,7 +490,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub durable: Option<String>,
     /// Messages per fetch and per commit.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 50_000)]
     pub batch: usize,
     /// After the replay, compare the rebuilt store with the live fleet's merged
     /// windows (query plane) over the replayed time range; exit 1 on differences.

@@ -180,6 +180,17 @@ impl Config {
                 self.max_ack_pending, self.batch_max_messages
             ));
         }
+        if self.mode == Mode::Jetstream
+            && self.max_ack_pending > self.nats.subscription_capacity as i64
+        {
+            // The server may deliver max_ack_pending messages before the
+            // worker acknowledges any; what the subscription cannot hold, the
+            // client drops, and it comes back only after the ack wait.
+            p.push(format!(
+                "worker.max_ack_pending: must be ≤ nats.subscription_capacity ({}) in jetstream mode, got {}",
+                self.nats.subscription_capacity, self.max_ack_pending
+            ));
+        }
         if self.batch_max_wait_ms == 0 {
             p.push("worker.batch_max_wait_ms: must be ≥ 1, got 0".into());
         }

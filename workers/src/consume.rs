@@ -400,7 +400,14 @@ impl Processor {
             .iter()
             .filter(|f| matches!(f, Fate::DeadLetter(..)))
             .count() as u64;
+        let committed = started.elapsed();
         self.settle(batch, fates).await;
+        tracing::debug!(
+            messages = messages.len(),
+            commit_ms = committed.as_millis() as u64,
+            settle_ms = (started.elapsed() - committed).as_millis() as u64,
+            "batch committed and settled"
+        );
         Some(outcome)
     }
 

@@ -185,6 +185,13 @@ pub async fn replay(
     let mut worker = config.worker.clone();
     // Already dead-lettered by the live fleet when it first saw them.
     worker.dead_letter = false;
+    // A durable pull of `batch` messages lands in one subscription: one that
+    // holds fewer makes the client drop the rest (back only after the ack
+    // wait). Room for the request's status messages too.
+    worker.nats.subscription_capacity = worker
+        .nats
+        .subscription_capacity
+        .max(config.batch.saturating_add(64));
     let (writer, writer_thread) = Writer::start(worker.store.clone(), Arc::new(SystemClock))?;
     let nats = windrow_jetstream::connect(&worker.nats, "windrow-replay", |_| async {}).await?;
     let js = jetstream::new(nats.clone());
@@ -355,6 +362,10 @@ enum ReaderStream {
         consumer: jetstream::consumer::Consumer<pull::Config>,
         size: usize,
         batch: Option<pull::Batch>,
+        /// The consumer's undelivered messages as of the last delivery: the
+        /// last request asks for no more, so it ends when they are delivered
+        /// instead of at its expiry.
+        undelivered: u64,
     },
 }
 
@@ -411,6 +422,7 @@ impl Reader {
                     );
                 }
                 let initial_pending = info.num_pending + info.num_ack_pending as u64;
+                let undelivered = info.num_pending;
                 let ConsumerLimits {
                     ack_wait,
                     batch: size,
@@ -420,6 +432,7 @@ impl Reader {
                         consumer,
                         size,
                         batch: None,
+                        undelivered,
                     },
                     initial_pending,
                     identity,
@@ -443,18 +456,26 @@ impl Reader {
                     consumer,
                     size,
                     batch,
+                    undelivered,
                 } => {
                     let current = match batch {
                         Some(b) => b,
-                        None => batch.insert(
-                            consumer
-                                .batch()
-                                .max_messages(*size)
-                                .expires(Duration::from_secs(1))
-                                .messages()
-                                .await
-                                .map_err(|e| Error::Replay(format!("pull request: {e}")))?,
-                        ),
+                        None => {
+                            // Nothing undelivered: waiting for redeliveries.
+                            let want = match *undelivered {
+                                0 => *size,
+                                n => usize::try_from(n).unwrap_or(usize::MAX).min(*size),
+                            };
+                            batch.insert(
+                                consumer
+                                    .batch()
+                                    .max_messages(want)
+                                    .expires(pull_expiry(want))
+                                    .messages()
+                                    .await
+                                    .map_err(|e| Error::Replay(format!("pull request: {e}")))?,
+                            )
+                        }
                     };
                     match current.next().await {
                         Some(Ok(m)) => return Ok(Incoming::jetstream(m, &self.identity)),
@@ -549,9 +570,22 @@ impl Reader {
     }
 
     /// Messages the consumer still has after `m`.
-    fn pending_after(&self, m: &Incoming) -> u64 {
-        m.pending.unwrap_or(u64::MAX)
+    fn pending_after(&mut self, m: &Incoming) -> u64 {
+        let pending = m.pending.unwrap_or(u64::MAX);
+        if let ReaderStream::Durable { undelivered, .. } = &mut self.messages {
+            *undelivered = pending;
+        }
+        pending
     }
+}
+
+/// How long a durable pull request of `messages` stays open: long enough to
+/// be served in full on a busy machine (20 µs a message, at least a second).
+/// A request that expires half-served ends a batch early, and on nats-server
+/// 2.9 large requests cut short that way slowed a replay to a quarter.
+fn pull_expiry(messages: usize) -> Duration {
+    Duration::from_secs(1)
+        .max(Duration::from_micros(20).saturating_mul(u32::try_from(messages).unwrap_or(u32::MAX)))
 }
 
 /// One difference between the rebuilt store and the live fleet.
