@@ -215,3 +215,45 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(c: &Config) -> Vec<String> {
+        c.validate().err().map(|e| e.0).unwrap_or_default()
+    }
+
+    #[test]
+    fn jetstream_limits_must_fit_the_batch_and_the_subscription() {
+        let mut c = Config {
+            mode: Mode::Jetstream,
+            ..Config::default()
+        };
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
+        c.max_ack_pending = 100_000;
+        let p = problems(&c);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with(
+                "worker.max_ack_pending: must be ≤ nats.subscription_capacity (65536)"
+            ),
+            "{p:?}"
+        );
+        c.nats.subscription_capacity = 100_000;
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
+        c.batch_max_messages = 200_000;
+        let p = problems(&c);
+        assert!(
+            p.iter()
+                .any(|m| m
+                    .starts_with("worker.batch_max_messages: must be ≤ worker.max_ack_pending")),
+            "{p:?}"
+        );
+        // Core mode has no acknowledgements to wait for.
+        c.mode = Mode::Core;
+        c.batch_max_messages = 5000;
+        c.nats.subscription_capacity = 1000;
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
+    }
+}

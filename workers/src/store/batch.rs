@@ -2,15 +2,13 @@
 //! values and applied bitmaps updated in memory, then written in one
 //! transaction.
 
-use std::collections::{btree_map, hash_map, BTreeMap, HashMap};
-
 use heed::{RoTxn, RwTxn};
 use roaring::RoaringBitmap;
 
 use super::{
     codec::{
-        applied_key, applied_low, is_newer, latest_key, latest_value, parse_latest_value,
-        window_key,
+        applied_key, applied_low, is_newer, latest_value, parse_latest_value, put_latest_key,
+        put_window_key,
     },
     day::DayEnv,
     error::{corrupt, io, lmdb, StoreError},
@@ -67,16 +65,63 @@ pub(super) fn apply_day(
 
 /// A day's changes, gathered in memory so each key is read and written once
 /// per commit, and written in key order (LMDB's cheapest).
+///
+/// Keys live in one arena and the entries are sorted once at the end: a map
+/// keyed by an allocated key per sample spent more of the writer's time in
+/// the allocator and in rebalancing than LMDB spent on the puts.
 #[derive(Default)]
 struct Pending {
-    chunks: HashMap<Vec<u8>, Chunk>,
-    windows: BTreeMap<Vec<u8>, Aggregate>,
-    latest: BTreeMap<Vec<u8>, (i64, f64)>,
+    /// The applied chunks touched, a handful per batch (one per 65,536
+    /// sequences of a stream), so a scan finds them without hashing.
+    chunks: Vec<Chunk>,
+    keys: KeyArena,
+    windows: Vec<(KeyRef, Aggregate)>,
+    latest: Vec<(KeyRef, (i64, f64))>,
 }
 
 struct Chunk {
+    stream: String,
+    /// `seq >> 16` of the sequences it holds.
+    high: u64,
     bits: RoaringBitmap,
     dirty: bool,
+}
+
+/// Where a key lies in the [`KeyArena`].
+#[derive(Clone, Copy)]
+struct KeyRef {
+    start: usize,
+    end: usize,
+}
+
+#[derive(Default)]
+struct KeyArena(Vec<u8>);
+
+impl KeyArena {
+    fn push(&mut self, key: impl FnOnce(&mut Vec<u8>)) -> KeyRef {
+        let start = self.0.len();
+        key(&mut self.0);
+        KeyRef {
+            start,
+            end: self.0.len(),
+        }
+    }
+
+    fn get(&self, k: KeyRef) -> &[u8] {
+        &self.0[k.start..k.end]
+    }
+
+    /// Sorts `entries` by key and folds the entries of each key into one.
+    fn sort_and_fold<V>(&self, entries: &mut Vec<(KeyRef, V)>, fold: impl Fn(&mut V, &V)) {
+        entries.sort_unstable_by(|a, b| self.get(a.0).cmp(self.get(b.0)));
+        entries.dedup_by(|next, kept| {
+            let same = self.get(next.0) == self.get(kept.0);
+            if same {
+                fold(&mut kept.1, &next.1);
+            }
+            same
+        });
+    }
 }
 
 impl Pending {
@@ -88,21 +133,44 @@ impl Pending {
         stream: &str,
         seq: u64,
     ) -> Result<&mut Chunk, StoreError> {
-        Ok(match self.chunks.entry(applied_key(stream, seq)) {
-            hash_map::Entry::Occupied(e) => e.into_mut(),
-            hash_map::Entry::Vacant(e) => {
-                let bits = match day.applied.get(txn, e.key()).map_err(lmdb(&day.name))? {
-                    Some(bytes) => RoaringBitmap::deserialize_from(bytes).map_err(|err| {
-                        corrupt(
-                            &day.name,
-                            format!("applied bitmap of {stream} near {seq}: {err}"),
-                        )
-                    })?,
-                    None => RoaringBitmap::new(),
-                };
-                e.insert(Chunk { bits, dirty: false })
-            }
-        })
+        let high = seq >> 16;
+        // Most recent first: consecutive messages share a chunk.
+        let found = self
+            .chunks
+            .iter()
+            .rposition(|c| c.high == high && c.stream == stream);
+        let i = match found {
+            Some(i) => i,
+            None => self.load_chunk(day, txn, stream, seq)?,
+        };
+        Ok(&mut self.chunks[i])
+    }
+
+    /// Reads the applied chunk holding `seq` (empty if new); its index.
+    fn load_chunk(
+        &mut self,
+        day: &DayEnv,
+        txn: &RoTxn<'_>,
+        stream: &str,
+        seq: u64,
+    ) -> Result<usize, StoreError> {
+        let key = applied_key(stream, seq);
+        let bits = match day.applied.get(txn, &key).map_err(lmdb(&day.name))? {
+            Some(bytes) => RoaringBitmap::deserialize_from(bytes).map_err(|err| {
+                corrupt(
+                    &day.name,
+                    format!("applied bitmap of {stream} near {seq}: {err}"),
+                )
+            })?,
+            None => RoaringBitmap::new(),
+        };
+        self.chunks.push(Chunk {
+            stream: stream.to_owned(),
+            high: seq >> 16,
+            bits,
+            dirty: false,
+        });
+        Ok(self.chunks.len() - 1)
     }
 
     fn add(&mut self, m: &Message, resolutions: &[u32]) {
@@ -110,24 +178,13 @@ impl Pending {
             let one = Aggregate::of(s.ts_ns, s.value);
             for &res in resolutions {
                 let start = window_start(s.ts_ns, i64::from(res) * NS_PER_SEC);
-                match self
-                    .windows
-                    .entry(window_key(&s.series, &s.field, res, start))
-                {
-                    btree_map::Entry::Occupied(mut e) => e.get_mut().merge(&one),
-                    btree_map::Entry::Vacant(e) => {
-                        e.insert(one);
-                    }
-                }
+                let key = self
+                    .keys
+                    .push(|k| put_window_key(k, &s.series, &s.field, res, start));
+                self.windows.push((key, one));
             }
-            let sample = (s.ts_ns, s.value);
-            let latest = self
-                .latest
-                .entry(latest_key(&s.series, &s.field))
-                .or_insert(sample);
-            if is_newer(sample, *latest) {
-                *latest = sample;
-            }
+            let key = self.keys.push(|k| put_latest_key(k, &s.series, &s.field));
+            self.latest.push((key, (s.ts_ns, s.value)));
         }
     }
 
@@ -136,12 +193,20 @@ impl Pending {
     /// Most keys are new (at 1 Hz a series opens a 1 s window per message),
     /// so each is put if absent in one B-tree descent (`get_or_put`), and
     /// only a key that exists costs a second descent to store the merge.
-    fn write(self, day: &DayEnv, txn: &mut RwTxn<'_>, applied: u64) -> Result<(), StoreError> {
+    fn write(mut self, day: &DayEnv, txn: &mut RwTxn<'_>, applied: u64) -> Result<(), StoreError> {
         let err = lmdb(&day.name);
-        for (key, delta) in self.windows {
+        let keys = &self.keys;
+        keys.sort_and_fold(&mut self.windows, |kept, next| kept.merge(next));
+        keys.sort_and_fold(&mut self.latest, |kept, next| {
+            if is_newer(*next, *kept) {
+                *kept = *next;
+            }
+        });
+        for (key, delta) in &self.windows {
+            let key = keys.get(*key);
             let existing = day
                 .windows
-                .get_or_put(txn, &key, &delta.to_bytes())
+                .get_or_put(txn, key, &delta.to_bytes())
                 .map_err(&err)?
                 .map(|bytes| {
                     Aggregate::from_bytes(bytes)
@@ -149,32 +214,34 @@ impl Pending {
                 })
                 .transpose()?;
             if let Some(mut merged) = existing {
-                merged.merge(&delta);
+                merged.merge(delta);
                 day.windows
-                    .put(txn, &key, &merged.to_bytes())
+                    .put(txn, key, &merged.to_bytes())
                     .map_err(&err)?;
             }
         }
-        for (key, sample) in self.latest {
+        for (key, sample) in &self.latest {
+            let key = keys.get(*key);
             let value = latest_value(sample.0, sample.1);
             let existing = day
                 .latest
-                .get_or_put(txn, &key, &value)
+                .get_or_put(txn, key, &value)
                 .map_err(&err)?
                 .map(|bytes| {
                     parse_latest_value(bytes).ok_or_else(|| corrupt(&day.name, "latest value"))
                 })
                 .transpose()?;
-            if existing.is_some_and(|old| is_newer(sample, old)) {
-                day.latest.put(txn, &key, &value).map_err(&err)?;
+            if existing.is_some_and(|old| is_newer(*sample, old)) {
+                day.latest.put(txn, key, &value).map_err(&err)?;
             }
         }
         let mut buf = Vec::new();
-        for (key, mut chunk) in self.chunks.into_iter().filter(|(_, c)| c.dirty) {
+        for chunk in self.chunks.iter_mut().filter(|c| c.dirty) {
             // Run containers: a chunk of sequential sequences is a few bytes.
             chunk.bits.optimize();
             buf.clear();
             chunk.bits.serialize_into(&mut buf).map_err(io(&day.path))?;
+            let key = applied_key(&chunk.stream, chunk.high << 16);
             day.applied.put(txn, &key, &buf).map_err(&err)?;
         }
         let count = day.messages_applied(txn)?;

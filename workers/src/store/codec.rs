@@ -75,13 +75,22 @@ pub fn check_stream(stream: &str) -> Result<(), StoreError> {
 /// `series 0x00 field 0x00 resolution(u32 BE) start(u64 BE, sign bit flipped)`.
 pub fn window_key(series: &str, field: &str, resolution_secs: u32, start_ns: i64) -> Vec<u8> {
     let mut k = Vec::with_capacity(series.len() + field.len() + WINDOW_KEY_OVERHEAD);
-    k.extend_from_slice(series.as_bytes());
-    k.push(SEP);
-    k.extend_from_slice(field.as_bytes());
-    k.push(SEP);
-    k.extend_from_slice(&resolution_secs.to_be_bytes());
-    k.extend_from_slice(&ordered(start_ns).to_be_bytes());
+    put_window_key(&mut k, series, field, resolution_secs, start_ns);
     k
+}
+
+/// Appends a [`window_key`] to `buf` (the writer builds a batch's keys in one buffer).
+pub fn put_window_key(
+    buf: &mut Vec<u8>,
+    series: &str,
+    field: &str,
+    resolution_secs: u32,
+    start_ns: i64,
+) {
+    put_latest_key(buf, series, field);
+    buf.push(SEP);
+    buf.extend_from_slice(&resolution_secs.to_be_bytes());
+    buf.extend_from_slice(&ordered(start_ns).to_be_bytes());
 }
 
 /// A decoded [`window_key`].
@@ -126,16 +135,15 @@ fn split_names(names: &[u8]) -> Option<(String, String)> {
     Some((series.to_owned(), field.to_owned()))
 }
 
-/// `series 0x00 field`.
-pub fn latest_key(series: &str, field: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(series.len() + field.len() + 1);
-    k.extend_from_slice(series.as_bytes());
-    k.push(SEP);
-    k.extend_from_slice(field.as_bytes());
-    k
+/// Appends a latest-value key, `series 0x00 field`, to `buf`; a window key
+/// starts with it.
+pub fn put_latest_key(buf: &mut Vec<u8>, series: &str, field: &str) {
+    buf.extend_from_slice(series.as_bytes());
+    buf.push(SEP);
+    buf.extend_from_slice(field.as_bytes());
 }
 
-/// Decodes [`latest_key`]: (series, field).
+/// Decodes a [`put_latest_key`] key: (series, field).
 pub fn parse_latest_key(k: &[u8]) -> Option<(String, String)> {
     split_names(k)
 }
@@ -244,7 +252,11 @@ mod tests {
         assert_eq!(pattern_prefix("a").unwrap(), b"a\0".to_vec());
         assert!(pattern_prefix("*").unwrap().is_empty());
         assert_eq!(
-            parse_latest_key(&latest_key("a/b", "t")),
+            parse_latest_key(&{
+                let mut k = Vec::new();
+                put_latest_key(&mut k, "a/b", "t");
+                k
+            }),
             Some(("a/b".into(), "t".into()))
         );
         assert_eq!(parse_window_key(b"short"), None);
