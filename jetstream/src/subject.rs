@@ -89,19 +89,27 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-fn decode_level(token: &str, subject: &str) -> Result<String, SubjectError> {
+/// Appends the MQTT level that `token` encodes to `out`.
+fn decode_level(token: &str, subject: &str, out: &mut String) -> Result<(), SubjectError> {
     let not_encoded = |reason| SubjectError::NotEncoded {
         subject: subject.to_owned(),
         reason,
     };
     if token == EMPTY_LEVEL {
-        return Ok(String::new());
+        return Ok(());
     }
     if token.is_empty() {
         return Err(not_encoded("empty token"));
     }
+    // The common case, once per message on the workers' hot path: printable
+    // ASCII that needs no escape is its own encoding.
+    let plain = |b: u8| b.is_ascii_graphic() && !matches!(b, b'%' | b'.' | b'*' | b'>');
+    if token.bytes().all(plain) {
+        out.push_str(token);
+        return Ok(());
+    }
     let bytes = token.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut raw = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
@@ -111,21 +119,22 @@ fn decode_level(token: &str, subject: &str) -> Result<String, SubjectError> {
             ) else {
                 return Err(not_encoded("'%' not followed by two upper-case hex digits"));
             };
-            out.push(hi << 4 | lo);
+            raw.push(hi << 4 | lo);
             i += 3;
         } else {
-            out.push(bytes[i]);
+            raw.push(bytes[i]);
             i += 1;
         }
     }
-    let level = String::from_utf8(out).map_err(|_| not_encoded("escapes are not UTF-8"))?;
+    let level = String::from_utf8(raw).map_err(|_| not_encoded("escapes are not UTF-8"))?;
     // Strictness: only the encoder's own output decodes, so the codec is a bijection.
     let mut canonical = String::with_capacity(token.len());
     encode_level(&level, &mut canonical);
     if canonical != token {
         return Err(not_encoded("token is not in canonical encoding"));
     }
-    Ok(level)
+    out.push_str(&level);
+    Ok(())
 }
 
 /// Checks that `prefix` is a literal NATS subject (one or more tokens, no wildcards).
@@ -213,7 +222,7 @@ pub fn decode_subject(prefix: &str, subject: &str) -> Result<String, SubjectErro
         if i > 0 {
             topic.push('/');
         }
-        topic.push_str(&decode_level(token, subject)?);
+        decode_level(token, subject, &mut topic)?;
     }
     Ok(topic)
 }

@@ -18,7 +18,7 @@ use async_nats::jetstream::{
     self,
     consumer::{pull, DeliverPolicy},
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -496,7 +496,15 @@ impl Reader {
     /// its messages until the ack wait).
     async fn next_in_batch(&mut self) -> Result<Option<Incoming>, Error> {
         match &mut self.messages {
-            ReaderStream::Ordered(_) => {
+            ReaderStream::Ordered(s) => {
+                // What is already buffered needs no timer (a timer per
+                // message was a tenth of the replay loop's time).
+                match s.next().now_or_never() {
+                    Some(Some(Ok(m))) => return Ok(Some(Incoming::unacked(&m, &self.identity))),
+                    Some(Some(Err(e))) => tracing::warn!(error = %e, "replay consumer"),
+                    Some(None) => return Err(Error::Replay("the consumer ended".into())),
+                    None => {}
+                }
                 match tokio::time::timeout(Duration::from_millis(50), self.next()).await {
                     Ok(m) => m.map(Some),
                     Err(_) => Ok(None),
