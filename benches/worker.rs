@@ -39,7 +39,7 @@
 //! format; the worker runs with `--series-field device`); consecutive readings of
 //! a device are 1 s apart (less when the series are few), ending a minute ago.
 //! `WINDROW_BENCH_RUNS` (default 3), `WINDROW_BENCH_BATCH` (worker
-//! `--batch-max-messages`, default 5,000, the worker's default),
+//! `--batch-max-messages`, default 20,000, the worker's default),
 //! `WINDROW_BENCH_WAIT_MS` (`--batch-max-wait-ms`, default 100),
 //! `WINDROW_BENCH_ONLY` (`core` or `jetstream`: skip the other half).
 //!
@@ -85,7 +85,7 @@ const PUBLISH_CAPACITY: usize = 65_536;
 /// Unacknowledged JetStream publishes in flight.
 const JS_PUBLISH_WINDOW: usize = 4096;
 /// The worker's default `max_ack_pending`, used for the ceiling consumers too.
-const MAX_ACK_PENDING: i64 = 20_000;
+const MAX_ACK_PENDING: i64 = 50_000;
 /// The paced publisher checks its schedule every this many messages.
 const PACE_CHECK: usize = 64;
 /// A core scenario ends this long after the last arrival once the publisher is done.
@@ -128,7 +128,7 @@ impl Settings {
             n: env_usize("WINDROW_BENCH_MESSAGES").unwrap_or(500_000),
             series: env_usize("WINDROW_BENCH_SERIES").unwrap_or(100_000),
             runs: env_usize("WINDROW_BENCH_RUNS").unwrap_or(3),
-            batch: env_usize("WINDROW_BENCH_BATCH").unwrap_or(5000),
+            batch: env_usize("WINDROW_BENCH_BATCH").unwrap_or(20_000),
             wait_ms: env_usize("WINDROW_BENCH_WAIT_MS").unwrap_or(100) as u64,
             pace_percent: env_usize("WINDROW_BENCH_PACE_PERCENT").unwrap_or(80),
             core,

@@ -247,7 +247,7 @@ pub struct WorkerArgs {
     /// Days kept [worker.store.retention_days; default 7].
     #[arg(long)]
     pub retention_days: Option<u32>,
-    /// Messages per commit [worker.batch_max_messages; default 5000].
+    /// Messages per commit [worker.batch_max_messages; default 20000].
     #[arg(long)]
     pub batch_max_messages: Option<usize>,
     /// Longest wait before committing a partial batch, ms [worker.batch_max_wait_ms; default 100].

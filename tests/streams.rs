@@ -454,7 +454,7 @@ async fn worker_with_ensure_streams_creates_the_declared_stream_on_a_fresh_serve
     assert_eq!(s.subjects, ["windrow.telemetry.>"]);
     assert_eq!(s.max_age, Duration::from_secs(3600));
     assert_eq!(s.duplicate_window, Duration::from_secs(60));
-    // 8000, not the worker's own default of 20000: the declaration made it.
+    // 8000, not the worker's own default of 50000: the declaration made it.
     assert_eq!(consumer_info(&js).await.config.max_ack_pending, 8000);
     worker.process.sigterm().await;
     let status = worker.process.wait_exit(Duration::from_secs(30)).await;

@@ -84,7 +84,7 @@ pub struct ConsumerDeclaration {
     pub ack_wait_secs: Option<u64>,
     /// Deliveries per message; -1 for no limit. Default 10.
     pub max_deliver: i64,
-    /// Unacknowledged messages before delivery pauses; -1 for no limit. Default 20000.
+    /// Unacknowledged messages before delivery pauses; -1 for no limit. Default 50000.
     pub max_ack_pending: i64,
     /// Redelivery delays in seconds, one per delivery. Default none.
     pub backoff_secs: Vec<u64>,
@@ -183,7 +183,7 @@ fn default_max_deliver() -> i64 {
     10
 }
 fn default_max_ack_pending() -> i64 {
-    20_000
+    50_000
 }
 
 /// Errors of [`plan`] and [`apply`].
@@ -1168,7 +1168,7 @@ mod tests {
     fn server_consumer() -> Value {
         json!({"config": {"durable_name": "w", "name": "w", "deliver_policy": "all", "ack_policy": "explicit",
             "ack_wait": 30_000_000_000_u64, "max_deliver": 10, "replay_policy": "instant", "max_waiting": 512,
-            "max_ack_pending": 20000, "num_replicas": 0}})
+            "max_ack_pending": 50000, "num_replicas": 0}})
     }
 
     #[test]
@@ -1414,7 +1414,7 @@ mod tests {
         assert_eq!(d.streams[0].storage, Storage::Memory);
         assert_eq!(d.streams[0].max_bytes, -1);
         assert_eq!(d.consumers[0].deliver_policy, DeliverPolicy::LastPerSubject);
-        assert_eq!(d.consumers[0].max_ack_pending, 20_000);
+        assert_eq!(d.consumers[0].max_ack_pending, 50_000);
         let unknown = serde_json::from_value::<Declaration>(json!({"streams": [{"nme": "S"}]}));
         assert!(unknown
             .unwrap_err()

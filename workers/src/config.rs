@@ -40,13 +40,13 @@ pub struct Config {
     pub ack_wait_secs: u64,
     /// Deliveries before JetStream gives up on a message. Default 10.
     pub max_deliver: i64,
-    /// Unacknowledged messages per consumer before JetStream pauses delivery. Default 20000.
+    /// Unacknowledged messages per consumer before JetStream pauses delivery. Default 50000.
     pub max_ack_pending: i64,
     /// Payload decoding.
     pub decode: DecodeConfig,
     /// The LMDB store.
     pub store: StoreConfig,
-    /// Messages per LMDB commit (and per JetStream fetch), at most. Default 5000.
+    /// Messages per LMDB commit (and per JetStream fetch), at most. Default 20000.
     pub batch_max_messages: usize,
     /// Longest wait before a partial batch is committed, in milliseconds. Default 100.
     pub batch_max_wait_ms: u64,
@@ -89,10 +89,10 @@ impl Default for Config {
             durable: "windrow-workers".to_owned(),
             ack_wait_secs: 30,
             max_deliver: 10,
-            max_ack_pending: 20_000,
+            max_ack_pending: 50_000,
             decode: DecodeConfig::default(),
             store: StoreConfig::default(),
-            batch_max_messages: 5000,
+            batch_max_messages: 20_000,
             batch_max_wait_ms: 100,
             dead_letter: true,
             dead_letter_subject: "windrow.deadletter.worker".to_owned(),

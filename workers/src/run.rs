@@ -11,7 +11,7 @@ use windrow_ops::{Health, OpsServer};
 
 use crate::{
     config::{Config, Mode},
-    consume::{stream_identity, ConsumerLimits, Incoming, Pipeline, Processor},
+    consume::{next_before, stream_identity, ConsumerLimits, Incoming, Pipeline, Processor},
     events::Metrics,
     query::{QueryReply, QueryRequest},
     store::{Clock, SystemClock},
@@ -183,9 +183,9 @@ async fn consume_core(
         let mut batch = vec![Incoming::core(first)];
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < config.batch_max_messages {
-            match tokio::time::timeout_at(deadline, sub.next()).await {
-                Ok(Some(m)) => batch.push(Incoming::core(m)),
-                _ => break,
+            match next_before(&mut sub, deadline).await {
+                Some(m) => batch.push(Incoming::core(m)),
+                None => break,
             }
         }
         if pipeline.submit(batch).await.is_none() {
@@ -367,13 +367,13 @@ async fn pull_batches(
         let mut batch = vec![Incoming::jetstream(first, &bound.identity)];
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < bound.limits.batch {
-            match tokio::time::timeout_at(deadline, messages.next()).await {
-                Ok(Some(Ok(m))) => batch.push(Incoming::jetstream(m, &bound.identity)),
-                Ok(Some(Err(e))) => {
+            match next_before(&mut messages, deadline).await {
+                Some(Ok(m)) => batch.push(Incoming::jetstream(m, &bound.identity)),
+                Some(Err(e)) => {
                     tracing::warn!(error = %e, "pull consumer");
                     break;
                 }
-                _ => break,
+                None => break,
             }
         }
         tracing::debug!(messages = batch.len(), "batch");
