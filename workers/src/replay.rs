@@ -362,10 +362,11 @@ enum ReaderStream {
         consumer: jetstream::consumer::Consumer<pull::Config>,
         size: usize,
         batch: Option<pull::Batch>,
-        /// The consumer's undelivered messages as of the last delivery: the
-        /// last request asks for no more, so it ends when they are delivered
-        /// instead of at its expiry.
-        undelivered: u64,
+        /// Messages the next pull request should bring: the consumer's
+        /// undelivered count as of the last delivery or, while waiting for
+        /// redeliveries, its unacknowledged count. A request asks for no
+        /// more, so that it ends when they are delivered, not at its expiry.
+        expected: u64,
     },
 }
 
@@ -422,7 +423,11 @@ impl Reader {
                     );
                 }
                 let initial_pending = info.num_pending + info.num_ack_pending as u64;
-                let undelivered = info.num_pending;
+                let expected = if info.num_pending > 0 {
+                    info.num_pending
+                } else {
+                    info.num_ack_pending as u64
+                };
                 let ConsumerLimits {
                     ack_wait,
                     batch: size,
@@ -432,7 +437,7 @@ impl Reader {
                         consumer,
                         size,
                         batch: None,
-                        undelivered,
+                        expected,
                     },
                     initial_pending,
                     identity,
@@ -456,16 +461,14 @@ impl Reader {
                     consumer,
                     size,
                     batch,
-                    undelivered,
+                    expected,
                 } => {
                     let current = match batch {
                         Some(b) => b,
                         None => {
-                            // Nothing undelivered: waiting for redeliveries.
-                            let want = match *undelivered {
-                                0 => *size,
-                                n => usize::try_from(n).unwrap_or(usize::MAX).min(*size),
-                            };
+                            let want = usize::try_from(*expected)
+                                .unwrap_or(usize::MAX)
+                                .clamp(1, *size);
                             batch.insert(
                                 consumer
                                     .batch()
@@ -553,7 +556,10 @@ impl Reader {
     /// this run's last ones: the count is taken again until it is zero or has
     /// stayed the same for a second.
     async fn outstanding(&mut self) -> u64 {
-        let ReaderStream::Durable { consumer, .. } = &mut self.messages else {
+        let ReaderStream::Durable {
+            consumer, expected, ..
+        } = &mut self.messages
+        else {
             return 0;
         };
         let mut last = None;
@@ -571,6 +577,7 @@ impl Reader {
                 last = Some(now);
                 steady_since = Instant::now();
             } else if steady_since.elapsed() >= Duration::from_secs(1) {
+                *expected = now;
                 return now;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -580,20 +587,23 @@ impl Reader {
     /// Messages the consumer still has after `m`.
     fn pending_after(&mut self, m: &Incoming) -> u64 {
         let pending = m.pending.unwrap_or(u64::MAX);
-        if let ReaderStream::Durable { undelivered, .. } = &mut self.messages {
-            *undelivered = pending;
+        if let ReaderStream::Durable { expected, .. } = &mut self.messages {
+            *expected = pending;
         }
         pending
     }
 }
 
-/// How long a durable pull request of `messages` stays open: long enough to
-/// be served in full on a busy machine (20 µs a message, at least a second).
-/// A request that expires half-served ends a batch early, and on nats-server
-/// 2.9 large requests cut short that way slowed a replay to a quarter.
+/// How long a durable pull request of `messages` stays open: 100 µs a
+/// message, at least 5 s. A request normally ends sooner, when the messages
+/// it expects are delivered. The expiry must leave time to *read* them:
+/// async-nats ends a pull 5 s after its expiry even with delivered messages
+/// still buffered, and those then wait out the ack wait (with 1 s and pulls of
+/// 50,000, a debug build stalled for minutes on redeliveries; a release
+/// replay with pulls of 200,000 fell to a quarter of its rate).
 fn pull_expiry(messages: usize) -> Duration {
-    Duration::from_secs(1)
-        .max(Duration::from_micros(20).saturating_mul(u32::try_from(messages).unwrap_or(u32::MAX)))
+    Duration::from_secs(5)
+        .max(Duration::from_micros(100).saturating_mul(u32::try_from(messages).unwrap_or(u32::MAX)))
 }
 
 /// One difference between the rebuilt store and the live fleet.
