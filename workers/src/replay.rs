@@ -252,24 +252,17 @@ pub async fn replay(
             );
             patience = Some(Duration::from_secs(5));
         }
-        let next = async {
-            match patience {
-                None => Some(reader.next().await),
-                Some(p) => tokio::time::timeout(p, reader.next()).await.ok(),
-            }
-        };
         let first = tokio::select! {
             () = shutdown.cancelled() => {
                 summary.interrupted = true;
                 break;
             }
-            m = next => m,
+            m = reader.next(patience) => m?,
         };
         let Some(first) = first else {
             remaining = 0; // count again
             continue;
         };
-        let first = first?;
         let mut batch = Vec::with_capacity(config.batch);
         let mut next = Some(first);
         let mut reached_end = false;
@@ -449,14 +442,30 @@ impl Reader {
 
     /// The next message; transient consumer errors (missed heartbeats) are
     /// logged and skipped, as the consumer recovers by itself.
-    async fn next(&mut self) -> Result<Incoming, Error> {
+    ///
+    /// With `patience`, `None` when nothing came within it. A durable
+    /// consumer's pull request then expires after `patience` and is read to
+    /// its end, never cancelled: async-nats drops what a pull still buffers
+    /// 5 s after its expiry, so a request left unread while redeliveries
+    /// arrive strands them for another ack wait (seen: a resumed replay
+    /// waiting for 11,770 redeliveries got none of them, round after round).
+    async fn next(&mut self, patience: Option<Duration>) -> Result<Option<Incoming>, Error> {
         loop {
             match &mut self.messages {
-                ReaderStream::Ordered(s) => match s.next().await {
-                    None => return Err(Error::Replay("the consumer ended".into())),
-                    Some(Ok(m)) => return Ok(Incoming::unacked(&m, &self.identity)),
-                    Some(Err(e)) => tracing::warn!(error = %e, "replay consumer"),
-                },
+                ReaderStream::Ordered(s) => {
+                    let item = match patience {
+                        None => s.next().await,
+                        Some(p) => match tokio::time::timeout(p, s.next()).await {
+                            Ok(item) => item,
+                            Err(_) => return Ok(None),
+                        },
+                    };
+                    match item {
+                        None => return Err(Error::Replay("the consumer ended".into())),
+                        Some(Ok(m)) => return Ok(Some(Incoming::unacked(&m, &self.identity))),
+                        Some(Err(e)) => tracing::warn!(error = %e, "replay consumer"),
+                    }
+                }
                 ReaderStream::Durable {
                     consumer,
                     size,
@@ -473,7 +482,7 @@ impl Reader {
                                 consumer
                                     .batch()
                                     .max_messages(want)
-                                    .expires(pull_expiry(want))
+                                    .expires(patience.unwrap_or_else(|| pull_expiry(want)))
                                     .messages()
                                     .await
                                     .map_err(|e| Error::Replay(format!("pull request: {e}")))?,
@@ -481,12 +490,15 @@ impl Reader {
                         }
                     };
                     match current.next().await {
-                        Some(Ok(m)) => return Ok(Incoming::jetstream(m, &self.identity)),
+                        Some(Ok(m)) => return Ok(Some(Incoming::jetstream(m, &self.identity))),
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "replay consumer");
                             *batch = None;
                         }
                         None => *batch = None,
+                    }
+                    if patience.is_some() {
+                        return Ok(None);
                     }
                 }
             }
@@ -508,10 +520,7 @@ impl Reader {
                     Some(None) => return Err(Error::Replay("the consumer ended".into())),
                     None => {}
                 }
-                match tokio::time::timeout(Duration::from_millis(50), self.next()).await {
-                    Ok(m) => m.map(Some),
-                    Err(_) => Ok(None),
-                }
+                self.next(Some(Duration::from_millis(50))).await
             }
             ReaderStream::Durable { batch, .. } => {
                 let Some(current) = batch.as_mut() else {
@@ -594,16 +603,17 @@ impl Reader {
     }
 }
 
-/// How long a durable pull request of `messages` stays open: 100 µs a
-/// message, at least 5 s. A request normally ends sooner, when the messages
-/// it expects are delivered. The expiry must leave time to *read* them:
-/// async-nats ends a pull 5 s after its expiry even with delivered messages
-/// still buffered, and those then wait out the ack wait (with 1 s and pulls of
-/// 50,000, a debug build stalled for minutes on redeliveries; a release
-/// replay with pulls of 200,000 fell to a quarter of its rate).
+/// How long a durable pull request of `messages` stays open: 1 ms a
+/// message, at least 5 s. A request normally ends much sooner, when the
+/// messages it expects are delivered; the expiry only bounds the wait when
+/// fewer come. It must leave time to *read* them: async-nats ends a pull 5 s
+/// after its expiry even with delivered messages still buffered, and those
+/// then wait out the ack wait. With 1 s, pulls of 200,000 ran at a quarter of
+/// the rate in release builds, and pulls of 50,000 read by a debug build
+/// under the full test suite's load stalled on redeliveries.
 fn pull_expiry(messages: usize) -> Duration {
     Duration::from_secs(5)
-        .max(Duration::from_micros(100).saturating_mul(u32::try_from(messages).unwrap_or(u32::MAX)))
+        .max(Duration::from_millis(1).saturating_mul(u32::try_from(messages).unwrap_or(u32::MAX)))
 }
 
 /// One difference between the rebuilt store and the live fleet.
