@@ -291,6 +291,61 @@ async fn replaying_twice_changes_nothing_and_an_interrupted_durable_replay_resum
     assert_eq!(total(&store_windows(&resumed, 60).await), 200_000);
 }
 
+/// A durable replay killed outright (no hand-back) leaves messages delivered
+/// and unacknowledged; the next run with the same name takes their
+/// redeliveries after the ack wait and ends with exactly the stream's windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_durable_replay_killed_outright_resumes_after_the_ack_wait_and_ends_identical() {
+    let nats = NatsServer::start().await;
+    stream(&nats).await;
+    let readings = fleet_readings(1_000, 100, recent_base());
+    publish_jetstream(&nats.url(), &readings).await;
+    let dir = tempfile::tempdir().unwrap();
+    let into = dir.path().join("killed");
+    let args = [
+        "--config",
+        fleet_config().to_str().unwrap(),
+        "replay",
+        "--nats-url",
+        &nats.url(),
+        "--progress",
+        "log",
+        "--into",
+        into.to_str().unwrap(),
+        "--durable",
+        "killed",
+        "--batch",
+        "2000",
+    ];
+    let mut first_run = RoleProcess::spawn(windrow(), &args, &[("RUST_LOG", "info")]);
+    let started = wait_until(Duration::from_secs(60), || {
+        let log = first_run.log();
+        async move { log.contains("replay progress") }
+    })
+    .await;
+    assert!(started, "{}", first_run.log());
+    first_run.sigkill().await;
+    assert!(
+        first_run.log().lines().all(|l| !l.starts_with("replayed ")),
+        "killed before the end: {}",
+        first_run.log()
+    );
+
+    let out = replay(&nats, &into, &["--durable", "killed"]).await;
+    let (text, log) = (stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}\n{log}");
+    assert!(text.contains("0 rejected"), "{text}");
+    assert_same(
+        &store_windows(&into, 60).await,
+        &expected_windows(&readings, 60),
+    );
+    assert_same(
+        &store_windows(&into, 1).await,
+        &expected_windows(&readings, 1),
+    );
+    assert_eq!(total(&store_windows(&into, 60).await), 100_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn since_a_time_in_the_middle_selects_exactly_the_messages_from_then() {
     let nats = NatsServer::start().await;

@@ -10,6 +10,7 @@
 //! the rebuilt windows equal what the live fleet computed.
 
 use std::{
+    collections::VecDeque,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -279,7 +280,10 @@ pub async fn replay(
             summary.last_seq = Some(summary.last_seq.map_or(stored.seq, |s| s.max(stored.seq)));
             remaining = reader.pending_after(&m);
             batch.push(m);
-            if remaining == 0 || batch.len() >= config.batch {
+            // A durable pull runs to its end (the rest of it may be
+            // redeliveries, which the consumer's pending count leaves out);
+            // the ordered consumer stops waiting once nothing is pending.
+            if batch.len() >= config.batch || (remaining == 0 && !reader.is_durable()) {
                 break;
             }
             // Take what is already here without waiting long for more.
@@ -354,13 +358,81 @@ enum ReaderStream {
     Durable {
         consumer: jetstream::consumer::Consumer<pull::Config>,
         size: usize,
-        batch: Option<pull::Batch>,
+        batch: Option<Pull>,
         /// Messages the next pull request should bring: the consumer's
         /// undelivered count as of the last delivery or, while waiting for
         /// redeliveries, its unacknowledged count. A request asks for no
         /// more, so that it ends when they are delivered, not at its expiry.
         expected: u64,
     },
+}
+
+/// One pull request of a durable consumer, read into `ready` as soon as
+/// anything arrives.
+///
+/// async-nats ends a pull 5 s after its expiry even with delivered messages
+/// still in its buffer, and those then come back only after the ack wait: a
+/// pull read more slowly than that (a debug build under load; pulls of
+/// 200,000) stranded thousands of messages. Moving what arrived into our own
+/// queue at once makes the speed of processing irrelevant to the pull.
+struct Pull {
+    batch: pull::Batch,
+    ready: VecDeque<jetstream::Message>,
+    ended: bool,
+}
+
+impl Pull {
+    fn new(batch: pull::Batch) -> Self {
+        Self {
+            batch,
+            ready: VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    /// The next message of this request; `None` once it ended (its last
+    /// message, its expiry or an error status, which is logged).
+    async fn next(&mut self) -> Option<jetstream::Message> {
+        if let Some(m) = self.ready.pop_front() {
+            return Some(m);
+        }
+        if self.ended {
+            return None;
+        }
+        let item = self.batch.next().await;
+        let first = self.take(item);
+        if first.is_some() {
+            while !self.ended {
+                match self.batch.next().now_or_never() {
+                    Some(item) => {
+                        if let Some(m) = self.take(item) {
+                            self.ready.push_back(m);
+                        }
+                    }
+                    None => break,
+                }
+            }
+        }
+        first
+    }
+
+    fn take(
+        &mut self,
+        item: Option<Result<jetstream::Message, async_nats::Error>>,
+    ) -> Option<jetstream::Message> {
+        match item {
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "replay consumer");
+                self.ended = true;
+                None
+            }
+            None => {
+                self.ended = true;
+                None
+            }
+        }
+    }
 }
 
 impl Reader {
@@ -478,7 +550,7 @@ impl Reader {
                             let want = usize::try_from(*expected)
                                 .unwrap_or(usize::MAX)
                                 .clamp(1, *size);
-                            batch.insert(
+                            batch.insert(Pull::new(
                                 consumer
                                     .batch()
                                     .max_messages(want)
@@ -486,15 +558,11 @@ impl Reader {
                                     .messages()
                                     .await
                                     .map_err(|e| Error::Replay(format!("pull request: {e}")))?,
-                            )
+                            ))
                         }
                     };
                     match current.next().await {
-                        Some(Ok(m)) => return Ok(Some(Incoming::jetstream(m, &self.identity))),
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "replay consumer");
-                            *batch = None;
-                        }
+                        Some(m) => return Ok(Some(Incoming::jetstream(m, &self.identity))),
                         None => *batch = None,
                     }
                     if patience.is_some() {
@@ -503,6 +571,10 @@ impl Reader {
                 }
             }
         }
+    }
+
+    fn is_durable(&self) -> bool {
+        matches!(self.messages, ReaderStream::Durable { .. })
     }
 
     /// The next message if it belongs to the batch in hand: for the ordered
@@ -526,14 +598,11 @@ impl Reader {
                 let Some(current) = batch.as_mut() else {
                     return Ok(None);
                 };
-                loop {
-                    match current.next().await {
-                        Some(Ok(m)) => return Ok(Some(Incoming::jetstream(m, &self.identity))),
-                        Some(Err(e)) => tracing::warn!(error = %e, "replay consumer"),
-                        None => {
-                            *batch = None;
-                            return Ok(None);
-                        }
+                match current.next().await {
+                    Some(m) => Ok(Some(Incoming::jetstream(m, &self.identity))),
+                    None => {
+                        *batch = None;
+                        Ok(None)
                     }
                 }
             }
@@ -546,12 +615,10 @@ impl Reader {
         if let ReaderStream::Durable { batch, .. } = &mut self.messages {
             if let Some(b) = batch.as_mut() {
                 // Ends with the request: its last message or its expiry.
-                while let Ok(Some(item)) =
+                while let Ok(Some(m)) =
                     tokio::time::timeout(Duration::from_secs(10), b.next()).await
                 {
-                    if let Ok(m) = item {
-                        let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
-                    }
+                    let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
                 }
             }
             *batch = None;
@@ -603,17 +670,15 @@ impl Reader {
     }
 }
 
-/// How long a durable pull request of `messages` stays open: 1 ms a
-/// message, at least 5 s. A request normally ends much sooner, when the
-/// messages it expects are delivered; the expiry only bounds the wait when
-/// fewer come. It must leave time to *read* them: async-nats ends a pull 5 s
-/// after its expiry even with delivered messages still buffered, and those
-/// then wait out the ack wait. With 1 s, pulls of 200,000 ran at a quarter of
-/// the rate in release builds, and pulls of 50,000 read by a debug build
-/// under the full test suite's load stalled on redeliveries.
+/// How long a durable pull request of `messages` stays open: long enough to
+/// be served in full on a busy machine (20 µs a message, at least 1 s). It
+/// normally ends sooner, when the messages it expects are delivered; the
+/// expiry bounds the wait when the server cannot send them all (fewer left,
+/// or `max_ack_pending` reached while an earlier run's messages are still
+/// unacknowledged).
 fn pull_expiry(messages: usize) -> Duration {
-    Duration::from_secs(5)
-        .max(Duration::from_millis(1).saturating_mul(u32::try_from(messages).unwrap_or(u32::MAX)))
+    Duration::from_secs(1)
+        .max(Duration::from_micros(20).saturating_mul(u32::try_from(messages).unwrap_or(u32::MAX)))
 }
 
 /// One difference between the rebuilt store and the live fleet.
