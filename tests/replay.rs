@@ -68,6 +68,40 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A `windrow replay --durable NAME --batch N` process that has reported
+/// progress at least once (so it is mid-way when the test stops it).
+async fn durable_replay_under_way(
+    nats: &NatsServer,
+    into: &Path,
+    name: &str,
+    batch: &str,
+) -> RoleProcess {
+    let url = nats.url();
+    let args = [
+        "--config",
+        fleet_config().to_str().unwrap(),
+        "replay",
+        "--nats-url",
+        &url,
+        "--progress",
+        "log",
+        "--into",
+        into.to_str().unwrap(),
+        "--durable",
+        name,
+        "--batch",
+        batch,
+    ];
+    let process = RoleProcess::spawn(windrow(), &args, &[("RUST_LOG", "info")]);
+    let started = wait_until(Duration::from_secs(60), || {
+        let log = process.log();
+        async move { log.contains("replay progress") }
+    })
+    .await;
+    assert!(started, "{}", process.log());
+    process
+}
+
 /// The windows of a store read directly (`windrow store scan`).
 async fn store_windows(dir: &Path, resolution_secs: u32) -> Windows {
     let out = tokio::process::Command::new(windrow())
@@ -240,28 +274,7 @@ async fn replaying_twice_changes_nothing_and_an_interrupted_durable_replay_resum
     // Interrupted with SIGTERM mid-way (small batches keep it busy long
     // enough), then started again with the same durable name.
     let resumed = dir.path().join("resumed");
-    let args = [
-        "--config",
-        fleet_config().to_str().unwrap(),
-        "replay",
-        "--nats-url",
-        &nats.url(),
-        "--progress",
-        "log",
-        "--into",
-        resumed.to_str().unwrap(),
-        "--durable",
-        "rebuild",
-        "--batch",
-        "50",
-    ];
-    let mut first_run = RoleProcess::spawn(windrow(), &args, &[("RUST_LOG", "info")]);
-    let started = wait_until(Duration::from_secs(60), || {
-        let log = first_run.log();
-        async move { log.contains("replay progress") }
-    })
-    .await;
-    assert!(started, "{}", first_run.log());
+    let mut first_run = durable_replay_under_way(&nats, &resumed, "rebuild", "50").await;
     first_run.sigterm().await;
     let status = first_run.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(
@@ -302,28 +315,7 @@ async fn a_durable_replay_killed_outright_resumes_after_the_ack_wait_and_ends_id
     publish_jetstream(&nats.url(), &readings).await;
     let dir = tempfile::tempdir().unwrap();
     let into = dir.path().join("killed");
-    let args = [
-        "--config",
-        fleet_config().to_str().unwrap(),
-        "replay",
-        "--nats-url",
-        &nats.url(),
-        "--progress",
-        "log",
-        "--into",
-        into.to_str().unwrap(),
-        "--durable",
-        "killed",
-        "--batch",
-        "2000",
-    ];
-    let mut first_run = RoleProcess::spawn(windrow(), &args, &[("RUST_LOG", "info")]);
-    let started = wait_until(Duration::from_secs(60), || {
-        let log = first_run.log();
-        async move { log.contains("replay progress") }
-    })
-    .await;
-    assert!(started, "{}", first_run.log());
+    let mut first_run = durable_replay_under_way(&nats, &into, "killed", "2000").await;
     first_run.sigkill().await;
     assert!(
         first_run.log().lines().all(|l| !l.starts_with("replayed ")),

@@ -207,22 +207,19 @@ pub(crate) struct Prepared {
     apply_spans: Vec<tracing::Span>,
 }
 
-/// The next item of `stream` if it arrives before `deadline`; `None` at the
-/// deadline or the end of the stream. What is already buffered is taken
-/// without arming a timer: when a batch fills from a backlog, a timer per
-/// message cost as much as a tenth of the receiving task's time.
-pub(crate) async fn next_before<S>(stream: &mut S, deadline: Instant) -> Option<S::Item>
+/// The next item of `stream` if it arrives before `deadline`: `Some(None)` at
+/// the end of the stream, `None` at the deadline. What is already buffered is
+/// taken without arming a timer: when a batch fills from a backlog, a timer
+/// per message cost as much as a tenth of the receiving task's time.
+pub(crate) async fn next_before<S>(stream: &mut S, deadline: Instant) -> Option<Option<S::Item>>
 where
     S: futures::Stream + Unpin,
 {
     use futures::{FutureExt, StreamExt};
     if let Some(item) = stream.next().now_or_never() {
-        return item;
+        return Some(item);
     }
-    tokio::time::timeout_at(deadline, stream.next())
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout_at(deadline, stream.next()).await.ok()
 }
 
 /// Batches processed one at a time, each decoded while the one before is

@@ -28,7 +28,9 @@ use windrow_ops::Health;
 
 use crate::{
     config::Config,
-    consume::{stream_identity, ConsumerLimits, Incoming, Outcome, Pipeline, Processor},
+    consume::{
+        next_before, stream_identity, ConsumerLimits, Incoming, Outcome, Pipeline, Processor,
+    },
     events::Metrics,
     query::{gather, merge_windows, QueryRequest},
     store::{SystemClock, WindowRow},
@@ -401,16 +403,12 @@ impl Pull {
         }
         let item = self.batch.next().await;
         let first = self.take(item);
-        if first.is_some() {
-            while !self.ended {
-                match self.batch.next().now_or_never() {
-                    Some(item) => {
-                        if let Some(m) = self.take(item) {
-                            self.ready.push_back(m);
-                        }
-                    }
-                    None => break,
-                }
+        while first.is_some() && !self.ended {
+            let Some(item) = self.batch.next().now_or_never() else {
+                break;
+            };
+            if let Some(m) = self.take(item) {
+                self.ready.push_back(m);
             }
         }
         first
@@ -527,9 +525,9 @@ impl Reader {
                 ReaderStream::Ordered(s) => {
                     let item = match patience {
                         None => s.next().await,
-                        Some(p) => match tokio::time::timeout(p, s.next()).await {
-                            Ok(item) => item,
-                            Err(_) => return Ok(None),
+                        Some(p) => match next_before(s, tokio::time::Instant::now() + p).await {
+                            Some(item) => item,
+                            None => return Ok(None),
                         },
                     };
                     match item {
@@ -583,17 +581,7 @@ impl Reader {
     /// its messages until the ack wait).
     async fn next_in_batch(&mut self) -> Result<Option<Incoming>, Error> {
         match &mut self.messages {
-            ReaderStream::Ordered(s) => {
-                // What is already buffered needs no timer (a timer per
-                // message was a tenth of the replay loop's time).
-                match s.next().now_or_never() {
-                    Some(Some(Ok(m))) => return Ok(Some(Incoming::unacked(&m, &self.identity))),
-                    Some(Some(Err(e))) => tracing::warn!(error = %e, "replay consumer"),
-                    Some(None) => return Err(Error::Replay("the consumer ended".into())),
-                    None => {}
-                }
-                self.next(Some(Duration::from_millis(50))).await
-            }
+            ReaderStream::Ordered(_) => self.next(Some(Duration::from_millis(50))).await,
             ReaderStream::Durable { batch, .. } => {
                 let Some(current) = batch.as_mut() else {
                     return Ok(None);

@@ -184,8 +184,8 @@ async fn consume_core(
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < config.batch_max_messages {
             match next_before(&mut sub, deadline).await {
-                Some(m) => batch.push(Incoming::core(m)),
-                None => break,
+                Some(Some(m)) => batch.push(Incoming::core(m)),
+                _ => break,
             }
         }
         if pipeline.submit(batch).await.is_none() {
@@ -368,12 +368,12 @@ async fn pull_batches(
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < bound.limits.batch {
             match next_before(&mut messages, deadline).await {
-                Some(Ok(m)) => batch.push(Incoming::jetstream(m, &bound.identity)),
-                Some(Err(e)) => {
+                Some(Some(Ok(m))) => batch.push(Incoming::jetstream(m, &bound.identity)),
+                Some(Some(Err(e))) => {
                     tracing::warn!(error = %e, "pull consumer");
                     break;
                 }
-                None => break,
+                _ => break,
             }
         }
         tracing::debug!(messages = batch.len(), "batch");
