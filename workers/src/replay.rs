@@ -220,7 +220,16 @@ pub async fn replay(
     let mut summary = Summary::default();
     let identity = stream_identity(info);
     let consumer_filter = consumer_filter(&info.config.subjects, &filter);
-    let mut reader = Reader::open(&stream, &config, &consumer_filter, policy, identity).await?;
+    let end_seq = last_in_range(config.end, last_seq);
+    let mut reader = Reader::open(
+        &stream,
+        &config,
+        &consumer_filter,
+        policy,
+        identity,
+        end_seq,
+    )
+    .await?;
     tracing::info!(
         stream = %config.stream,
         %filter,
@@ -280,7 +289,9 @@ pub async fn replay(
             }
             summary.first_seq = Some(summary.first_seq.map_or(stored.seq, |s| s.min(stored.seq)));
             summary.last_seq = Some(summary.last_seq.map_or(stored.seq, |s| s.max(stored.seq)));
-            remaining = reader.pending_after(&m);
+            // Never more than the sequences left in the range: a pull then
+            // stops at the end instead of bringing messages to hand back.
+            remaining = reader.pending_after(&m, end_seq.saturating_sub(stored.seq));
             batch.push(m);
             // A durable pull runs to its end (the rest of it may be
             // redeliveries, which the consumer's pending count leaves out);
@@ -302,13 +313,16 @@ pub async fn replay(
             last_report = Instant::now();
             progress(Progress {
                 done: summary.messages,
-                remaining: remaining.min(end_distance(config.end, summary.last_seq)),
+                remaining,
                 rate: summary.messages as f64 / started.elapsed().as_secs_f64(),
             });
         }
     }
-    summary.settle(pipeline.finish().await);
+    // Hand back first: a pull left unread while the last commit runs is ended
+    // by async-nats 5 s after its expiry, and what it still buffered would
+    // come back only after the ack wait.
     reader.hand_back_buffered().await;
+    summary.settle(pipeline.finish().await);
     summary.elapsed = started.elapsed();
     progress(Progress {
         done: summary.messages,
@@ -332,10 +346,12 @@ async fn hand_back(m: Incoming) {
     }
 }
 
-fn end_distance(end: End, last: Option<u64>) -> u64 {
-    match (end, last) {
-        (End::Sequence(s), Some(l)) => s.saturating_sub(l),
-        _ => u64::MAX,
+/// The highest stream sequence the range can hold: the end sequence, or the
+/// stream's last one when the replay started (an end time lies before it).
+fn last_in_range(end: End, last_seq: u64) -> u64 {
+    match end {
+        End::Sequence(s) => s,
+        End::Current | End::Time(_) => last_seq,
     }
 }
 
@@ -440,6 +456,7 @@ impl Reader {
         filter: &str,
         policy: DeliverPolicy,
         identity: String,
+        end_seq: u64,
     ) -> Result<Reader, Error> {
         let err = |e: &dyn std::fmt::Display| Error::Replay(format!("consumer: {e}"));
         match &config.durable {
@@ -485,9 +502,14 @@ impl Reader {
                         "the durable consumer exists with another filter or start; it continues where it stopped and the new --since/--from-seq/--subject-filter are ignored"
                     );
                 }
-                let initial_pending = info.num_pending + info.num_ack_pending as u64;
-                let expected = if info.num_pending > 0 {
-                    info.num_pending
+                // Undelivered messages up to the end of the range; those past
+                // it are left on the consumer for a later run.
+                let undelivered = info
+                    .num_pending
+                    .min(end_seq.saturating_sub(info.delivered.stream_sequence));
+                let initial_pending = undelivered + info.num_ack_pending as u64;
+                let expected = if undelivered > 0 {
+                    undelivered
                 } else {
                     info.num_ack_pending as u64
                 };
@@ -648,9 +670,9 @@ impl Reader {
         }
     }
 
-    /// Messages the consumer still has after `m`.
-    fn pending_after(&mut self, m: &Incoming) -> u64 {
-        let pending = m.pending.unwrap_or(u64::MAX);
+    /// Messages the consumer still has after `m`, at most `in_range`.
+    fn pending_after(&mut self, m: &Incoming, in_range: u64) -> u64 {
+        let pending = m.pending.unwrap_or(u64::MAX).min(in_range);
         if let ReaderStream::Durable { expected, .. } = &mut self.messages {
             *expected = pending;
         }
