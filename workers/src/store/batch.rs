@@ -2,7 +2,9 @@
 //! values and applied bitmaps updated in memory, then written in one
 //! transaction.
 
-use heed::{RoTxn, RwTxn};
+use std::ops::Bound;
+
+use heed::{types::Bytes, Database, PutFlags, RoTxn, RwTxn};
 use roaring::RoaringBitmap;
 
 use super::{
@@ -188,11 +190,8 @@ impl Pending {
         }
     }
 
-    /// Merges into what the day holds and puts everything.
-    ///
-    /// Most keys are new (at 1 Hz a series opens a 1 s window per message),
-    /// so each is put if absent in one B-tree descent (`get_or_put`), and
-    /// only a key that exists costs a second descent to store the merge.
+    /// Merges into what the day holds and puts everything, each key in one
+    /// B-tree descent ([`upsert`]).
     fn write(mut self, day: &DayEnv, txn: &mut RwTxn<'_>, applied: u64) -> Result<(), StoreError> {
         let err = lmdb(&day.name);
         let keys = &self.keys;
@@ -203,37 +202,27 @@ impl Pending {
             }
         });
         for (key, delta) in &self.windows {
-            let key = keys.get(*key);
-            let existing = day
-                .windows
-                .get_or_put(txn, key, &delta.to_bytes())
-                .map_err(&err)?
-                .map(|bytes| {
-                    Aggregate::from_bytes(bytes)
-                        .ok_or_else(|| corrupt(&day.name, "window aggregate"))
-                })
-                .transpose()?;
-            if let Some(mut merged) = existing {
-                merged.merge(delta);
-                day.windows
-                    .put(txn, key, &merged.to_bytes())
-                    .map_err(&err)?;
-            }
+            upsert(
+                day,
+                day.windows,
+                txn,
+                keys.get(*key),
+                &delta.to_bytes(),
+                |old| {
+                    let mut merged = Aggregate::from_bytes(old)
+                        .ok_or_else(|| corrupt(&day.name, "window aggregate"))?;
+                    merged.merge(delta);
+                    Ok(Some(merged.to_bytes()))
+                },
+            )?;
         }
         for (key, sample) in &self.latest {
-            let key = keys.get(*key);
             let value = latest_value(sample.0, sample.1);
-            let existing = day
-                .latest
-                .get_or_put(txn, key, &value)
-                .map_err(&err)?
-                .map(|bytes| {
-                    parse_latest_value(bytes).ok_or_else(|| corrupt(&day.name, "latest value"))
-                })
-                .transpose()?;
-            if existing.is_some_and(|old| is_newer(*sample, old)) {
-                day.latest.put(txn, key, &value).map_err(&err)?;
-            }
+            upsert(day, day.latest, txn, keys.get(*key), &value, |old| {
+                let old =
+                    parse_latest_value(old).ok_or_else(|| corrupt(&day.name, "latest value"))?;
+                Ok(is_newer(*sample, old).then_some(value))
+            })?;
         }
         let mut buf = Vec::new();
         for chunk in self.chunks.iter_mut().filter(|c| c.dirty) {
@@ -248,5 +237,48 @@ impl Pending {
         day.meta
             .put(txn, b"messages_applied", &(count + applied).to_le_bytes())
             .map_err(&err)
+    }
+}
+
+/// Puts `fresh` at `key` if the key is new, else what `update` makes of the
+/// stored value (`None`: keep it), in one B-tree descent either way.
+///
+/// A cursor placed at the key (or where it would go) is reused for the
+/// write: an existing value is overwritten in place, a new key is inserted
+/// by LMDB's search of the cursor's page alone. `get_or_put` followed by a
+/// `put` descended the tree twice for every existing key (the 1 min windows
+/// and the latest values, most of a batch's keys).
+#[allow(unsafe_code)]
+fn upsert<V: AsRef<[u8]>>(
+    day: &DayEnv,
+    db: Database<Bytes, Bytes>,
+    txn: &mut RwTxn<'_>,
+    key: &[u8],
+    fresh: &[u8],
+    update: impl FnOnce(&[u8]) -> Result<Option<V>, StoreError>,
+) -> Result<(), StoreError> {
+    let err = lmdb(&day.name);
+    let mut cursor = db
+        .range_mut(txn, &(Bound::Included(key), Bound::Unbounded))
+        .map_err(&err)?;
+    // The stored value is only read here, turned into an owned one by
+    // `update` before anything is written.
+    let replacement = match cursor.next().transpose().map_err(&err)? {
+        Some((found, old)) if found == key => Some(update(old)?),
+        _ => None,
+    };
+    match replacement {
+        Some(None) => Ok(()),
+        // SAFETY: heed's condition for writing through a cursor: no value
+        // borrowed from the database is alive (`old` was consumed above).
+        // The cursor stands on `key`, as MDB_CURRENT requires, and the
+        // values of both databases have a fixed size, so the write is in
+        // place.
+        Some(Some(value)) => unsafe { cursor.put_current(key, value.as_ref()) }
+            .map(drop)
+            .map_err(&err),
+        // SAFETY: as above; a plain cursor put, which places `key` itself.
+        None => unsafe { cursor.put_current_with_options::<Bytes>(PutFlags::empty(), key, fresh) }
+            .map_err(&err),
     }
 }
