@@ -108,9 +108,10 @@ pub(crate) struct ConsumerLimits {
     /// The consumer's ack wait: in-progress acks during commit retries are
     /// paced by it.
     pub ack_wait: Duration,
-    /// Messages per pull request: the wanted batch, at most the consumer's
-    /// `max_ack_pending`. A larger request is served only up to that limit and
-    /// then waits for acks that come only after the batch is complete.
+    /// Messages per pull request: the wanted batch, at most half the
+    /// consumer's `max_ack_pending`. A larger request is served only up to
+    /// that limit and then waits for acks that come only after the batch is
+    /// complete; up to half, the next batch is delivered while one commits.
     pub batch: usize,
 }
 
@@ -124,14 +125,16 @@ impl ConsumerLimits {
         };
         let mut batch = wanted_batch;
         if let Ok(limit) = usize::try_from(info.config.max_ack_pending) {
-            if limit > 0 && limit < batch {
+            let room = (limit / 2).max(1);
+            if limit > 0 && room < batch {
                 tracing::warn!(
                     durable = %info.name,
                     max_ack_pending = limit,
                     wanted = batch,
-                    "the consumer allows fewer unacknowledged messages than {batch_key}; pulling at most max_ack_pending at a time"
+                    pulling = room,
+                    "the consumer's max_ack_pending leaves room for less than two batches of {batch_key}; pulling half of max_ack_pending at a time, so that the next batch arrives while one commits"
                 );
-                batch = limit;
+                batch = room;
             }
         }
         ConsumerLimits { ack_wait, batch }
@@ -543,5 +546,55 @@ impl Processor {
                 failed(&e);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A consumer as the server describes it, with these limits.
+    fn consumer(max_ack_pending: i64, ack_wait_ns: u64) -> jetstream::consumer::Info {
+        serde_json::from_value(serde_json::json!({
+            "stream_name": "TELEMETRY",
+            "name": "workers",
+            "created": "2026-11-29T00:00:00Z",
+            "config": {
+                "durable_name": "workers",
+                "deliver_policy": "all",
+                "ack_policy": "explicit",
+                "ack_wait": ack_wait_ns,
+                "max_ack_pending": max_ack_pending,
+                "replay_policy": "instant",
+            },
+            "delivered": { "consumer_seq": 0, "stream_seq": 0 },
+            "ack_floor": { "consumer_seq": 0, "stream_seq": 0 },
+            "num_ack_pending": 0,
+            "num_redelivered": 0,
+            "num_waiting": 0,
+            "num_pending": 0,
+        }))
+        .expect("a consumer info")
+    }
+
+    #[test]
+    fn a_batch_fits_twice_in_the_consumers_max_ack_pending() {
+        let limits = |pending, wanted| ConsumerLimits::of(&consumer(pending, 0), wanted, "batch");
+        // Room for two batches: as asked.
+        assert_eq!(limits(50_000, 20_000).batch, 20_000);
+        assert_eq!(limits(40_000, 20_000).batch, 20_000);
+        // Less: half of max_ack_pending, so one batch is read while one commits.
+        assert_eq!(limits(20_000, 20_000).batch, 10_000);
+        assert_eq!(limits(1, 100).batch, 1);
+        // No limit on the server.
+        assert_eq!(limits(-1, 20_000).batch, 20_000);
+        assert_eq!(limits(0, 20_000).batch, 20_000);
+    }
+
+    #[test]
+    fn the_ack_wait_is_the_consumers_or_the_servers_default() {
+        let of = |ns| ConsumerLimits::of(&consumer(1000, ns), 10, "batch").ack_wait;
+        assert_eq!(of(5_000_000_000), Duration::from_secs(5));
+        assert_eq!(of(0), Duration::from_secs(30));
     }
 }
