@@ -289,9 +289,11 @@ pub async fn replay(
             }
             summary.first_seq = Some(summary.first_seq.map_or(stored.seq, |s| s.min(stored.seq)));
             summary.last_seq = Some(summary.last_seq.map_or(stored.seq, |s| s.max(stored.seq)));
-            // Never more than the sequences left in the range: a pull then
+            // Never more than the sequences left in the range after the
+            // highest one read (a redelivery's own is lower): a pull then
             // stops at the end instead of bringing messages to hand back.
-            remaining = reader.pending_after(&m, end_seq.saturating_sub(stored.seq));
+            let highest = summary.last_seq.unwrap_or(stored.seq);
+            remaining = reader.pending_after(&m, end_seq.saturating_sub(highest));
             batch.push(m);
             // A durable pull runs to its end (the rest of it may be
             // redeliveries, which the consumer's pending count leaves out);

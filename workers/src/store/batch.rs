@@ -241,11 +241,12 @@ impl Pending {
 }
 
 /// Puts `fresh` at `key` if the key is new, else what `update` makes of the
-/// stored value (`None`: keep it), in one B-tree descent either way.
+/// stored value (`None`: keep it), mostly in one B-tree descent.
 ///
 /// A cursor placed at the key (or where it would go) is reused for the
 /// write: an existing value is overwritten in place, a new key is inserted
-/// by LMDB's search of the cursor's page alone. `get_or_put` followed by a
+/// by LMDB's search of the cursor's page alone (a second descent only when
+/// the cursor landed on the next page). `get_or_put` followed by a
 /// `put` descended the tree twice for every existing key (the 1 min windows
 /// and the latest values, most of a batch's keys).
 #[allow(unsafe_code)]
@@ -274,9 +275,14 @@ fn upsert<V: AsRef<[u8]>>(
         // The cursor stands on `key`, as MDB_CURRENT requires, and the
         // values of both databases have a fixed size, so the write is in
         // place.
-        Some(Some(value)) => unsafe { cursor.put_current(key, value.as_ref()) }
-            .map(drop)
-            .map_err(&err),
+        Some(Some(value)) => {
+            let written = unsafe { cursor.put_current(key, value.as_ref()) }.map_err(&err)?;
+            if written {
+                Ok(())
+            } else {
+                Err(corrupt(&day.name, "an entry vanished under the cursor"))
+            }
+        }
         // SAFETY: as above; a plain cursor put, which places `key` itself.
         None => unsafe { cursor.put_current_with_options::<Bytes>(PutFlags::empty(), key, fresh) }
             .map_err(&err),
