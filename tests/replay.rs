@@ -102,6 +102,17 @@ async fn durable_replay_under_way(
     process
 }
 
+/// A durable consumer as the server has it: the last stream sequence it
+/// delivered and how many of its deliveries are unacknowledged.
+async fn consumer_state(nats: &NatsServer, durable: &str) -> (u64, usize) {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        js.get_consumer_from_stream(durable, STREAM).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.delivered.stream_sequence, info.num_ack_pending)
+}
+
 /// The windows of a store read directly (`windrow store scan`).
 async fn store_windows(dir: &Path, resolution_secs: u32) -> Windows {
     let out = tokio::process::Command::new(windrow())
@@ -261,6 +272,17 @@ async fn replaying_twice_changes_nothing_and_an_interrupted_durable_replay_resum
         stdout(&out).contains("replayed 50000 message(s)"),
         "{}",
         stdout(&out)
+    );
+    // Nothing past the end was pulled (and so nothing waits for a NAK or the
+    // ack wait to come back), and every read message was acknowledged.
+    let settled = wait_until(Duration::from_secs(10), || async {
+        consumer_state(&nats, "part").await == (50_000, 0)
+    })
+    .await;
+    assert!(
+        settled,
+        "consumer after --to-seq 50000: (delivered up to, unacknowledged) = {:?}",
+        consumer_state(&nats, "part").await
     );
     let out = replay(&nats, &stopped, &["--durable", "part"]).await;
     assert!(out.status.success());
