@@ -29,6 +29,16 @@ async fn stream(nats: &NatsServer) {
     .await;
 }
 
+/// A private nats-server whose stream holds `devices` × `per_device` fleet
+/// readings, published through JetStream.
+async fn stream_of_readings(devices: usize, per_device: usize) -> (NatsServer, Vec<Reading>) {
+    let nats = NatsServer::start().await;
+    stream(&nats).await;
+    let readings = fleet_readings(devices, per_device, recent_base());
+    publish_jetstream(&nats.url(), &readings).await;
+    (nats, readings)
+}
+
 /// The fleet's shared configuration file: series keyed by the `device` field,
 /// as `Worker::start` does with a flag.
 fn fleet_config() -> &'static Path {
@@ -233,10 +243,7 @@ async fn a_replayed_store_equals_the_live_fleet_for_a_million_messages_through_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replaying_twice_changes_nothing_and_an_interrupted_durable_replay_resumes() {
-    let nats = NatsServer::start().await;
-    stream(&nats).await;
-    let readings = fleet_readings(2_000, 100, recent_base());
-    publish_jetstream(&nats.url(), &readings).await;
+    let (nats, readings) = stream_of_readings(2_000, 100).await;
     let want = expected_windows(&readings, 60);
     let dir = tempfile::tempdir().unwrap();
 
@@ -331,10 +338,7 @@ async fn replaying_twice_changes_nothing_and_an_interrupted_durable_replay_resum
 /// redeliveries after the ack wait and ends with exactly the stream's windows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_durable_replay_killed_outright_resumes_after_the_ack_wait_and_ends_identical() {
-    let nats = NatsServer::start().await;
-    stream(&nats).await;
-    let readings = fleet_readings(1_000, 100, recent_base());
-    publish_jetstream(&nats.url(), &readings).await;
+    let (nats, readings) = stream_of_readings(1_000, 100).await;
     let dir = tempfile::tempdir().unwrap();
     let into = dir.path().join("killed");
     let mut first_run = durable_replay_under_way(&nats, &into, "killed", "2000").await;

@@ -62,6 +62,14 @@ impl Incoming {
         }
     }
 
+    /// Negatively acknowledges a durable consumer's message, so that it is
+    /// redelivered at once rather than after the ack wait.
+    pub async fn hand_back(self) {
+        if let Some(js) = self.ack {
+            let _ = js.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+
     /// From an explicit-ack consumer of the stream `identity`
     /// ([`stream_identity`]): acknowledged after its commit.
     pub fn jetstream(m: jetstream::Message, identity: &str) -> Self {
@@ -264,9 +272,7 @@ impl Pipeline {
         let Some(before) = self.finish().await else {
             // Interrupted: hand the decoded batch back for redelivery now.
             for m in prepared.batch {
-                if let Some(js) = m.ack {
-                    let _ = js.ack_with(AckKind::Nak(None)).await;
-                }
+                m.hand_back().await;
             }
             return None;
         };

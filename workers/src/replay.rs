@@ -283,16 +283,16 @@ pub async fn replay(
                 continue;
             };
             if past_end(config.end, last_seq, stored.seq, stored.at_ns) {
-                hand_back(m).await;
+                m.hand_back().await;
                 reached_end = true;
                 break;
             }
             summary.first_seq = Some(summary.first_seq.map_or(stored.seq, |s| s.min(stored.seq)));
-            summary.last_seq = Some(summary.last_seq.map_or(stored.seq, |s| s.max(stored.seq)));
+            let highest = summary.last_seq.map_or(stored.seq, |s| s.max(stored.seq));
+            summary.last_seq = Some(highest);
             // Never more than the sequences left in the range after the
             // highest one read (a redelivery's own is lower): a pull then
             // stops at the end instead of bringing messages to hand back.
-            let highest = summary.last_seq.unwrap_or(stored.seq);
             remaining = reader.pending_after(&m, end_seq.saturating_sub(highest));
             batch.push(m);
             // A durable pull runs to its end (the rest of it may be
@@ -338,14 +338,6 @@ pub async fn replay(
     drop(writer);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     Ok(summary)
-}
-
-/// Negatively acknowledges a durable consumer's message: redelivered at once
-/// to the next run rather than after the ack wait.
-async fn hand_back(m: Incoming) {
-    if let Some(js) = m.ack {
-        let _ = js.ack_with(jetstream::AckKind::Nak(None)).await;
-    }
 }
 
 /// The highest stream sequence the range can hold: the end sequence, or the
