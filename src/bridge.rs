@@ -4,7 +4,13 @@ use anyhow::{bail, Context as _};
 use windrow_bridge::{Config, Delivery, MessageIdMode, RetainedPolicy, Route};
 use windrow_jetstream::NatsConfig;
 
-use crate::cli::{BridgeArgs, MessageIdArg, NatsArgs};
+use std::process::ExitCode;
+
+use crate::{
+    cli::{BridgeArgs, MessageIdArg, NatsArgs},
+    config_error,
+    settings::Settings,
+};
 
 fn set<T>(slot: &mut T, value: Option<T>) {
     if let Some(v) = value {
@@ -78,8 +84,19 @@ pub fn parse_route(spec: &str) -> anyhow::Result<Route> {
     Ok(route)
 }
 
+/// The bridge's configuration: the file and environment, then the flags, validated.
+///
+/// # Errors
+/// Exit code 2, after printing what is wrong (each bad key named).
+pub fn config(settings: &Settings, args: &BridgeArgs) -> Result<Config, ExitCode> {
+    let mut config: Config = settings.role("bridge").map_err(|e| config_error(&e))?;
+    apply(&mut config, args).map_err(|e| config_error(&e))?;
+    config.validate().map_err(|e| config_error(&e))?;
+    Ok(config)
+}
+
 /// Applies the bridge flags over `c`.
-pub fn apply(c: &mut Config, a: &BridgeArgs) -> anyhow::Result<()> {
+fn apply(c: &mut Config, a: &BridgeArgs) -> anyhow::Result<()> {
     apply_nats(&mut c.nats, &a.nats);
     let m = &mut c.mqtt;
     set(&mut m.host, a.mqtt_host.clone());
@@ -134,6 +151,7 @@ pub fn apply(c: &mut Config, a: &BridgeArgs) -> anyhow::Result<()> {
     }
     set(&mut c.http_listen, a.http_listen);
     set(&mut c.shutdown_timeout_secs, a.shutdown_timeout_secs);
+    set(&mut c.threads, a.threads);
     if a.trace_sample_ratio.is_some() {
         c.trace_sample_ratio = a.trace_sample_ratio;
     }

@@ -140,6 +140,9 @@ pub struct BridgeArgs {
     /// MQTT connections in this process [bridge.mqtt.connections; default 4].
     #[arg(long)]
     pub connections: Option<usize>,
+    /// Threads of the async runtime [bridge.threads; default 1].
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Shared-subscription group [bridge.mqtt.shared_group; default windrow].
     #[arg(long)]
     pub shared_group: Option<String>,

@@ -23,10 +23,26 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The bridge sizes its runtime from its configuration, so that is read
+    // (and refused, with exit code 2) before the runtime starts.
+    let threads = match &cli.command {
+        Command::Bridge(args) => {
+            match Settings::load(cli.config.as_deref())
+                .map_err(|e| config_error(&e))
+                .and_then(|settings| bridge::config(&settings, args))
+            {
+                Ok(config) => Some(config.threads),
+                Err(code) => return code,
+            }
+        }
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -150,16 +166,10 @@ async fn dispatch(cli: Cli) -> ExitCode {
             }
         },
         Command::Bridge(args) => {
-            let mut config: windrow_bridge::Config = match settings.role("bridge") {
+            let config = match bridge::config(&settings, &args) {
                 Ok(c) => c,
-                Err(e) => return config_error(&e),
+                Err(code) => return code,
             };
-            if let Err(e) = bridge::apply(&mut config, &args) {
-                return config_error(&e);
-            }
-            if let Err(e) = config.validate() {
-                return config_error(&e);
-            }
             let telemetry = match telemetry::init(cli.log_format, "windrow-bridge") {
                 Ok(t) => t,
                 Err(e) => {

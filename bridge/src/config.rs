@@ -34,6 +34,12 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Upper bound on the drain after SIGTERM, in seconds. Default 20.
     pub shutdown_timeout_secs: u64,
+    /// Threads of the bridge's async runtime. Default 1: every connection and
+    /// the NATS client then run on one thread, and a message is handed from
+    /// MQTT to NATS without waking another thread. On a shared 2-core machine
+    /// that carried 20 % more messages than a thread per core (BENCHMARKS.md).
+    /// Scale out with replicas, or raise this when one core is not enough.
+    pub threads: usize,
     /// Fraction of messages that get a trace span and a `traceparent` header.
     /// Default: taken from the `OTEL_TRACES_SAMPLER*` variables (0 when OTLP is off).
     pub trace_sample_ratio: Option<f64>,
@@ -163,6 +169,7 @@ impl Default for Config {
             dead_letter_subject: "windrow.deadletter.bridge".to_owned(),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
             shutdown_timeout_secs: 20,
+            threads: 1,
             trace_sample_ratio: None,
         }
     }
@@ -318,6 +325,12 @@ impl Config {
         if self.shutdown_timeout_secs == 0 {
             p.push("bridge.shutdown_timeout_secs: must be ≥ 1, got 0".into());
         }
+        if !(1..=256).contains(&self.threads) {
+            p.push(format!(
+                "bridge.threads: must be 1 to 256, got {}",
+                self.threads
+            ));
+        }
         if let Some(r) = self.trace_sample_ratio {
             if !(0.0..=1.0).contains(&r) {
                 p.push(format!(
@@ -355,6 +368,7 @@ mod tests {
         c.routes[0].qos = 3;
         c.routes[0].filter = "a/#/b".into();
         c.nats.subject_prefix = "a..b".into();
+        c.threads = 0;
         let err = c.validate().unwrap_err();
         let text = err.to_string();
         for key in [
@@ -363,9 +377,10 @@ mod tests {
             "bridge.routes[0].qos",
             "bridge.routes[0].filter",
             "bridge.nats.subject_prefix",
+            "bridge.threads: must be 1 to 256, got 0",
         ] {
             assert!(text.contains(key), "{key} missing from {text}");
         }
-        assert_eq!(err.0.len(), 5);
+        assert_eq!(err.0.len(), 6);
     }
 }
