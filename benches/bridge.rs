@@ -836,9 +836,19 @@ enum Scenario {
     BridgeQos0Traced1,
     /// (b) with OTLP export, every message traced.
     BridgeQos0Traced100,
+    /// (e) 100 % on two runtime threads (`--threads 2`).
+    BridgeQos0Traced100Threads2,
 }
 
 impl Scenario {
+    /// The bridge's runtime threads (`--threads`).
+    fn threads(self) -> usize {
+        match self {
+            Scenario::BridgeQos0Traced100Threads2 => 2,
+            _ => 1,
+        }
+    }
+
     /// Where a bridge scenario counts its messages.
     fn sink(self) -> Sink {
         match self {
@@ -851,7 +861,9 @@ impl Scenario {
     fn sampling(self) -> Option<(&'static str, &'static str)> {
         match self {
             Scenario::BridgeQos0Traced1 => Some(("traceidratio", "0.01")),
-            Scenario::BridgeQos0Traced100 => Some(("always_on", "1")),
+            Scenario::BridgeQos0Traced100 | Scenario::BridgeQos0Traced100Threads2 => {
+                Some(("always_on", "1"))
+            }
             _ => None,
         }
     }
@@ -869,6 +881,7 @@ impl Scenario {
             Scenario::BridgeQos0Defaults => "(d) bridge QoS 0, Mosquitto defaults",
             Scenario::BridgeQos0Traced1 => "(e) bridge QoS 0, tracing 1 %",
             Scenario::BridgeQos0Traced100 => "(e) bridge QoS 0, tracing 100 %",
+            Scenario::BridgeQos0Traced100Threads2 => "(e) bridge QoS 0, tracing 100 %, 2 threads",
         }
     }
 
@@ -886,12 +899,19 @@ impl Scenario {
                  benchmark process (`windrow.telemetry.>`), which counts"
                     .into()
             }
-            Scenario::BridgeQos0Traced1 | Scenario::BridgeQos0Traced100 => {
+            Scenario::BridgeQos0Traced1
+            | Scenario::BridgeQos0Traced100
+            | Scenario::BridgeQos0Traced100Threads2 => {
                 let (sampler, arg) = self.sampling().unwrap_or_default();
                 format!(
                     "as (b), with `OTEL_EXPORTER_OTLP_ENDPOINT` set (OTLP/HTTP to a stand-in \
                      collector on loopback), `OTEL_TRACES_SAMPLER={sampler}` \
-                     `OTEL_TRACES_SAMPLER_ARG={arg}`"
+                     `OTEL_TRACES_SAMPLER_ARG={arg}`{}",
+                    if self.threads() > 1 {
+                        format!(", `--threads {}`", self.threads())
+                    } else {
+                        String::new()
+                    }
                 )
             }
             Scenario::CeilingQos1 => format!(
@@ -1037,7 +1057,14 @@ impl Bench {
                 ("OTEL_TRACES_SAMPLER_ARG", arg),
             ]);
         }
-        let bridge = start_bridge(&nats, &mqtt, &["--connections", &connections], &envs).await;
+        let threads = scenario.threads().to_string();
+        let bridge = start_bridge(
+            &nats,
+            &mqtt,
+            &["--connections", &connections, "--threads", &threads],
+            &envs,
+        )
+        .await;
         probe_bridge(mqtt.port(), &nats.url()).await;
         // Counts what the bridge exports while the scenario runs.
         let exported = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
@@ -1273,7 +1300,7 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
     );
     let _ = writeln!(
         md,
-        "Machine: 2 cores shared by publisher, Mosquitto, bridge, nats-server and subscriber ({}, {} cores online). \
+        "Machine: 2 cores shared by publisher, Mosquitto, bridge and nats-server, plus a subscriber end to end ({}, {} cores online). \
          {}; {}; windrow release build.\n",
         cpu_model(),
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
@@ -1296,6 +1323,7 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
         Scenario::BridgeQos0Subscribed,
         Scenario::BridgeQos0Traced1,
         Scenario::BridgeQos0Traced100,
+        Scenario::BridgeQos0Traced100Threads2,
         Scenario::CeilingQos1,
         Scenario::BridgeQos1,
     ];
@@ -1335,7 +1363,9 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
                 format!("{:.2}", med(s) / med(Scenario::CeilingQos0))
             }
             Scenario::BridgeQos1 => format!("{:.2}", med(s) / med(Scenario::CeilingQos1)),
-            Scenario::BridgeQos0Traced1 | Scenario::BridgeQos0Traced100 => format!(
+            Scenario::BridgeQos0Traced1
+            | Scenario::BridgeQos0Traced100
+            | Scenario::BridgeQos0Traced100Threads2 => format!(
                 "{:.2} ({:.2} of (b))",
                 med(s) / med(Scenario::CeilingQos0),
                 med(s) / med(Scenario::BridgeQos0)
@@ -1489,7 +1519,7 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
     );
     let _ = writeln!(
         md,
-        "- Bridge: otherwise defaults (`--max-in-flight 4096`, `--message-id uuid7`, shared subscription \
+        "- Bridge: otherwise defaults (`--threads 1`, `--max-in-flight 4096`, `--message-id uuid7`, shared subscription \
          `$share/windrow/#`, RUST_LOG=info). Stream `{STREAM}`: `windrow.telemetry.>`, file storage, \
          1 replica, duplicate window 2 min, nats-server defaults (fsync every 2 min)."
     );
@@ -1539,7 +1569,11 @@ async fn run() {
             this.push(o);
         }
         if settings.tracing {
-            for scenario in [Scenario::BridgeQos0Traced1, Scenario::BridgeQos0Traced100] {
+            for scenario in [
+                Scenario::BridgeQos0Traced1,
+                Scenario::BridgeQos0Traced100,
+                Scenario::BridgeQos0Traced100Threads2,
+            ] {
                 let o = bench.bridge_qos0(scenario, qos0_options()).await;
                 progress(run, runs, &o);
                 this.push(o);

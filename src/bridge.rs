@@ -1,10 +1,10 @@
 //! `windrow bridge`: flags over the configuration, then the bridge library.
 
+use std::process::ExitCode;
+
 use anyhow::{bail, Context as _};
 use windrow_bridge::{Config, Delivery, MessageIdMode, RetainedPolicy, Route};
 use windrow_jetstream::NatsConfig;
-
-use std::process::ExitCode;
 
 use crate::{
     cli::{BridgeArgs, MessageIdArg, NatsArgs},
