@@ -60,8 +60,8 @@ use windrow_harness::{
 const TOPICS: usize = 1000;
 /// Size of every payload.
 const PAYLOAD_BYTES: usize = 200;
-/// Bridge MQTT connections for QoS 0 (b, d).
-const QOS0_CONNECTIONS: usize = 2;
+/// Bridge MQTT connections for QoS 0 (b, d): the bridge's default for QoS 0 routes.
+const QOS0_CONNECTIONS: usize = 1;
 /// Bridge connections and shared ceiling subscribers for QoS 1 (c).
 const QOS1_CONNECTIONS: usize = 4;
 /// Mosquitto `max_inflight_messages` per client in (c), for the bridge and the ceiling alike.
@@ -891,7 +891,7 @@ impl Scenario {
                 "publisher → Mosquitto → 1 rumqttc QoS 0 subscriber (`bench/#`)".into()
             }
             Scenario::BridgeQos0 | Scenario::BridgeQos0Defaults => format!(
-                "publisher → Mosquitto → windrow bridge ({QOS0_CONNECTIONS} connections, `#` QoS 0 core) \
+                "publisher → Mosquitto → windrow bridge ({QOS0_CONNECTIONS} connection, `#` QoS 0 core) \
                  → nats-server; counted by nats-server (`/varz` `in_msgs`)"
             ),
             Scenario::BridgeQos0Subscribed => {

@@ -102,7 +102,7 @@ fn apply(c: &mut Config, a: &BridgeArgs) -> anyhow::Result<()> {
     set(&mut m.host, a.mqtt_host.clone());
     set(&mut m.port, a.mqtt_port);
     set(&mut m.client_id, a.client_id.clone());
-    set(&mut m.connections, a.connections);
+    set(&mut m.connections, a.connections.map(Some));
     set(&mut m.shared_group, a.shared_group.clone());
     if a.no_shared_subscription {
         m.shared_subscription = false;

@@ -137,7 +137,7 @@ pub struct BridgeArgs {
     /// Stable client id of this replica; connection i is <id>-<i> [bridge.mqtt.client_id; default $POD_NAME or $HOSTNAME].
     #[arg(long)]
     pub client_id: Option<String>,
-    /// MQTT connections in this process [bridge.mqtt.connections; default 4].
+    /// MQTT connections in this process [bridge.mqtt.connections; default 1 when every route is QoS 0, else 4].
     #[arg(long)]
     pub connections: Option<usize>,
     /// Threads of the async runtime [bridge.threads; default 1].

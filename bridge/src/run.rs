@@ -47,7 +47,7 @@ pub async fn run_with_ratio(
     // rumqttc is built without a default TLS provider; ring is the one the
     // NATS client uses too. An error only means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let options = (0..config.mqtt.connections)
+    let options = (0..config.connections())
         .map(|i| mqtt::options(&config, i))
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -55,7 +55,7 @@ pub async fn run_with_ratio(
     let metrics = Metrics::register(&mut registry);
     let health = Health::new();
     health.register("nats");
-    for i in 0..config.mqtt.connections {
+    for i in 0..config.connections() {
         health.register(format!("mqtt-{i}"));
     }
     let ops = OpsServer::bind(config.http_listen).await?;
@@ -112,7 +112,7 @@ pub async fn run_with_ratio(
     }
     tracker.close();
     tracing::info!(
-        connections = config.mqtt.connections,
+        connections = config.connections(),
         routes = config.routes.len(),
         "bridge running"
     );
