@@ -5,19 +5,21 @@
 //!
 //! - (a) ceiling QoS 0: publisher → Mosquitto → one rumqttc QoS 0 subscriber;
 //! - (b) bridge QoS 0: publisher → Mosquitto → `windrow bridge` (core NATS) →
-//!   nats-server → one async-nats subscriber;
+//!   nats-server, counted by nats-server itself (`/varz` `in_msgs`: the
+//!   bridge's rate *into* NATS, as the issue asks), and once more end to end
+//!   with one async-nats subscriber counting;
 //! - (c) ceiling QoS 1: QoS 1 publisher → Mosquitto → C rumqttc QoS 1
 //!   subscribers in one shared group;
 //! - (c) bridge QoS 1: QoS 1 publisher → Mosquitto → `windrow bridge` (C
-//!   connections, JetStream) → a file stream, observed by a core subscriber;
+//!   connections, JetStream) → a file stream, counted as stored (`/jsz`);
 //!
 //! and, in the same rounds, (e) (b) with OTLP tracing on (exporting to a
-//! stand-in collector) at the default 1 % sampling and at 100 %, reported as a
-//! ratio to (b); then (d) (a) and (b) once more with Mosquitto's default queue
-//! limits. Every
-//! scenario gets fresh brokers. The rate is the number of messages the measuring
-//! subscriber received divided by the time between its first and its last
-//! message. Progress goes to stderr, a Markdown report to stdout.
+//! stand-in collector) at the default 1 % sampling and at 100 % (with one and
+//! with two runtime threads), reported as a ratio to (b); then (d) (a) and (b)
+//! once more with Mosquitto's default queue limits. Every scenario gets fresh
+//! brokers. The rate is the number of messages counted divided by the time
+//! between the first and the last one counted. Progress goes to stderr, a
+//! Markdown report to stdout.
 //!
 //! Environment: `WINDROW_BENCH_MESSAGES` (default 1,000,000),
 //! `WINDROW_BENCH_QOS1_MESSAGES` (default: the same), `WINDROW_BENCH_RUNS`
