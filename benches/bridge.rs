@@ -546,7 +546,9 @@ async fn server_counter(
             .await
             .unwrap_or_else(|e| panic!("GET {path} from nats-server: {e}"));
         assert_eq!(status, 200, "GET {path} from nats-server: {body}");
-        json_number(&body, field)
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get(field)?.as_u64())
             .unwrap_or_else(|| panic!("no number {field:?} in nats-server's {path}: {body}"))
     };
     let base = read().await;
@@ -565,17 +567,6 @@ async fn server_counter(
         task,
         events: Arc::new(ClientEvents::default()),
     }
-}
-
-/// The number after `"field":` in a JSON text (nats-server's monitoring pages
-/// are flat enough for this).
-fn json_number(body: &str, field: &str) -> Option<u64> {
-    let key = format!("\"{field}\":");
-    let rest = body[body.find(&key)? + key.len()..].trim_start();
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }
 
 async fn nats_subscriber(url: &str, meter: Arc<Meter>) -> NatsCounter {
@@ -1314,10 +1305,11 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
         "Rate = messages counted ÷ time from the first to the last one counted (\"Publisher done\" \
          below: when Mosquitto had taken the publisher's last message). The ceilings count at their \
          MQTT subscribers. The bridge scenarios count what reached NATS, as nats-server reports it \
-         (read every 5 ms from its monitoring port): messages it took in for (b), (d) and (e), \
+         (read every {} ms from its monitoring port): messages it took in for (b), (d) and (e), \
          messages stored in the stream for (c). The issue asks for the bridge's rate *into* NATS, and \
          a subscriber would add a fifth busy process on the 2 cores; \"(b) end to end\" shows the \
-         rate with one.\n"
+         rate with one.\n",
+        SERVER_POLL.as_millis()
     );
     let order = [
         Scenario::CeilingQos0,

@@ -14,8 +14,9 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cli::{Cli, Command, ConfigCommand, ExportCommand, StreamsCommand},
+    cli::{BridgeArgs, Cli, Command, ConfigCommand, ExportCommand, StreamsCommand},
     settings::Settings,
+    telemetry::LogFormat,
 };
 
 /// Exit code for configuration errors (nothing was started).
@@ -23,33 +24,38 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The bridge sizes its runtime from its configuration, so that is read
-    // (and refused, with exit code 2) before the runtime starts.
-    let threads = match &cli.command {
-        Command::Bridge(args) => {
-            match Settings::load(cli.config.as_deref())
-                .map_err(|e| config_error(&e))
-                .and_then(|settings| bridge::config(&settings, args))
-            {
-                Ok(config) => Some(config.threads),
-                Err(code) => return code,
-            }
-        }
-        _ => None,
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return config_error(&e),
     };
+    match cli.command {
+        // The bridge sizes its runtime from its configuration, so that is read
+        // (and refused, with exit code 2) before the runtime starts.
+        Command::Bridge(args) => match bridge::config(&settings, &args) {
+            Ok(config) => match runtime(Some(config.threads)) {
+                Ok(rt) => rt.block_on(run_bridge(config, &settings, &args, cli.log_format)),
+                Err(code) => code,
+            },
+            Err(code) => code,
+        },
+        command => match runtime(None) {
+            Ok(rt) => rt.block_on(dispatch(command, &settings, cli.log_format)),
+            Err(code) => code,
+        },
+    }
+}
+
+/// A multi-thread runtime with `threads` workers (default: one per core).
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Some(n) = threads {
         builder.worker_threads(n);
     }
-    let runtime = match builder.build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(dispatch(cli))
+    builder.build().map_err(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 /// Prints a configuration error and returns exit code 2.
@@ -58,12 +64,8 @@ pub(crate) fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-async fn dispatch(cli: Cli) -> ExitCode {
-    let settings = match Settings::load(cli.config.as_deref()) {
-        Ok(s) => s,
-        Err(e) => return config_error(&e),
-    };
-    match cli.command {
+async fn dispatch(command: Command, settings: &Settings, log_format: LogFormat) -> ExitCode {
+    match command {
         Command::Config(ConfigCommand::Default) => {
             match toml::to_string_pretty(&settings::defaults()) {
                 Ok(text) => {
@@ -107,7 +109,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             if let Err(e) = config.validate() {
                 return config_error(&e);
             }
-            let telemetry = match telemetry::init(cli.log_format, "windrow-worker") {
+            let telemetry = match telemetry::init(log_format, "windrow-worker") {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -115,7 +117,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 }
             };
             if args.ensure_streams {
-                if let Err((is_config, e)) = streams::ensure(&settings, &config.nats).await {
+                if let Err((is_config, e)) = streams::ensure(settings, &config.nats).await {
                     tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
                     telemetry.shutdown();
                     return exit_code(Err((is_config, e.context("--ensure-streams"))));
@@ -152,12 +154,12 @@ async fn dispatch(cli: Cli) -> ExitCode {
             }
         }
         Command::Streams(StreamsCommand::Plan(args)) => {
-            streams::command(&settings, &args, false).await
+            streams::command(settings, &args, false).await
         }
         Command::Streams(StreamsCommand::Apply(args)) => {
-            streams::command(&settings, &args, true).await
+            streams::command(settings, &args, true).await
         }
-        Command::Replay(args) => replay::command(&settings, &args, cli.log_format).await,
+        Command::Replay(args) => replay::command(settings, &args, log_format).await,
         Command::Store(args) => match worker::store(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -165,37 +167,40 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Bridge(args) => {
-            let config = match bridge::config(&settings, &args) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let telemetry = match telemetry::init(cli.log_format, "windrow-bridge") {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            tracing::info!(
-                otlp = telemetry.otlp_enabled(),
-                trace_sample_ratio = telemetry.sample_ratio(),
-                "starting bridge"
-            );
-            if args.ensure_streams {
-                if let Err((is_config, e)) = streams::ensure(&settings, &config.nats).await {
-                    tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
-                    telemetry.shutdown();
-                    return exit_code(Err((is_config, e.context("--ensure-streams"))));
-                }
-            }
-            let shutdown = shutdown_on_signal();
-            let res =
-                windrow_bridge::run_with_ratio(config, shutdown, telemetry.sample_ratio()).await;
+        Command::Bridge(_) => unreachable!("main runs the bridge on a runtime of its own"),
+    }
+}
+
+/// `windrow bridge` with its validated configuration.
+async fn run_bridge(
+    config: windrow_bridge::Config,
+    settings: &Settings,
+    args: &BridgeArgs,
+    log_format: LogFormat,
+) -> ExitCode {
+    let telemetry = match telemetry::init(log_format, "windrow-bridge") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        otlp = telemetry.otlp_enabled(),
+        trace_sample_ratio = telemetry.sample_ratio(),
+        "starting bridge"
+    );
+    if args.ensure_streams {
+        if let Err((is_config, e)) = streams::ensure(settings, &config.nats).await {
+            tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
             telemetry.shutdown();
-            exit_code(res.map_err(|e| (e.is_config(), anyhow::Error::from(e))))
+            return exit_code(Err((is_config, e.context("--ensure-streams"))));
         }
     }
+    let shutdown = shutdown_on_signal();
+    let res = windrow_bridge::run_with_ratio(config, shutdown, telemetry.sample_ratio()).await;
+    telemetry.shutdown();
+    exit_code(res.map_err(|e| (e.is_config(), anyhow::Error::from(e))))
 }
 
 fn exit_code(res: Result<(), (bool, anyhow::Error)>) -> ExitCode {
