@@ -37,7 +37,7 @@ pub(super) fn apply_day(
     plan: &[Planned],
 ) -> Result<Vec<Verdict>, StoreError> {
     let mut w = day.write_txn()?;
-    let mut pending = Pending::default();
+    let mut pending = Pending::with_capacity(plan.len(), resolutions.len());
     let mut out = Vec::with_capacity(plan.len());
     for p in plan {
         let m = &batch[p.index];
@@ -71,7 +71,6 @@ pub(super) fn apply_day(
 /// Keys live in one arena and the entries are sorted once at the end: a map
 /// keyed by an allocated key per sample spent more of the writer's time in
 /// the allocator and in rebalancing than LMDB spent on the puts.
-#[derive(Default)]
 struct Pending {
     /// The applied chunks touched, a handful per batch (one per 65,536
     /// sequences of a stream), so a scan finds them without hashing.
@@ -96,7 +95,6 @@ struct KeyRef {
     end: usize,
 }
 
-#[derive(Default)]
 struct KeyArena(Vec<u8>);
 
 impl KeyArena {
@@ -127,6 +125,22 @@ impl KeyArena {
 }
 
 impl Pending {
+    /// Room for `messages` of one sample each, so a batch's keys and entries
+    /// are not copied again and again as they grow.
+    fn with_capacity(messages: usize, resolutions: usize) -> Self {
+        /// A typical key: series, field, resolution and start.
+        const KEY_BYTES: usize = 40;
+        let windows = messages.saturating_mul(resolutions);
+        Self {
+            chunks: Vec::new(),
+            keys: KeyArena(Vec::with_capacity(
+                windows.saturating_add(messages).saturating_mul(KEY_BYTES),
+            )),
+            windows: Vec::with_capacity(windows),
+            latest: Vec::with_capacity(messages),
+        }
+    }
+
     /// The applied chunk holding `seq`, read from the day on first use.
     fn chunk(
         &mut self,

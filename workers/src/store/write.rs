@@ -1,6 +1,9 @@
 //! The writable store: batched, idempotent applies, map growth, retention.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{btree_map::Entry, BTreeMap},
+    sync::Arc,
+};
 
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
@@ -49,8 +52,14 @@ struct Limits {
     /// For messages with their own reception time.
     lateness_ns: i64,
     future_ns: i64,
-    /// Days before this one are beyond retention.
-    first_day: String,
+    /// Days before this one ([`day_number`]) are beyond retention.
+    first_day: i64,
+}
+
+/// Days since the Unix epoch (UTC): orders and groups like [`day_name`],
+/// without formatting a date per message.
+fn day_number(ts_ns: i64) -> i64 {
+    ts_ns.div_euclid(NS_PER_DAY)
 }
 
 impl Store {
@@ -100,18 +109,28 @@ impl Store {
     pub fn apply(&mut self, batch: &[Message]) -> Result<Vec<Verdict>, StoreError> {
         let limits = self.limits();
         let mut verdicts = Vec::with_capacity(batch.len());
-        let mut by_day: BTreeMap<String, Vec<Planned>> = BTreeMap::new();
+        // Keyed by day number; each day is named once per batch.
+        let mut by_day: BTreeMap<i64, (String, Vec<Planned>)> = BTreeMap::new();
         for (index, m) in batch.iter().enumerate() {
-            let (verdict, day) = self.classify(m, &limits);
-            if let Some(day) = day {
-                by_day.entry(day).or_default().push(Planned {
-                    index,
-                    late: verdict == Verdict::TooLate,
-                });
+            let (mut verdict, day) = self.classify(m, &limits);
+            if let Some(ts_ns) = day {
+                let plan = match by_day.entry(day_number(ts_ns)) {
+                    Entry::Occupied(e) => Some(&mut e.into_mut().1),
+                    Entry::Vacant(e) => {
+                        day_name(ts_ns).map(|name| &mut e.insert((name, Vec::new())).1)
+                    }
+                };
+                match plan {
+                    Some(plan) => plan.push(Planned {
+                        index,
+                        late: verdict == Verdict::TooLate,
+                    }),
+                    None => verdict = Verdict::Invalid,
+                }
             }
             verdicts.push(verdict);
         }
-        for (name, plan) in by_day {
+        for (name, plan) in by_day.into_values() {
             let day = self.day(&name)?;
             let out = loop {
                 match apply_day(&day, &self.config.resolutions_secs, batch, &plan) {
@@ -138,20 +157,24 @@ impl Store {
             newest_ns: now.saturating_add(ns(self.config.max_future_secs)),
             lateness_ns: ns(self.config.allowed_lateness_secs),
             future_ns: ns(self.config.max_future_secs),
-            first_day: self.first_kept_day(now),
+            first_day: day_number(self.first_kept_ns(now)),
         }
     }
 
     /// The oldest day retention keeps: today minus `retention_days`.
     fn first_kept_day(&self, now: i64) -> String {
-        let then =
-            now.saturating_sub(i64::from(self.config.retention_days).saturating_mul(NS_PER_DAY));
-        day_name(then).unwrap_or_default()
+        day_name(self.first_kept_ns(now)).unwrap_or_default()
     }
 
-    /// A message's verdict before the day's transaction, and the day whose
-    /// transaction must see it (which turns `Applied` into `Duplicate` if seen).
-    fn classify(&self, m: &Message, limits: &Limits) -> (Verdict, Option<String>) {
+    /// A time in [`Self::first_kept_day`].
+    fn first_kept_ns(&self, now: i64) -> i64 {
+        now.saturating_sub(i64::from(self.config.retention_days).saturating_mul(NS_PER_DAY))
+    }
+
+    /// A message's verdict before the day's transaction, and a time in the
+    /// day whose transaction must see it (which turns `Applied` into
+    /// `Duplicate` if seen).
+    fn classify(&self, m: &Message, limits: &Limits) -> (Verdict, Option<i64>) {
         let Some(first) = m.samples.first() else {
             return (Verdict::Invalid, None);
         };
@@ -159,9 +182,7 @@ impl Store {
             tracing::debug!(error = %e, "message cannot be stored");
             return (Verdict::Invalid, None);
         }
-        let Some(day) = day_name(first.ts_ns) else {
-            return (Verdict::Invalid, None);
-        };
+        let day = first.ts_ns;
         let (oldest_ns, newest_ns) = match m.received_ns {
             Some(at) => (
                 at.saturating_sub(limits.lateness_ns),
@@ -172,8 +193,9 @@ impl Store {
         if first.ts_ns > newest_ns {
             return (Verdict::TooEarly, None);
         }
-        if first.ts_ns < oldest_ns || day < limits.first_day {
-            let look = m.stream_seq.is_some() && self.reader.days.contains_key(&day);
+        if first.ts_ns < oldest_ns || day_number(day) < limits.first_day {
+            let look = m.stream_seq.is_some()
+                && day_name(day).is_some_and(|name| self.reader.days.contains_key(&name));
             return (Verdict::TooLate, look.then_some(day));
         }
         (Verdict::Applied, Some(day))
@@ -270,4 +292,27 @@ fn storable(m: &Message) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod day_number_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Batches are grouped and retention is judged by day number: it must
+        /// group and order times exactly as their day names do.
+        #[test]
+        fn day_numbers_group_and_order_like_day_names(a in any::<i64>(), b in any::<i64>()) {
+            let (na, nb) = (day_name(a).unwrap(), day_name(b).unwrap());
+            prop_assert_eq!(day_number(a).cmp(&day_number(b)), na.cmp(&nb));
+        }
+
+        #[test]
+        fn day_numbers_agree_near_midnight(day in -100_000i64..100_000, offset in -1i64..=1) {
+            let t = (day * NS_PER_DAY).saturating_add(offset);
+            let t_name = day_name(t).unwrap();
+            prop_assert_eq!(day_number(t) == day, t_name == day_name(day * NS_PER_DAY).unwrap());
+        }
+    }
 }
