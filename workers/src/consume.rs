@@ -30,7 +30,8 @@ use crate::{
 
 /// One message from either consumption mode, or from a replay.
 pub(crate) struct Incoming {
-    pub subject: String,
+    /// Shares the client's buffer: no copy per message.
+    pub subject: async_nats::Subject,
     pub headers: Option<HeaderMap>,
     pub payload: Bytes,
     /// Where the stream stored it (JetStream): the key of idempotency.
@@ -53,7 +54,7 @@ pub(crate) struct Stored {
 impl Incoming {
     pub fn core(m: async_nats::Message) -> Self {
         Self {
-            subject: m.subject.to_string(),
+            subject: m.subject,
             headers: m.headers,
             payload: m.payload,
             stored: None,
@@ -82,7 +83,7 @@ impl Incoming {
     pub fn unacked(m: &jetstream::Message, identity: &str) -> Self {
         let info = m.info().ok();
         Self {
-            subject: m.subject.to_string(),
+            subject: m.subject.clone(),
             headers: m.headers.clone(),
             payload: m.payload.clone(),
             stored: info.as_ref().map(|info| Stored {
