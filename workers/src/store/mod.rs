@@ -44,7 +44,7 @@ pub use self::{
     stat::DayStat,
     write::Store,
 };
-use crate::window::Sample;
+use crate::window::{Sample, NS_PER_DAY};
 
 /// The store's notion of now, injectable so tests can drive lateness,
 /// rotation and retention without sleeping.
@@ -131,6 +131,12 @@ pub fn day_name(ts_ns: i64) -> Option<String> {
     t.date().format(&Iso8601::DATE).ok()
 }
 
+/// Days since the Unix epoch (UTC): groups and orders times like
+/// [`day_name`], without formatting a date (the writer's per-message test).
+pub fn day_number(ts_ns: i64) -> i64 {
+    ts_ns.div_euclid(NS_PER_DAY)
+}
+
 /// Start (Unix ns, midnight UTC) of a day named by [`day_name`]; `None` if
 /// `name` is not exactly such a name (so stray directories are never deleted).
 pub fn day_start_ns(name: &str) -> Option<i64> {
@@ -153,7 +159,7 @@ mod size_tests;
 #[cfg(test)]
 mod day_name_tests {
     use super::*;
-    use crate::window::NS_PER_DAY;
+    use proptest::prelude::*;
 
     #[test]
     fn day_names_are_utc_dates_and_round_trip() {
@@ -169,6 +175,23 @@ mod day_name_tests {
         assert_eq!(day_start_ns("2025-11-25"), Some(1_764_028_800_000_000_000));
         for bad in ["20251125", "2025-11-25x", "2025-13-01", "lost+found", ""] {
             assert_eq!(day_start_ns(bad), None, "{bad}");
+        }
+    }
+
+    proptest! {
+        /// The writer groups batches and judges retention by day number: it
+        /// must group and order times exactly as their day names do.
+        #[test]
+        fn day_numbers_group_and_order_like_day_names(a in any::<i64>(), b in any::<i64>()) {
+            let (na, nb) = (day_name(a).unwrap(), day_name(b).unwrap());
+            prop_assert_eq!(day_number(a).cmp(&day_number(b)), na.cmp(&nb));
+        }
+
+        #[test]
+        fn day_numbers_agree_near_midnight(day in -100_000i64..100_000, offset in -1i64..=1) {
+            let t = (day * NS_PER_DAY).saturating_add(offset);
+            let t_name = day_name(t).unwrap();
+            prop_assert_eq!(day_number(t) == day, t_name == day_name(day * NS_PER_DAY).unwrap());
         }
     }
 }

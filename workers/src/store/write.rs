@@ -12,7 +12,7 @@ use super::{
     codec::{check_names, check_stream},
     config::MAP_GRANULE,
     day::{open_for_write, Day, DayEnv},
-    day_name,
+    day_name, day_number,
     error::{io, StoreError},
     read::{day_dirs, StoreReader},
     Clock, Message, StoreConfig, Verdict,
@@ -54,12 +54,6 @@ struct Limits {
     future_ns: i64,
     /// Days before this one ([`day_number`]) are beyond retention.
     first_day: i64,
-}
-
-/// Days since the Unix epoch (UTC): orders and groups like [`day_name`],
-/// without formatting a date per message.
-fn day_number(ts_ns: i64) -> i64 {
-    ts_ns.div_euclid(NS_PER_DAY)
 }
 
 impl Store {
@@ -182,7 +176,6 @@ impl Store {
             tracing::debug!(error = %e, "message cannot be stored");
             return (Verdict::Invalid, None);
         }
-        let day = first.ts_ns;
         let (oldest_ns, newest_ns) = match m.received_ns {
             Some(at) => (
                 at.saturating_sub(limits.lateness_ns),
@@ -193,12 +186,12 @@ impl Store {
         if first.ts_ns > newest_ns {
             return (Verdict::TooEarly, None);
         }
-        if first.ts_ns < oldest_ns || day_number(day) < limits.first_day {
+        if first.ts_ns < oldest_ns || day_number(first.ts_ns) < limits.first_day {
             let look = m.stream_seq.is_some()
-                && day_name(day).is_some_and(|name| self.reader.days.contains_key(&name));
-            return (Verdict::TooLate, look.then_some(day));
+                && day_name(first.ts_ns).is_some_and(|name| self.reader.days.contains_key(&name));
+            return (Verdict::TooLate, look.then_some(first.ts_ns));
         }
-        (Verdict::Applied, Some(day))
+        (Verdict::Applied, Some(first.ts_ns))
     }
 
     /// The day's environment, opened (and created) on first use.
@@ -292,27 +285,4 @@ fn storable(m: &Message) -> Result<(), StoreError> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod day_number_tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// Batches are grouped and retention is judged by day number: it must
-        /// group and order times exactly as their day names do.
-        #[test]
-        fn day_numbers_group_and_order_like_day_names(a in any::<i64>(), b in any::<i64>()) {
-            let (na, nb) = (day_name(a).unwrap(), day_name(b).unwrap());
-            prop_assert_eq!(day_number(a).cmp(&day_number(b)), na.cmp(&nb));
-        }
-
-        #[test]
-        fn day_numbers_agree_near_midnight(day in -100_000i64..100_000, offset in -1i64..=1) {
-            let t = (day * NS_PER_DAY).saturating_add(offset);
-            let t_name = day_name(t).unwrap();
-            prop_assert_eq!(day_number(t) == day, t_name == day_name(day * NS_PER_DAY).unwrap());
-        }
-    }
 }
