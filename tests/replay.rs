@@ -123,6 +123,17 @@ async fn consumer_state(nats: &NatsServer, durable: &str) -> (u64, usize) {
     (info.delivered.stream_sequence, info.num_ack_pending)
 }
 
+/// A durable consumer's backlog: messages not yet delivered, and delivered
+/// but not acknowledged.
+async fn consumer_backlog(nats: &NatsServer, durable: &str) -> (u64, usize) {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        js.get_consumer_from_stream(durable, STREAM).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.num_pending, info.num_ack_pending)
+}
+
 /// The windows of a store read directly (`windrow store scan`).
 async fn store_windows(dir: &Path, resolution_secs: u32) -> Windows {
     let out = tokio::process::Command::new(windrow())
@@ -190,7 +201,14 @@ async fn a_replayed_store_equals_the_live_fleet_for_a_million_messages_through_t
         &nats,
         &mqtt,
         "replay-bridge",
-        &["--route", "fleet/#,qos=1,delivery=jetstream"],
+        // An MQTT redelivery (a keep-alive lost on a loaded machine) becomes a
+        // JetStream duplicate, so the stream holds each reading once.
+        &[
+            "--route",
+            "fleet/#,qos=1,delivery=jetstream",
+            "--message-id",
+            "content-hash",
+        ],
     )
     .await;
     let readings = fleet_readings(10_000, 100, recent_base());
@@ -214,12 +232,31 @@ async fn a_replayed_store_equals_the_live_fleet_for_a_million_messages_through_t
         "the bridge did not store every message"
     );
     let range = (recent_base() - 120_000_000_000, now_ns());
-    let live_done = wait_until(Duration::from_secs(300), || {
+    assert_eq!(
+        stream_len(&url, STREAM).await,
+        n,
+        "the stream holds each reading once"
+    );
+    // Settled: everything delivered and acknowledged, so no redelivery can
+    // still change the live windows while replay compares with them.
+    let settled = wait_until(Duration::from_secs(300), || {
         let nats = &nats;
-        async move { total(&query_windows(nats, 60, range.0, range.1, 2).await) >= n }
+        async move {
+            let (pending, unacknowledged) = consumer_backlog(nats, "windrow-workers").await;
+            pending == 0 && unacknowledged == 0
+        }
     })
     .await;
-    assert!(live_done, "the live fleet did not apply every message");
+    assert!(
+        settled,
+        "the live fleet did not acknowledge every message: (pending, unacknowledged) = {:?}",
+        consumer_backlog(&nats, "windrow-workers").await
+    );
+    assert_eq!(
+        total(&query_windows(&nats, 60, range.0, range.1, 2).await),
+        n,
+        "the live fleet applied each message once"
+    );
     for w in &workers {
         assert!(w.metric("windrow_worker_applied_messages_total", "").await > 0.0);
     }

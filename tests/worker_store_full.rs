@@ -1,6 +1,8 @@
 //! A worker whose LMDB map is full at `max_map_bytes` stops acknowledging and
 //! reports not-ready; it neither drops nor dead-letters what it cannot commit,
-//! and a restart with a larger map applies every message exactly once.
+//! and a restart with a larger map applies every message exactly once. A
+//! worker whose commits are slow keeps what it holds from redelivery to other
+//! replicas, so none is counted twice.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod common;
@@ -242,4 +244,122 @@ async fn a_full_lmdb_map_stops_acknowledgements_and_a_larger_map_applies_everyth
         "dead letters"
     );
     assert!(!worker.process.log().contains("panicked"));
+}
+
+/// Holds the LMDB write lock of the one day under `data` for `hold`, from this
+/// process, as a second writer would; `locked` is sent once it is held.
+fn hold_write_lock(data: &Path, hold: Duration, locked: std::sync::mpsc::Sender<()>) {
+    let days: Vec<_> = std::fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("data.mdb").exists())
+        .collect();
+    assert_eq!(days.len(), 1, "one day in {}: {days:?}", data.display());
+    let mut options = heed::EnvOpenOptions::new();
+    options.map_size(1 << 30).max_dbs(4);
+    // SAFETY: a local directory; this process opens it once; no database is
+    // touched, the transaction is only begun and aborted.
+    #[allow(unsafe_code)]
+    let env = unsafe { options.open(&days[0]) }.unwrap();
+    let txn = env.write_txn().unwrap();
+    locked.send(()).unwrap();
+    std::thread::sleep(hold);
+    txn.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_slower_to_commit_than_the_ack_wait_keeps_its_messages_and_none_is_counted_twice()
+{
+    const ACK_WAIT_SECS: u64 = 2;
+    let nats = nats_with_telemetry_stream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("short-ack-wait.toml");
+    std::fs::write(
+        &config,
+        format!("[worker]\nack_wait_secs = {ACK_WAIT_SECS}\n"),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let now = now_ns();
+    let base =
+        (now - 10 * 60 * NS_PER_SEC).max(now.div_euclid(NS_PER_DAY) * NS_PER_DAY + NS_PER_SEC);
+    let readings = fleet_readings(2_000, 100, base);
+    let n = readings.len() as u64;
+    publish_jetstream(&nats.url(), &readings).await;
+    let range = (base - 120 * NS_PER_SEC, now_ns() + 60 * NS_PER_SEC);
+
+    let args = [
+        "--mode",
+        "jetstream",
+        "--batch-max-messages",
+        "2000",
+        "--config",
+        config,
+    ];
+    let slow_data = dir.path().join("slow");
+    let slow = Worker::start(&nats, "slow", &slow_data, &args).await;
+    let fast = Worker::start(&nats, "fast", &dir.path().join("fast"), &args).await;
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            slow.metric("windrow_worker_applied_messages_total", "")
+                .await
+                > 0.0
+        })
+        .await,
+        "the slow worker committed nothing: {}",
+        slow.process.log()
+    );
+
+    // Its next commits wait for the lock for four ack waits.
+    let hold = Duration::from_secs(4 * ACK_WAIT_SECS);
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || hold_write_lock(&slow_data, hold, locked));
+    is_locked.recv_timeout(Duration::from_secs(30)).unwrap();
+    let applied_when_locked = slow
+        .metric("windrow_worker_applied_messages_total", "")
+        .await;
+    holder.join().unwrap();
+
+    let url = nats.url();
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            let url = url.clone();
+            async move {
+                let info = consumer_info(&url).await;
+                info.num_ack_pending == 0 && info.num_pending == 0
+            }
+        })
+        .await,
+        "not everything acknowledged: {:?}",
+        consumer_info(&nats.url()).await
+    );
+    let slow_applied = slow
+        .metric("windrow_worker_applied_messages_total", "")
+        .await;
+    let fast_applied = fast
+        .metric("windrow_worker_applied_messages_total", "")
+        .await;
+    eprintln!(
+        "slow worker: {applied_when_locked} applied before the lock, {slow_applied} in all; \
+         fast worker: {fast_applied}; consumer: {:?}",
+        consumer_info(&nats.url()).await
+    );
+    assert!(
+        slow_applied > applied_when_locked,
+        "the slow worker applied what it held once the lock was gone"
+    );
+    assert_eq!(
+        slow_applied + fast_applied,
+        n as f64,
+        "each message applied by one worker only"
+    );
+    let log = slow.process.log();
+    assert!(
+        log.contains("slow to commit"),
+        "the slow worker never gave back what it had not begun; its last lines:\n{}",
+        log.lines().rev().take(40).collect::<Vec<_>>().join("\n")
+    );
+    let merged = query_windows(&nats, 60, range.0, range.1, 2).await;
+    assert_eq!(total(&merged), n, "merged windows count each message once");
+    assert_same(&merged, &expected_windows(&readings, 60));
 }

@@ -2,9 +2,10 @@
 //!
 //! The same path serves core and JetStream consumption: decode (pure), apply
 //! and commit on the writer thread, dead-letter what cannot be applied, and
-//! only then acknowledge (JetStream). A failing commit is retried, with
-//! in-progress acks so JetStream does not hand the batch to another replica,
-//! and the worker reports not-ready meanwhile; nothing is dropped.
+//! only then acknowledge (JetStream). A held batch (decoded and waiting for the
+//! one before, committing, or retrying a failed commit) gets in-progress acks
+//! so JetStream does not hand it to another replica meanwhile; a failing
+//! commit is retried while the worker reports not-ready; nothing is dropped.
 
 use std::{sync::Arc, time::Duration};
 
@@ -114,7 +115,7 @@ pub(crate) fn stream_identity(info: &jetstream::stream::Info) -> String {
 /// created by another role, or created before a setting changed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ConsumerLimits {
-    /// The consumer's ack wait: in-progress acks during commit retries are
+    /// The consumer's ack wait: the in-progress acks of held messages are
     /// paced by it.
     pub ack_wait: Duration,
     /// Messages per pull request: the wanted batch, at most half the
@@ -217,6 +218,8 @@ pub(crate) struct Prepared {
     /// Trace spans of the messages that carry a `traceparent`.
     spans: Vec<(usize, tracing::Span)>,
     apply_spans: Vec<tracing::Span>,
+    /// When decoding began: the batch's in-progress acks are paced from here.
+    held_since: Instant,
 }
 
 /// The next item of `stream` if it arrives before `deadline`: `Some(None)` at
@@ -232,6 +235,52 @@ where
         return Some(item);
     }
     tokio::time::timeout_at(deadline, stream.next()).await.ok()
+}
+
+/// Awaits `work` while messages are held unacknowledged. Every third of
+/// `ack_wait` from `since`, `round` says what to send: an in-progress ack to
+/// each message still held, a negative ack to each given up.
+///
+/// The server starts a message's ack wait when it delivers it. A batch that
+/// waits behind a slow commit, or whose own commit is slow or retried, would
+/// otherwise be redelivered to another replica while this one still applies
+/// it, and both would count it. The first round comes a third of the ack wait
+/// after `since`, leaving the rest for the time a message spent in the
+/// client's buffer and in the filling batch before that.
+async fn holding<F: std::future::Future>(
+    work: F,
+    nats: &async_nats::Client,
+    since: Instant,
+    ack_wait: Duration,
+    mut round: impl FnMut() -> Vec<(async_nats::Subject, AckKind)>,
+) -> F::Output {
+    let every = (ack_wait / 3).max(Duration::from_millis(10));
+    let mut next = since + every;
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            () = tokio::time::sleep_until(next) => {
+                let acks = round();
+                let count = acks.len();
+                for (reply, kind) in acks {
+                    let _ = nats.publish(reply, kind.into()).await;
+                }
+                if count > 0 {
+                    tracing::debug!(messages = count, "in-progress acks for held messages");
+                }
+                next = Instant::now() + every;
+            }
+        }
+    }
+}
+
+/// In-progress acks for `batch`'s JetStream messages.
+fn in_progress(batch: &[Incoming]) -> impl Iterator<Item = (async_nats::Subject, AckKind)> + '_ {
+    batch
+        .iter()
+        .filter_map(|m| Some((m.ack.as_ref()?.reply.clone()?, AckKind::Progress)))
 }
 
 /// Batches processed one at a time, each decoded while the one before is
@@ -269,8 +318,30 @@ impl Pipeline {
     /// none), or `None` if that one was interrupted; then `batch` is dropped
     /// unacknowledged.
     pub async fn submit(&mut self, batch: Vec<Incoming>) -> Option<Outcome> {
+        self.submit_releasing(batch, Vec::new).await
+    }
+
+    /// [`Pipeline::submit`] for a consumer that keeps delivering while the
+    /// batch before commits. When that commit outlasts a third of the ack
+    /// wait, `release` is called at each round of in-progress acks: it stops
+    /// the deliveries and returns the reply subjects of what was delivered
+    /// but not yet batched, which are then given back (negative ack) for
+    /// another replica to take now. Left in the client's buffer, they would
+    /// be redelivered elsewhere after the ack wait while this worker still
+    /// applied them on reading them, and both would count them.
+    pub async fn submit_releasing(
+        &mut self,
+        batch: Vec<Incoming>,
+        mut release: impl FnMut() -> Vec<async_nats::Subject>,
+    ) -> Option<Outcome> {
         let prepared = self.processor.prepare(batch);
-        let Some(before) = self.finish().await else {
+        let (nats, ack_wait) = (self.processor.nats.clone(), self.ack_wait);
+        let before = holding(self.finish(), &nats, prepared.held_since, ack_wait, || {
+            let given_back = release().into_iter().map(|r| (r, AckKind::Nak(None)));
+            given_back.chain(in_progress(&prepared.batch)).collect()
+        })
+        .await;
+        let Some(before) = before else {
             // Interrupted: hand the decoded batch back for redelivery now.
             for m in prepared.batch {
                 m.hand_back().await;
@@ -301,6 +372,7 @@ impl Pipeline {
 impl Processor {
     /// Decodes a batch: the part of processing that needs no store.
     fn prepare(&self, batch: Vec<Incoming>) -> Prepared {
+        let held_since = Instant::now();
         self.metrics.consumed(batch.len());
         let prefix = &self.config.nats.subject_prefix;
         let mut fates: Vec<Fate> = Vec::with_capacity(batch.len());
@@ -347,6 +419,7 @@ impl Processor {
             owners,
             spans,
             apply_spans,
+            held_since,
         }
     }
 
@@ -356,7 +429,7 @@ impl Processor {
     /// `hard_stop` fires first (then nothing of it is acknowledged, and
     /// JetStream redelivers).
     ///
-    /// `ack_wait` is the consumer's: while a commit is retried, the batch is
+    /// `ack_wait` is the consumer's: until the batch is acknowledged, it is
     /// kept from redelivery with in-progress acks well within it.
     async fn complete(
         self: &Arc<Self>,
@@ -371,12 +444,17 @@ impl Processor {
             owners,
             spans,
             apply_spans,
+            held_since,
         } = prepared;
         if batch.is_empty() {
             return Some(Outcome::default());
         }
         let started = Instant::now();
-        let verdicts = self.commit(&batch, &messages, ack_wait, hard_stop).await?;
+        let commit = self.commit(&messages, hard_stop);
+        let verdicts = holding(commit, &self.nats, held_since, ack_wait, || {
+            in_progress(&batch).collect()
+        })
+        .await?;
         drop(apply_spans);
         let commit_spans: Vec<tracing::Span> = spans
             .iter()
@@ -439,13 +517,10 @@ impl Processor {
     /// Applies the batch, retrying a failed commit until it succeeds.
     async fn commit(
         &self,
-        batch: &[Incoming],
         messages: &Arc<Vec<Message>>,
-        ack_wait: Duration,
         hard_stop: &CancellationToken,
     ) -> Option<Vec<Verdict>> {
         let mut backoff = Duration::from_millis(100);
-        let mut last_progress = Instant::now();
         loop {
             match self.writer.apply(messages.clone()).await {
                 Ok(Ok(v)) => {
@@ -462,22 +537,11 @@ impl Processor {
                     return None;
                 }
             }
-            // Keep JetStream from redelivering the batch to another replica while
-            // this one retries.
-            if last_progress.elapsed() > ack_wait / 3 {
-                for m in batch.iter().filter_map(|m| m.ack.as_ref()) {
-                    let _ = m.ack_with(AckKind::Progress).await;
-                }
-                last_progress = Instant::now();
-            }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 () = hard_stop.cancelled() => return None,
             }
-            // Never sleep past the next in-progress ack.
-            backoff = (backoff * 2)
-                .min(Duration::from_secs(5))
-                .min((ack_wait / 3).max(Duration::from_millis(10)));
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -355,7 +355,7 @@ struct Reader {
     initial_pending: u64,
     /// Key of the applied sequences ([`stream_identity`]): the live workers'.
     identity: String,
-    /// The durable consumer's ack wait (in-progress acks during commit retries).
+    /// The durable consumer's ack wait (it paces the in-progress acks of held messages).
     ack_wait: Duration,
 }
 

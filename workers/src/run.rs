@@ -321,6 +321,40 @@ async fn bind_consumer(
     }
 }
 
+/// The continuous pull of one worker: large pull requests, heartbeats.
+type Pull = jetstream::consumer::pull::Stream;
+
+async fn start_pull(bound: &Bound) -> Option<Pull> {
+    match bound
+        .consumer
+        .stream()
+        .max_messages_per_batch(bound.limits.batch)
+        .expires(Duration::from_secs(30))
+        .heartbeat(Duration::from_secs(5))
+        .messages()
+        .await
+    {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start pulling");
+            None
+        }
+    }
+}
+
+/// Stops `pull`: first takes what the client holds, then drops the stream.
+/// Dropping it unsubscribes its inbox, so the server stops serving this
+/// worker's open pull requests (it checks the reply subject's interest) and
+/// cannot hand what is given back straight back to them.
+fn stop_pull(pull: Pull) -> Vec<jetstream::Message> {
+    let mut pull = pull;
+    let mut held = Vec::new();
+    while let Some(Some(Ok(m))) = pull.next().now_or_never() {
+        held.push(m);
+    }
+    held
+}
+
 /// Pulls, batches by size or time, and processes until shutdown or until the
 /// pull stream ends (consumer deleted).
 async fn pull_batches(
@@ -331,25 +365,21 @@ async fn pull_batches(
     shutdown: &CancellationToken,
     hard_stop: &CancellationToken,
 ) {
-    let mut messages = match bound
-        .consumer
-        .stream()
-        .max_messages_per_batch(bound.limits.batch)
-        .expires(Duration::from_secs(30))
-        .heartbeat(Duration::from_secs(5))
-        .messages()
-        .await
-    {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start pulling");
-            return;
-        }
+    let Some(pull) = start_pull(bound).await else {
+        return;
     };
+    let mut pull = Some(pull);
     health.set("consumer", true);
     let wait = Duration::from_millis(config.batch_max_wait_ms);
     let mut pipeline = Pipeline::new(processor.clone(), bound.limits.ack_wait, hard_stop.clone());
     loop {
+        // Stopped while a commit was slow (see `submit_releasing`): pull again.
+        if pull.is_none() {
+            pull = start_pull(bound).await;
+        }
+        let Some(messages) = pull.as_mut() else {
+            break;
+        };
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
             m = messages.next() => m,
@@ -367,7 +397,7 @@ async fn pull_batches(
         let mut batch = vec![Incoming::jetstream(first, &bound.identity)];
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < bound.limits.batch {
-            match next_before(&mut messages, deadline).await {
+            match next_before(messages, deadline).await {
                 Some(Some(Ok(m))) => batch.push(Incoming::jetstream(m, &bound.identity)),
                 Some(Some(Err(e))) => {
                     tracing::warn!(error = %e, "pull consumer");
@@ -385,22 +415,28 @@ async fn pull_batches(
                 .consumer_pending
                 .set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
-        if pipeline.submit(batch).await.is_none() {
+        let submitted = pipeline.submit_releasing(batch, || {
+            let Some(stopped) = pull.take() else {
+                return Vec::new();
+            };
+            let given_back: Vec<_> = stop_pull(stopped)
+                .into_iter()
+                .filter_map(|m| m.message.reply)
+                .collect();
+            tracing::warn!(
+                given_back = given_back.len(),
+                "the batch before is slow to commit: stopped pulling and gave back what was delivered meanwhile"
+            );
+            given_back
+        });
+        if submitted.await.is_none() {
             break;
         }
     }
     pipeline.finish().await;
     // Hand back what was delivered but not processed, so that another replica
-    // gets it now rather than after the ack wait. First take what the client
-    // holds, then stop pulling: dropping the stream unsubscribes its inbox, so
-    // the server stops serving this worker's open pull requests (it checks the
-    // reply subject's interest) and cannot hand the Nak'd messages straight
-    // back to them.
-    let mut held = Vec::new();
-    while let Some(Some(Ok(m))) = messages.next().now_or_never() {
-        held.push(m);
-    }
-    drop(messages);
+    // gets it now rather than after the ack wait.
+    let held = pull.map(stop_pull).unwrap_or_default();
     let handed_back = held.len();
     for m in held {
         let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
