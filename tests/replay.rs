@@ -13,7 +13,7 @@ use common::{
 };
 use rumqttc::QoS;
 use windrow_harness::{
-    clients::{create_stream, mqtt_publish, stream_len},
+    clients::{consumer_info, create_stream, mqtt_publish, stream_len, wait_consumer_settled},
     wait_until, Mosquitto, NatsServer, RoleProcess,
 };
 
@@ -115,23 +115,8 @@ async fn durable_replay_under_way(
 /// A durable consumer as the server has it: the last stream sequence it
 /// delivered and how many of its deliveries are unacknowledged.
 async fn consumer_state(nats: &NatsServer, durable: &str) -> (u64, usize) {
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-        js.get_consumer_from_stream(durable, STREAM).await.unwrap();
-    let info = consumer.info().await.unwrap();
+    let info = consumer_info(&nats.url(), STREAM, durable).await;
     (info.delivered.stream_sequence, info.num_ack_pending)
-}
-
-/// A durable consumer's backlog: messages not yet delivered, and delivered
-/// but not acknowledged.
-async fn consumer_backlog(nats: &NatsServer, durable: &str) -> (u64, usize) {
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-        js.get_consumer_from_stream(durable, STREAM).await.unwrap();
-    let info = consumer.info().await.unwrap();
-    (info.num_pending, info.num_ack_pending)
 }
 
 /// The windows of a store read directly (`windrow store scan`).
@@ -239,19 +224,7 @@ async fn a_replayed_store_equals_the_live_fleet_for_a_million_messages_through_t
     );
     // Settled: everything delivered and acknowledged, so no redelivery can
     // still change the live windows while replay compares with them.
-    let settled = wait_until(Duration::from_secs(300), || {
-        let nats = &nats;
-        async move {
-            let (pending, unacknowledged) = consumer_backlog(nats, "windrow-workers").await;
-            pending == 0 && unacknowledged == 0
-        }
-    })
-    .await;
-    assert!(
-        settled,
-        "the live fleet did not acknowledge every message: (pending, unacknowledged) = {:?}",
-        consumer_backlog(&nats, "windrow-workers").await
-    );
+    wait_consumer_settled(&url, STREAM, "windrow-workers", Duration::from_secs(300)).await;
     assert_eq!(
         total(&query_windows(&nats, 60, range.0, range.1, 2).await),
         n,

@@ -12,12 +12,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_nats::jetstream::{self, consumer::pull, consumer::Info};
+use async_nats::jetstream::consumer::Info;
 use common::{
     assert_same, expected_windows, fleet_readings, nats_with_telemetry_stream, now_ns,
     publish_jetstream, query_windows, Windows, Worker,
 };
-use windrow_harness::{clients::Collector, http_get, wait_until};
+use windrow_harness::{
+    clients::{self, Collector},
+    http_get, wait_until,
+};
 
 const NS_PER_SEC: i64 = 1_000_000_000;
 const NS_PER_DAY: i64 = 86_400 * NS_PER_SEC;
@@ -46,12 +49,7 @@ fn config_file(dir: &Path, name: &str, initial_map_bytes: usize, max_map_bytes: 
 }
 
 async fn consumer_info(url: &str) -> Info {
-    let client = async_nats::connect(url).await.unwrap();
-    let js = jetstream::new(client);
-    let stream = js.get_stream("TELEMETRY").await.unwrap();
-    let mut consumer: jetstream::consumer::Consumer<pull::Config> =
-        stream.get_consumer("windrow-workers").await.unwrap();
-    consumer.info().await.unwrap().clone()
+    clients::consumer_info(url, "TELEMETRY", "windrow-workers").await
 }
 
 /// How many messages the consumer has acknowledged: one worker commits and
@@ -207,19 +205,13 @@ async fn a_full_lmdb_map_stops_acknowledgements_and_a_larger_map_applies_everyth
     }
     assert_eq!(total(&got), n, "applied after the restart");
     let port = worker.http_port;
-    let url = nats.url();
-    assert!(
-        wait_until(Duration::from_secs(15), || {
-            let url = url.clone();
-            async move {
-                let info = consumer_info(&url).await;
-                info.num_ack_pending == 0 && info.num_pending == 0
-            }
-        })
-        .await,
-        "not everything acknowledged: {:?}",
-        consumer_info(&nats.url()).await
-    );
+    clients::wait_consumer_settled(
+        &nats.url(),
+        "TELEMETRY",
+        "windrow-workers",
+        Duration::from_secs(15),
+    )
+    .await;
     let done = consumer_info(&nats.url()).await;
     assert_eq!(done.ack_floor.stream_sequence, n);
     assert_eq!(http_get(port, "/readyz").await.unwrap().0, 200);
@@ -320,19 +312,13 @@ async fn a_worker_slower_to_commit_than_the_ack_wait_keeps_its_messages_and_none
         .await;
     holder.join().unwrap();
 
-    let url = nats.url();
-    assert!(
-        wait_until(Duration::from_secs(120), || {
-            let url = url.clone();
-            async move {
-                let info = consumer_info(&url).await;
-                info.num_ack_pending == 0 && info.num_pending == 0
-            }
-        })
-        .await,
-        "not everything acknowledged: {:?}",
-        consumer_info(&nats.url()).await
-    );
+    clients::wait_consumer_settled(
+        &nats.url(),
+        "TELEMETRY",
+        "windrow-workers",
+        Duration::from_secs(120),
+    )
+    .await;
     let slow_applied = slow
         .metric("windrow_worker_applied_messages_total", "")
         .await;

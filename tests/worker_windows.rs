@@ -10,7 +10,7 @@ use common::{
     assert_same, expected_windows, fleet_readings, publish_core, publish_jetstream, query_windows,
     Worker,
 };
-use windrow_harness::{wait_until, NatsServer};
+use windrow_harness::{clients, wait_until, NatsServer};
 
 use common::{nats_with_telemetry_stream, now_ns, Windows};
 
@@ -248,9 +248,7 @@ async fn bad_payloads_are_dead_lettered_with_reason_and_terminated() {
         &["--mode", "jetstream"],
     )
     .await;
-    let mut dead =
-        windrow_harness::clients::Collector::subscribe(&nats.url(), "windrow.deadletter.worker")
-            .await;
+    let mut dead = clients::Collector::subscribe(&nats.url(), "windrow.deadletter.worker").await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let ts = now_ns() / 1_000_000;
@@ -305,20 +303,13 @@ async fn bad_payloads_are_dead_lettered_with_reason_and_terminated() {
     assert_eq!(reasons[2].1, "too_late");
     assert!(wait_applied(&[&worker], 1.0, Duration::from_secs(10)).await);
     // Terminated, not redelivered: nothing left pending on the consumer.
-    let mut stream = js.get_stream("TELEMETRY").await.unwrap();
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-        stream.get_consumer("windrow-workers").await.unwrap();
-    let port = worker.http_port;
-    assert!(
-        wait_until(Duration::from_secs(10), || async move {
-            common::metric(port, "windrow_worker_dead_lettered_messages_total", "").await >= 0.0
-        })
-        .await
-    );
-    let info = consumer.info().await.unwrap();
-    assert_eq!(info.num_ack_pending, 0);
-    assert_eq!(info.num_pending, 0);
-    let _ = &mut stream;
+    clients::wait_consumer_settled(
+        &nats.url(),
+        "TELEMETRY",
+        "windrow-workers",
+        Duration::from_secs(10),
+    )
+    .await;
 }
 
 /// nats-server 2.9 counts a filtered consumer's pending messages by scanning

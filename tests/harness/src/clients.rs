@@ -224,3 +224,38 @@ pub async fn stream_len_on(client: async_nats::Client, name: &str) -> u64 {
     let mut stream = js.get_stream(name).await.expect("get stream");
     stream.info().await.expect("stream info").state.messages
 }
+
+/// Durable consumer `durable` of stream `stream` as the server has it now.
+pub async fn consumer_info(url: &str, stream: &str, durable: &str) -> jetstream::consumer::Info {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let js = jetstream::new(client);
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(durable, stream)
+        .await
+        .expect("get consumer");
+    consumer.info().await.expect("consumer info").clone()
+}
+
+/// Waits up to `within` until the durable consumer has nothing left to
+/// deliver and nothing unacknowledged (so no redelivery can still change what
+/// its clients did) and returns it then; panics with its last state if not.
+pub async fn wait_consumer_settled(
+    url: &str,
+    stream: &str,
+    durable: &str,
+    within: Duration,
+) -> jetstream::consumer::Info {
+    let settled = crate::wait_until(within, || async {
+        let info = consumer_info(url, stream, durable).await;
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
+    let info = consumer_info(url, stream, durable).await;
+    assert!(
+        settled,
+        "consumer {durable} not settled within {within:?}: {} pending, {} unacknowledged, \
+         delivered {:?}, ack floor {:?}",
+        info.num_pending, info.num_ack_pending, info.delivered, info.ack_floor
+    );
+    info
+}
