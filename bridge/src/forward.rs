@@ -27,7 +27,7 @@ use crate::{
     envelope::{self, Envelope},
     events::{DropReason, Metrics},
     mqtt::{AckGate, AckResult},
-    trace::{self, Sampler},
+    trace::Sampler,
 };
 
 /// A message whose MQTT acknowledgement waits on something.
@@ -155,14 +155,14 @@ impl Forwarder {
                 mqtt.qos = envelope::qos_number(publish.qos),
                 delivery = Metrics::delivery_name(route.delivery),
             );
-            trace::inject(&span, &mut env.headers);
+            env.trace(&span);
             span
         });
         match route.delivery {
             Delivery::Core => {
                 let res = self
                     .nats
-                    .publish_with_headers(env.subject.clone(), env.headers, env.payload)
+                    .publish_with_headers(env.subject.clone(), env.headers(), env.payload)
                     .await;
                 match res {
                     Ok(()) => self
@@ -220,7 +220,7 @@ impl Forwarder {
     ) -> Result<PublishAckFuture, jetstream::context::PublishError> {
         let msg = PublishMessage::build()
             .payload(env.payload.clone())
-            .headers(env.headers.clone());
+            .headers(env.headers());
         self.js.send_publish(env.subject.clone(), msg).await
     }
 
@@ -340,7 +340,7 @@ pub(crate) async fn run_acker(
                 }
                 Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
                     fwd.metrics.in_flight.dec();
-                    fwd.metrics.dropped(DropReason::Oversize, &f.envelope.subject, &e.to_string());
+                    fwd.metrics.dropped(DropReason::Oversize, f.envelope.subject.as_str(), &e.to_string());
                     if f.ack.qos != QoS::AtMostOnce {
                         backlog.push_back(f.ack);
                     }
