@@ -13,7 +13,11 @@ use async_nats::jetstream::{
     message::PublishMessage,
     publish::PublishAck,
 };
-use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
+use futures::{
+    future::{BoxFuture, Either},
+    stream::FuturesUnordered,
+    FutureExt, StreamExt,
+};
 use rumqttc::{Publish, QoS};
 use tokio::{
     sync::{mpsc, OwnedSemaphorePermit, Semaphore},
@@ -282,25 +286,38 @@ struct DeadLetter<'a> {
     received_at_ns: u128,
 }
 
-type Waiting = BoxFuture<
-    'static,
-    (
-        InFlight,
-        Result<PublishAck, jetstream::context::PublishError>,
-    ),
->;
+/// What a JetStream publish came to.
+type Settled = (
+    Box<InFlight>,
+    Result<PublishAck, jetstream::context::PublishError>,
+);
 
-fn wait(fwd: Arc<Forwarder>, mut f: InFlight) -> Waiting {
+/// The first attempt's ack: the common case, so it is not boxed (the acker's
+/// queue allocates each entry anyway) and it holds only the ack future.
+async fn first_ack(ack: PublishAckFuture, f: Box<InFlight>) -> Settled {
+    let res = ack.await;
+    (f, res)
+}
+
+/// The acker's set of publishes awaiting their acks: first attempts as
+/// `first` makes them, retries boxed. (Naming `first`'s future type here lets
+/// the set's type be known before anything is pushed.)
+fn publishes<F>(
+    _first: impl Fn(PublishAckFuture, Box<InFlight>) -> F,
+) -> FuturesUnordered<Either<F, BoxFuture<'static, Settled>>>
+where
+    F: std::future::Future<Output = Settled>,
+{
+    FuturesUnordered::new()
+}
+
+/// A retry after its backoff, with the same message id.
+fn retry(fwd: Arc<Forwarder>, f: Box<InFlight>) -> BoxFuture<'static, Settled> {
     async move {
-        let res = match f.first.take() {
-            Some(ack) => ack.await,
-            None => {
-                tokio::time::sleep(fwd.backoff(f.attempt)).await;
-                match fwd.send(&f.envelope).await {
-                    Ok(ack) => ack.await,
-                    Err(e) => Err(e),
-                }
-            }
+        tokio::time::sleep(fwd.backoff(f.attempt)).await;
+        let res = match fwd.send(&f.envelope).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
         };
         (f, res)
     }
@@ -318,10 +335,14 @@ pub(crate) async fn run_acker(
     mut rx: mpsc::Receiver<ToAcker>,
     hard_stop: CancellationToken,
 ) {
-    let mut pending: FuturesUnordered<Waiting> = FuturesUnordered::new();
+    let mut pending = publishes(first_ack);
     // MQTT acks the client's request channel could not take yet; retried shortly,
     // never by blocking (the connection task must keep polling to drain it).
     let mut backlog: VecDeque<Ack> = VecDeque::new();
+    // When to try the backlog again. One timer, re-armed only while acks
+    // wait: select! builds every branch's future on every turn, enabled or not.
+    let backlog_retry = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(backlog_retry);
     let mut open = true;
     loop {
         tokio::select! {
@@ -348,15 +369,19 @@ pub(crate) async fn run_acker(
                 Err(e) => {
                     f.attempt += 1;
                     fwd.metrics.publish_retry(f.attempt, &e);
-                    pending.push(wait(fwd.clone(), f));
+                    pending.push(Either::Right(retry(fwd.clone(), f)));
                 }
             },
             msg = rx.recv(), if open => match msg {
                 Some(ToAcker::Ack(a)) => backlog.push_back(a),
-                Some(ToAcker::Pending(f)) => pending.push(wait(fwd.clone(), *f)),
+                Some(ToAcker::Pending(mut f)) => match f.first.take() {
+                    Some(ack) => pending.push(Either::Left(first_ack(ack, f))),
+                    // The first send failed (counted then): retried after its backoff.
+                    None => pending.push(Either::Right(retry(fwd.clone(), f))),
+                },
                 None => open = false,
             },
-            () = tokio::time::sleep(Duration::from_millis(1)), if !backlog.is_empty() => {},
+            () = &mut backlog_retry, if !backlog.is_empty() => {},
             else => break,
         }
         while let Some(a) = backlog.front().copied() {
@@ -364,7 +389,12 @@ pub(crate) async fn run_acker(
                 AckResult::Sent | AckResult::Stale => {
                     backlog.pop_front();
                 }
-                AckResult::Full => break,
+                AckResult::Full => {
+                    backlog_retry
+                        .as_mut()
+                        .reset(Instant::now() + Duration::from_millis(1));
+                    break;
+                }
             }
         }
         if !open && pending.is_empty() && backlog.is_empty() {
