@@ -346,8 +346,7 @@ async fn start_pull(bound: &Bound) -> Option<Pull> {
 /// Dropping it unsubscribes its inbox, so the server stops serving this
 /// worker's open pull requests (it checks the reply subject's interest) and
 /// cannot hand what is given back straight back to them.
-fn stop_pull(pull: Pull) -> Vec<jetstream::Message> {
-    let mut pull = pull;
+fn stop_pull(mut pull: Pull) -> Vec<jetstream::Message> {
     let mut held = Vec::new();
     while let Some(Some(Ok(m))) = pull.next().now_or_never() {
         held.push(m);
