@@ -18,8 +18,9 @@ use crate::config::MessageIdMode;
 /// It keeps what the headers are made of rather than the headers: each
 /// publish takes a header map by value, and cloning one per message (a map
 /// and a dozen small strings) was a tenth of the bridge's CPU in QoS 1 →
-/// JetStream. [`Envelope::headers`] makes them for each attempt instead.
-#[derive(Debug, Clone)]
+/// JetStream. [`Envelope::headers`] makes them for each attempt instead. Not
+/// `Clone`, so that no per-message copy creeps back in.
+#[derive(Debug)]
 pub struct Envelope {
     /// `<prefix>.<encoded topic>`.
     pub subject: Subject,
