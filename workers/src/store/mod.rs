@@ -151,6 +151,9 @@ pub fn day_start_ns(name: &str) -> Option<i64> {
 mod tests;
 
 #[cfg(test)]
+mod merge_tests;
+
+#[cfg(test)]
 mod reader_tests;
 
 #[cfg(test)]
