@@ -9,6 +9,7 @@
 
 use std::{borrow::Cow, fmt, fmt::Write as _};
 
+use compact_str::CompactString;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Number;
@@ -305,7 +306,7 @@ fn missing(field: &str) -> DecodeError {
 }
 
 fn sample(
-    series: &str,
+    series: &CompactString,
     field: Cow<'_, str>,
     ts_ns: i64,
     value: f64,
@@ -315,10 +316,9 @@ fn sample(
             field: clip(&field),
         });
     }
-    let series = series.to_owned();
     Ok(Sample {
-        series,
-        field: field.into_owned(),
+        series: series.clone(),
+        field: field.as_ref().into(),
         ts_ns,
         value,
     })
@@ -330,11 +330,12 @@ fn series_key(
     topic: &str,
     fields: &[String],
     entries: &[Entry<'_>],
-) -> Result<String, DecodeError> {
+) -> Result<CompactString, DecodeError> {
     if config.series_levels.is_empty() && fields.is_empty() {
-        return checked(topic.to_owned());
+        return checked(topic.into());
     }
-    let mut key = String::with_capacity(topic.len() + 16);
+    // Inline up to 24 bytes, on the heap beyond.
+    let mut key = CompactString::default();
     let levels = || topic.split('/').count();
     for &index in &config.series_levels {
         let i = usize::try_from(index).ok();
@@ -364,7 +365,7 @@ fn series_key(
     checked(key)
 }
 
-fn checked(key: String) -> Result<String, DecodeError> {
+fn checked(key: CompactString) -> Result<CompactString, DecodeError> {
     let reason = if key.is_empty() {
         "is empty"
     } else if key.contains('\0') {

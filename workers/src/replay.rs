@@ -283,7 +283,7 @@ pub async fn replay(
                 continue;
             };
             if past_end(config.end, last_seq, stored.seq, stored.at_ns) {
-                m.hand_back().await;
+                m.hand_back(&nats).await;
                 reached_end = true;
                 break;
             }
@@ -354,7 +354,7 @@ struct Reader {
     messages: ReaderStream,
     initial_pending: u64,
     /// Key of the applied sequences ([`stream_identity`]): the live workers'.
-    identity: String,
+    identity: Arc<str>,
     /// The durable consumer's ack wait (it paces the in-progress acks of held messages).
     ack_wait: Duration,
 }
@@ -449,7 +449,7 @@ impl Reader {
         config: &ReplayConfig,
         filter: &str,
         policy: DeliverPolicy,
-        identity: String,
+        identity: Arc<str>,
         end_seq: u64,
     ) -> Result<Reader, Error> {
         let err = |e: &dyn std::fmt::Display| Error::Replay(format!("consumer: {e}"));
@@ -548,7 +548,7 @@ impl Reader {
                     };
                     match item {
                         None => return Err(Error::Replay("the consumer ended".into())),
-                        Some(Ok(m)) => return Ok(Some(Incoming::unacked(&m, &self.identity))),
+                        Some(Ok(m)) => return Ok(Some(Incoming::unacked(m, &self.identity))),
                         Some(Err(e)) => tracing::warn!(error = %e, "replay consumer"),
                     }
                 }

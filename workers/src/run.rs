@@ -11,7 +11,9 @@ use windrow_ops::{Health, OpsServer};
 
 use crate::{
     config::{Config, Mode},
-    consume::{next_before, stream_identity, ConsumerLimits, Incoming, Pipeline, Processor},
+    consume::{
+        next_before, stream_identity, BatchSize, ConsumerLimits, Incoming, Pipeline, Processor,
+    },
     events::Metrics,
     query::{QueryReply, QueryRequest},
     store::{Clock, SystemClock},
@@ -169,6 +171,7 @@ async fn consume_core(
     };
     health.set("consumer", true);
     let wait = Duration::from_millis(config.batch_max_wait_ms);
+    let mut sized = BatchSize::up_to(config.batch_max_messages);
     // Core NATS: nothing to acknowledge, so the ack wait does not matter.
     let mut pipeline = Pipeline::new(
         processor.clone(),
@@ -180,7 +183,8 @@ async fn consume_core(
             () = shutdown.cancelled() => break,
             m = sub.next() => match m { Some(m) => m, None => break },
         };
-        let mut batch = vec![Incoming::core(first)];
+        let mut batch = Vec::with_capacity(sized.next());
+        batch.push(Incoming::core(first));
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < config.batch_max_messages {
             match next_before(&mut sub, deadline).await {
@@ -188,6 +192,7 @@ async fn consume_core(
                 _ => break,
             }
         }
+        sized.was(batch.len());
         if pipeline.submit(batch).await.is_none() {
             break;
         }
@@ -239,14 +244,14 @@ async fn consume_jetstream(
 struct Bound {
     consumer: jetstream::consumer::Consumer<pull::Config>,
     /// Key of the applied sequences ([`stream_identity`]).
-    identity: String,
+    identity: Arc<str>,
     limits: ConsumerLimits,
 }
 
 impl Bound {
     fn new(
         consumer: jetstream::consumer::Consumer<pull::Config>,
-        identity: String,
+        identity: Arc<str>,
         config: &Config,
     ) -> Bound {
         let info = consumer.cached_info();
@@ -370,6 +375,7 @@ async fn pull_batches(
     let mut pull = Some(pull);
     health.set("consumer", true);
     let wait = Duration::from_millis(config.batch_max_wait_ms);
+    let mut sized = BatchSize::up_to(bound.limits.batch);
     let mut pipeline = Pipeline::new(processor.clone(), bound.limits.ack_wait, hard_stop.clone());
     loop {
         // Stopped while a commit was slow (see `submit_releasing`): pull again.
@@ -393,7 +399,8 @@ async fn pull_batches(
                 continue;
             }
         };
-        let mut batch = vec![Incoming::jetstream(first, &bound.identity)];
+        let mut batch = Vec::with_capacity(sized.next());
+        batch.push(Incoming::jetstream(first, &bound.identity));
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < bound.limits.batch {
             match next_before(messages, deadline).await {
@@ -406,6 +413,7 @@ async fn pull_batches(
             }
         }
         tracing::debug!(messages = batch.len(), "batch");
+        sized.was(batch.len());
         // The count the server stamped on the newest delivery: exact when it
         // was sent, and free (see `poll_lag`).
         if let Some(pending) = batch.last().and_then(|m| m.pending) {

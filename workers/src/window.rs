@@ -5,15 +5,16 @@
 //! result does not depend on arrival order), which is what lets late samples,
 //! several workers' partials and a replay all combine into the same answer.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// One numeric sample of one series and value field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
-    /// Series key (e.g. `site-1/d42`).
-    pub series: String,
+    /// Series key (e.g. `site-1/d42`); inline up to 24 bytes.
+    pub series: CompactString,
     /// Value field name (e.g. `temp`; `value` for plain numeric payloads).
-    pub field: String,
+    pub field: CompactString,
     /// Sample time, Unix nanoseconds.
     pub ts_ns: i64,
     /// The value.

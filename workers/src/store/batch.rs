@@ -205,7 +205,7 @@ impl Pending {
     }
 
     /// Merges into what the day holds and puts everything, in key order
-    /// through one cursor per database ([`Upserts`]).
+    /// through one cursor per database ([`upsert_sorted`]).
     fn write(mut self, day: &DayEnv, txn: &mut RwTxn<'_>, applied: u64) -> Result<(), StoreError> {
         let err = lmdb(&day.name);
         let keys = &self.keys;

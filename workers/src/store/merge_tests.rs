@@ -64,7 +64,7 @@ proptest! {
                 let s = &m.samples[0];
                 let start = s.ts_ns - s.ts_ns.rem_euclid(width);
                 let e = want
-                    .entry((s.series.clone(), start))
+                    .entry((s.series.to_string(), start))
                     .or_insert((0, 0.0, f64::MAX, f64::MIN, i64::MAX, i64::MIN));
                 e.0 += 1;
                 e.1 += s.value;
@@ -87,7 +87,7 @@ proptest! {
         let mut want: BTreeMap<String, (i64, f64)> = BTreeMap::new();
         for m in &messages {
             let s = &m.samples[0];
-            let e = want.entry(s.series.clone()).or_insert((i64::MIN, 0.0));
+            let e = want.entry(s.series.to_string()).or_insert((i64::MIN, 0.0));
             if s.ts_ns > e.0 {
                 *e = (s.ts_ns, s.value);
             }

@@ -98,7 +98,7 @@ impl Clock for ManualClock {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     /// JetStream stream name and sequence, for idempotency; `None` for core NATS.
-    pub stream_seq: Option<(String, u64)>,
+    pub stream_seq: Option<(Arc<str>, u64)>,
     /// When the message entered the system (the stream's timestamp), Unix ns.
     /// Lateness is judged against it when set, so that a replay long after the
     /// fact accepts and rejects exactly what the live worker did; `None` (core

@@ -12,7 +12,7 @@ const ALL: (i64, i64) = (i64::MIN, i64::MAX);
 
 pub(super) fn msg(seq: Option<u64>, series: &str, ts_ns: i64, value: f64) -> Message {
     Message {
-        stream_seq: seq.map(|s| ("S".to_owned(), s)),
+        stream_seq: seq.map(|s| ("S".into(), s)),
         received_ns: None,
         samples: vec![Sample {
             series: series.into(),
