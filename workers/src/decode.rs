@@ -318,7 +318,7 @@ fn sample(
     }
     Ok(Sample {
         series: series.clone(),
-        field: field.as_ref().into(),
+        field: CompactString::from(field),
         ts_ns,
         value,
     })

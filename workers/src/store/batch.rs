@@ -219,10 +219,8 @@ impl Pending {
             .windows
             .iter()
             .map(|(key, delta)| (keys.get(*key), delta));
-        upsert_sorted(day, day.windows, txn, windows, |delta, old| {
-            let Some(old) = old else {
-                return Ok(Some(delta.to_bytes()));
-            };
+        let fresh = |delta: &Aggregate| delta.to_bytes();
+        upsert_sorted(day, day.windows, txn, windows, fresh, |delta, old| {
             let mut merged =
                 Aggregate::from_bytes(old).ok_or_else(|| corrupt(&day.name, "window aggregate"))?;
             merged.merge(delta);
@@ -232,13 +230,10 @@ impl Pending {
             .latest
             .iter()
             .map(|(key, sample)| (keys.get(*key), sample));
-        upsert_sorted(day, day.latest, txn, latest, |sample, old| {
-            let value = latest_value(sample.0, sample.1);
-            let Some(old) = old else {
-                return Ok(Some(value));
-            };
+        let fresh = |sample: &(i64, f64)| latest_value(sample.0, sample.1);
+        upsert_sorted(day, day.latest, txn, latest, fresh, |sample, old| {
             let old = parse_latest_value(old).ok_or_else(|| corrupt(&day.name, "latest value"))?;
-            Ok(is_newer(*sample, old).then_some(value))
+            Ok(is_newer(*sample, old).then(|| latest_value(sample.0, sample.1)))
         })?;
         let mut buf = Vec::new();
         for chunk in self.chunks.iter_mut().filter(|c| c.dirty) {
@@ -263,26 +258,27 @@ impl Pending {
 const WALK: usize = 16;
 
 /// Merges a batch's entries, in ascending key order, into one database
-/// through one cursor: `merge(entry, stored)` says what to put at the key
-/// (`stored` is `None` for a new key), or `None` to keep what is there.
+/// through one cursor: a new key gets `fresh(entry)`, an existing one what
+/// `update(entry, stored)` makes of its value (`None`: keep it).
 ///
 /// The next key of a batch usually lies a few entries after the one before
 /// (the next window of the same series, the next device's values). The cursor
 /// walks there instead of searching the B-tree from its root for every key:
 /// that search was 44 % of the writer's time. It overwrites an existing value
-/// in place, or inserts a new key where it stands, which LMDB does on the
-/// cursor's own page without a new search. A key further away than [`WALK`]
-/// entries gets a fresh cursor, placed by one search.
+/// in place, or inserts a new key where it stands; LMDB then searches only
+/// the cursor's page, unless the key falls at the page's edge. A key further
+/// away than [`WALK`] entries gets a fresh cursor, placed by one search.
 ///
 /// heed 0.22 has no way to move an open cursor to a key, so walking forward
 /// (its range iterator) is how the cursor is reused.
 #[allow(unsafe_code)]
-fn upsert_sorted<'k, E, V: AsRef<[u8]>>(
+fn upsert_sorted<'k, E: Copy, V: AsRef<[u8]>>(
     day: &DayEnv,
     db: Database<Bytes, Bytes>,
     txn: &mut RwTxn<'_>,
     entries: impl Iterator<Item = (&'k [u8], E)>,
-    mut merge: impl FnMut(E, Option<&[u8]>) -> Result<Option<V>, StoreError>,
+    fresh: impl Fn(E) -> V,
+    mut update: impl FnMut(E, &[u8]) -> Result<Option<V>, StoreError>,
 ) -> Result<(), StoreError> {
     let err = lmdb(&day.name);
     let mut entries = entries.peekable();
@@ -310,30 +306,40 @@ fn upsert_sorted<'k, E, V: AsRef<[u8]>>(
             let Some((key, entry)) = entries.next() else {
                 break;
             };
-            let exists = stored.is_some();
-            // The stored value is only read here, turned into an owned one by
-            // `merge` before anything is written.
-            let Some(value) = merge(entry, stored)? else {
-                continue;
-            };
-            if exists {
-                // SAFETY: heed's condition for writing through a cursor: no
-                // value borrowed from the database is alive (`stored` was
-                // consumed by `merge`). The cursor stands on `key`, as
-                // MDB_CURRENT requires, and the values of both databases have
-                // a fixed size, so the write is in place.
-                let written = unsafe { cursor.put_current(key, value.as_ref()) }.map_err(&err)?;
-                if !written {
-                    return Err(corrupt(&day.name, "an entry vanished under the cursor"));
+            match stored {
+                // The stored value is only read here, turned into an owned
+                // one by `update` before anything is written.
+                Some(old) => {
+                    let Some(value) = update(entry, old)? else {
+                        continue;
+                    };
+                    // SAFETY: heed's condition for writing through a cursor:
+                    // no value borrowed from the database is alive (`old` was
+                    // consumed by `update`). The cursor stands on `key`, as
+                    // MDB_CURRENT requires, and the values of both databases
+                    // have a fixed size, so the write is in place.
+                    let written =
+                        unsafe { cursor.put_current(key, value.as_ref()) }.map_err(&err)?;
+                    if !written {
+                        return Err(corrupt(&day.name, "an entry vanished under the cursor"));
+                    }
                 }
-            } else {
-                // SAFETY: as above; a plain cursor put, which places `key`
-                // itself and leaves the cursor on it, so the walk goes on
-                // from there.
-                unsafe {
-                    cursor.put_current_with_options::<Bytes>(PutFlags::empty(), key, value.as_ref())
+                // Always written: the cursor stands past `key` (or at the
+                // end), and only the put brings it back to `key`, so that the
+                // next step sees the entry it stood on again.
+                None => {
+                    let value = fresh(entry);
+                    // SAFETY: as above; a plain cursor put, which places
+                    // `key` itself and leaves the cursor on it.
+                    unsafe {
+                        cursor.put_current_with_options::<Bytes>(
+                            PutFlags::empty(),
+                            key,
+                            value.as_ref(),
+                        )
+                    }
+                    .map_err(&err)?;
                 }
-                .map_err(&err)?;
             }
         }
     }

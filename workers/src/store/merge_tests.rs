@@ -12,8 +12,8 @@ use super::tests::{all, msg, open, MIN, T0};
 use super::*;
 use crate::window::NS_PER_SEC;
 
-/// count, sum, min, max, first time, last time.
-type Model = (u64, f64, f64, f64, i64, i64);
+/// count, sum, min, max, (first time, value), (last time, value).
+type Model = (u64, f64, f64, f64, (i64, f64), (i64, f64));
 
 /// Series names of different lengths, so that keys of one device are
 /// interleaved with others' in key order and pages fill unevenly.
@@ -65,19 +65,24 @@ proptest! {
                 let start = s.ts_ns - s.ts_ns.rem_euclid(width);
                 let e = want
                     .entry((s.series.to_string(), start))
-                    .or_insert((0, 0.0, f64::MAX, f64::MIN, i64::MAX, i64::MIN));
+                    .or_insert((0, 0.0, f64::MAX, f64::MIN, (i64::MAX, 0.0), (i64::MIN, 0.0)));
                 e.0 += 1;
                 e.1 += s.value;
                 e.2 = e.2.min(s.value);
                 e.3 = e.3.max(s.value);
-                e.4 = e.4.min(s.ts_ns);
-                e.5 = e.5.max(s.ts_ns);
+                if s.ts_ns < e.4 .0 {
+                    e.4 = (s.ts_ns, s.value);
+                }
+                if s.ts_ns > e.5 .0 {
+                    e.5 = (s.ts_ns, s.value);
+                }
             }
             let got: BTreeMap<(String, i64), Model> = all(&store, "*", res)
                 .into_iter()
                 .map(|w| {
                     let a = w.agg;
-                    let model = (a.count, a.sum, a.min, a.max, a.first_ts_ns, a.last_ts_ns);
+                    let first = (a.first_ts_ns, a.first);
+                    let model = (a.count, a.sum, a.min, a.max, first, (a.last_ts_ns, a.last));
                     ((w.series, w.start_ns), model)
                 })
                 .collect();
@@ -100,4 +105,60 @@ proptest! {
             .collect();
         prop_assert_eq!(got, want, "latest values");
     }
+}
+
+/// The walk's edges, which random cases reach without saying so: a key
+/// exactly [`WALK`](super::batch) entries on (found by walking), one more
+/// (a fresh cursor), and new keys inserted one after the other at the very
+/// end of the database.
+#[test]
+fn keys_at_the_walks_reach_just_beyond_it_and_at_the_end_merge_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0 + 60 * MIN);
+    let mut store = open(dir.path(), &clock);
+    let at = |sec: i64| T0 + 10 * MIN + sec * NS_PER_SEC;
+    // 40 one-second windows of "a": entries 0..39 of the windows database,
+    // then its minute window.
+    let first: Vec<Message> = (0..40).map(|s| msg(None, "a", at(s), 1.0)).collect();
+    store.apply(&first).unwrap();
+    // From window 0, window 16 is 16 steps on and window 33 is 17 steps on
+    // from there; "zz" sorts after everything, so its windows and latest
+    // value are inserted at the end, one after the other.
+    let second = vec![
+        msg(None, "a", at(0) + 1, 10.0),
+        msg(None, "a", at(16) + 1, 20.0),
+        msg(None, "a", at(33) + 1, 30.0),
+        msg(None, "zz", at(1), 5.0),
+        msg(None, "zz", at(2), 6.0),
+    ];
+    store.apply(&second).unwrap();
+    let seconds = all(&store, "a", 1);
+    assert_eq!(seconds.len(), 40);
+    for w in &seconds {
+        let sec = (w.start_ns - at(0)) / NS_PER_SEC;
+        let (count, sum) = match sec {
+            0 => (2, 11.0),
+            16 => (2, 21.0),
+            33 => (2, 31.0),
+            _ => (1, 1.0),
+        };
+        assert_eq!((w.agg.count, w.agg.sum), (count, sum), "window at {sec} s");
+    }
+    let minute = all(&store, "a", 60);
+    assert_eq!(
+        (minute.len(), minute[0].agg.count, minute[0].agg.sum),
+        (1, 43, 100.0)
+    );
+    let zz: Vec<(u64, f64)> = all(&store, "zz", 1)
+        .iter()
+        .map(|w| (w.agg.count, w.agg.sum))
+        .collect();
+    assert_eq!(zz, vec![(1, 5.0), (1, 6.0)]);
+    let latest: Vec<(String, f64)> = store
+        .latest("*")
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.series, l.value))
+        .collect();
+    assert_eq!(latest, vec![("a".to_owned(), 1.0), ("zz".to_owned(), 6.0)]);
 }
