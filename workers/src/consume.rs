@@ -252,6 +252,8 @@ pub(crate) struct BatchSize {
 }
 
 impl BatchSize {
+    const MIN: usize = 64;
+
     /// Batches of at most `max` messages.
     pub fn up_to(max: usize) -> Self {
         Self {
@@ -260,10 +262,11 @@ impl BatchSize {
         }
     }
 
-    const MIN: usize = 64;
-
-    pub fn next(&self) -> usize {
-        self.last.clamp(1, self.max.max(1))
+    /// A new batch holding `first`, with room for as many as the last one.
+    pub fn start<T>(&self, first: T) -> Vec<T> {
+        let mut batch = Vec::with_capacity(self.last.clamp(1, self.max.max(1)));
+        batch.push(first);
+        batch
     }
 
     /// The last batch held `len` messages.

@@ -183,8 +183,7 @@ async fn consume_core(
             () = shutdown.cancelled() => break,
             m = sub.next() => match m { Some(m) => m, None => break },
         };
-        let mut batch = Vec::with_capacity(sized.next());
-        batch.push(Incoming::core(first));
+        let mut batch = sized.start(Incoming::core(first));
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < config.batch_max_messages {
             match next_before(&mut sub, deadline).await {
@@ -399,8 +398,7 @@ async fn pull_batches(
                 continue;
             }
         };
-        let mut batch = Vec::with_capacity(sized.next());
-        batch.push(Incoming::jetstream(first, &bound.identity));
+        let mut batch = sized.start(Incoming::jetstream(first, &bound.identity));
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < bound.limits.batch {
             match next_before(messages, deadline).await {
