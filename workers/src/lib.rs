@@ -8,6 +8,7 @@
 //! - [`store`]: LMDB (heed): one environment per UTC day, windows, latest values,
 //!   applied stream sequences, batched commits, rotation and retention.
 //! - `writer`: the single LMDB writer thread.
+//! - `feed`: a consumer read ahead on a task of its own.
 //! - `consume`: batch → commit → dead-letter → acknowledge, for both modes.
 //! - [`query`]: the query plane's messages and the merge of partials.
 //! - [`replay`]: rebuild a store from a stream through the same path.
@@ -22,6 +23,7 @@ pub mod decode;
 pub mod error;
 pub mod events;
 pub mod export;
+mod feed;
 pub mod query;
 pub mod replay;
 pub mod run;

@@ -30,6 +30,7 @@ use crate::{
     config::Config,
     consume::{stream_identity, ConsumerLimits, Incoming, Outcome, Pipeline, Processor},
     events::Metrics,
+    feed::Feed,
     query::{gather, merge_windows, QueryRequest},
     store::{SystemClock, WindowRow},
     writer::Writer,
@@ -220,6 +221,7 @@ pub async fn replay(
     let consumer_filter = consumer_filter(&info.config.subjects, &filter);
     let end_seq = last_in_range(config.end, last_seq);
     let mut reader = Reader::open(
+        &nats,
         &stream,
         &config,
         &consumer_filter,
@@ -361,7 +363,8 @@ struct Reader {
 #[allow(clippy::large_enum_variant)]
 enum ReaderStream {
     /// Flow-controlled ordered consumer: the fast path, nothing to acknowledge.
-    Ordered(OrderedFeed),
+    /// Read ahead on a task of its own ([`Feed`]), up to two batches.
+    Ordered(Feed<pull::Ordered>),
     /// Bounded pull requests one after the other, so that at the end of the
     /// range (or on interruption) what was delivered but not processed can be
     /// handed back completely instead of waiting out the ack wait.
@@ -441,98 +444,9 @@ impl Pull {
     }
 }
 
-/// The ordered consumer, read on a task of its own into a bounded queue.
-///
-/// async-nats' ordered consumer asks for 500 messages at a time, and asks for
-/// more only while it is polled. Polled from the replay loop, it was idle
-/// whenever the loop decoded a batch or waited for the commit before, and
-/// nats-server with it: reading and applying alternated instead of
-/// overlapping. The task keeps reading while the loop works, up to two
-/// batches ahead, and takes each message apart there too.
-struct OrderedFeed {
-    chunks: tokio::sync::mpsc::Receiver<Result<Vec<Incoming>, String>>,
-    ready: std::vec::IntoIter<Incoming>,
-    _task: tokio_util::task::AbortOnDropHandle<()>,
-}
-
-impl OrderedFeed {
-    /// Messages moved to the replay loop at a time, at most.
-    const CHUNK: usize = 512;
-
-    fn start(mut messages: pull::Ordered, identity: Arc<str>, batch: usize) -> Self {
-        let capacity = (2 * batch).div_ceil(Self::CHUNK).max(2);
-        let (tx, chunks) = tokio::sync::mpsc::channel(capacity);
-        let task = tokio::spawn(async move {
-            loop {
-                let first = tokio::select! {
-                    () = tx.closed() => return,
-                    m = messages.next() => m,
-                };
-                let mut chunk = Vec::with_capacity(Self::CHUNK);
-                let mut ended = Self::take(&mut chunk, first, &identity);
-                while chunk.len() < Self::CHUNK && !ended {
-                    match messages.next().now_or_never() {
-                        Some(item) => ended = Self::take(&mut chunk, item, &identity),
-                        None => break,
-                    }
-                }
-                if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {
-                    return;
-                }
-                if ended {
-                    let _ = tx.send(Err("the consumer ended".into())).await;
-                    return;
-                }
-            }
-        });
-        Self {
-            chunks,
-            ready: Vec::new().into_iter(),
-            _task: tokio_util::task::AbortOnDropHandle::new(task),
-        }
-    }
-
-    /// Adds a delivered message to `chunk`; true at the end of the consumer.
-    fn take(
-        chunk: &mut Vec<Incoming>,
-        item: Option<Result<jetstream::Message, pull::OrderedError>>,
-        identity: &Arc<str>,
-    ) -> bool {
-        match item {
-            Some(Ok(m)) => chunk.push(Incoming::unacked(m, identity)),
-            // Missed heartbeats and the like: the consumer recovers by
-            // itself (it is created again where it stopped).
-            Some(Err(e)) => tracing::warn!(error = %e, "replay consumer"),
-            None => return true,
-        }
-        false
-    }
-
-    /// The next message; with `patience`, `None` when nothing came within it.
-    async fn next(&mut self, patience: Option<Duration>) -> Result<Option<Incoming>, Error> {
-        if let Some(m) = self.ready.next() {
-            return Ok(Some(m));
-        }
-        let chunk = match patience {
-            None => self.chunks.recv().await,
-            Some(p) => match tokio::time::timeout(p, self.chunks.recv()).await {
-                Ok(chunk) => chunk,
-                Err(_) => return Ok(None),
-            },
-        };
-        match chunk {
-            Some(Ok(chunk)) => {
-                self.ready = chunk.into_iter();
-                Ok(self.ready.next())
-            }
-            Some(Err(e)) => Err(Error::Replay(e)),
-            None => Err(Error::Replay("the consumer ended".into())),
-        }
-    }
-}
-
 impl Reader {
     async fn open(
+        nats: &async_nats::Client,
         stream: &jetstream::stream::Stream,
         config: &ReplayConfig,
         filter: &str,
@@ -554,10 +468,13 @@ impl Reader {
                 let initial_pending = consumer.cached_info().num_pending;
                 let messages = consumer.messages().await.map_err(|e| err(&e))?;
                 Ok(Reader {
-                    messages: ReaderStream::Ordered(OrderedFeed::start(
+                    messages: ReaderStream::Ordered(Feed::start(
                         messages,
                         identity.clone(),
-                        config.batch,
+                        Incoming::unacked,
+                        config.batch.saturating_mul(2),
+                        nats.clone(),
+                        "replay consumer",
                     )),
                     initial_pending,
                     identity,
@@ -630,7 +547,18 @@ impl Reader {
     async fn next(&mut self, patience: Option<Duration>) -> Result<Option<Incoming>, Error> {
         loop {
             match &mut self.messages {
-                ReaderStream::Ordered(feed) => return feed.next(patience).await,
+                ReaderStream::Ordered(feed) => {
+                    let item = match patience {
+                        None => feed.next().await,
+                        Some(p) => match feed.next_before(tokio::time::Instant::now() + p).await {
+                            Some(item) => item,
+                            None => return Ok(None),
+                        },
+                    };
+                    return item
+                        .map(Some)
+                        .ok_or_else(|| Error::Replay("the consumer ended".into()));
+                }
                 ReaderStream::Durable {
                     consumer,
                     size,

@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, consumer::pull};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use windrow_jetstream::subject::{consumer_filter, covers_stream};
@@ -15,6 +15,7 @@ use crate::{
         next_before, stream_identity, BatchSize, ConsumerLimits, Incoming, Pipeline, Processor,
     },
     events::Metrics,
+    feed::Feed,
     query::{QueryReply, QueryRequest},
     store::{Clock, SystemClock},
     writer::Writer,
@@ -346,18 +347,6 @@ async fn start_pull(bound: &Bound) -> Option<Pull> {
     }
 }
 
-/// Stops `pull`: first takes what the client holds, then drops the stream.
-/// Dropping it unsubscribes its inbox, so the server stops serving this
-/// worker's open pull requests (it checks the reply subject's interest) and
-/// cannot hand what is given back straight back to them.
-fn stop_pull(mut pull: Pull) -> Vec<jetstream::Message> {
-    let mut held = Vec::new();
-    while let Some(Some(Ok(m))) = pull.next().now_or_never() {
-        held.push(m);
-    }
-    held
-}
-
 /// Pulls, batches by size or time, and processes until shutdown or until the
 /// pull stream ends (consumer deleted).
 async fn pull_batches(
@@ -368,10 +357,21 @@ async fn pull_batches(
     shutdown: &CancellationToken,
     hard_stop: &CancellationToken,
 ) {
+    let nats = &processor.nats;
+    let feed = |pull| {
+        Feed::start(
+            pull,
+            bound.identity.clone(),
+            Incoming::jetstream,
+            bound.limits.batch,
+            nats.clone(),
+            "pull consumer",
+        )
+    };
     let Some(pull) = start_pull(bound).await else {
         return;
     };
-    let mut pull = Some(pull);
+    let mut pull = Some(feed(pull));
     health.set("consumer", true);
     let wait = Duration::from_millis(config.batch_max_wait_ms);
     let mut sized = BatchSize::up_to(bound.limits.batch);
@@ -379,7 +379,7 @@ async fn pull_batches(
     loop {
         // Stopped while a commit was slow (see `submit_releasing`): pull again.
         if pull.is_none() {
-            pull = start_pull(bound).await;
+            pull = start_pull(bound).await.map(feed);
         }
         let Some(messages) = pull.as_mut() else {
             break;
@@ -388,25 +388,17 @@ async fn pull_batches(
             () = shutdown.cancelled() => break,
             m = messages.next() => m,
         };
-        let first = match first {
-            None => break,
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                // Missed heartbeats, a failed pull request, a reconnect: the
-                // stream issues a new pull request by itself.
-                tracing::warn!(error = %e, "pull consumer");
-                continue;
-            }
+        // The stream ended (consumer deleted); its transient errors (missed
+        // heartbeats, a failed pull request, a reconnect) were logged by the
+        // feed, and the stream issues a new pull request by itself.
+        let Some(first) = first else {
+            break;
         };
-        let mut batch = sized.start(Incoming::jetstream(first, &bound.identity));
+        let mut batch = sized.start(first);
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < bound.limits.batch {
-            match next_before(messages, deadline).await {
-                Some(Some(Ok(m))) => batch.push(Incoming::jetstream(m, &bound.identity)),
-                Some(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "pull consumer");
-                    break;
-                }
+            match messages.next_before(deadline).await {
+                Some(Some(m)) => batch.push(m),
                 _ => break,
             }
         }
@@ -421,12 +413,13 @@ async fn pull_batches(
                 .set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
         let submitted = pipeline.submit_releasing(batch, || {
-            let Some(stopped) = pull.take() else {
+            let Some(mut stopped) = pull.take() else {
                 return Vec::new();
             };
-            let given_back: Vec<_> = stop_pull(stopped)
+            let given_back: Vec<_> = stopped
+                .release()
                 .into_iter()
-                .filter_map(|m| m.message.reply)
+                .filter_map(|m| m.reply)
                 .collect();
             tracing::warn!(
                 given_back = given_back.len(),
@@ -441,10 +434,10 @@ async fn pull_batches(
     pipeline.finish().await;
     // Hand back what was delivered but not processed, so that another replica
     // gets it now rather than after the ack wait.
-    let held = pull.map(stop_pull).unwrap_or_default();
+    let held = pull.map(|mut p| p.release()).unwrap_or_default();
     let handed_back = held.len();
     for m in held {
-        let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
+        m.hand_back(nats).await;
     }
     if handed_back > 0 {
         tracing::info!(handed_back, "returned delivered but unprocessed messages");
