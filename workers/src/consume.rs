@@ -299,7 +299,7 @@ where
 /// otherwise be redelivered to another replica while this one still applies
 /// it, and both would count it. The first round comes a third of the ack wait
 /// after `since`, leaving the rest for the time a message spent in the
-/// client's buffer and in the filling batch before that.
+/// client's buffer, the read-ahead queue and the filling batch before that.
 async fn holding<F: std::future::Future>(
     work: F,
     nats: &async_nats::Client,
@@ -379,7 +379,8 @@ impl Pipeline {
     /// wait, `release` is called at each round of in-progress acks: it stops
     /// the deliveries and returns the reply subjects of what was delivered
     /// but not yet batched, which are then given back (negative ack) for
-    /// another replica to take now. Left in the client's buffer, they would
+    /// another replica to take now. Left in the client's buffer or the
+    /// read-ahead queue ([`crate::feed::Feed`]), they would
     /// be redelivered elsewhere after the ack wait while this worker still
     /// applied them on reading them, and both would count them.
     pub async fn submit_releasing(

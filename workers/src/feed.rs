@@ -12,16 +12,14 @@
 use std::{
     fmt::Display,
     future::poll_fn,
+    pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
 };
 
 use async_nats::jetstream;
 use futures::{FutureExt, Stream, StreamExt};
-use tokio::{
-    sync::mpsc::{self, error::SendError},
-    time::Instant,
-};
+use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::consume::Incoming;
@@ -30,6 +28,10 @@ use crate::consume::Incoming;
 pub(crate) type Convert = fn(jetstream::Message, &Arc<str>) -> Incoming;
 
 /// A consumer's messages, read ahead by a task of their own.
+///
+/// As a [`Stream`], it yields the messages in order and ends when the
+/// consumer's stream ends or the feed is released. Cancel safe: a message
+/// is taken from the queue only in the poll that returns it.
 pub(crate) struct Feed<S> {
     chunks: mpsc::Receiver<Vec<Incoming>>,
     ready: std::vec::IntoIter<Incoming>,
@@ -40,7 +42,8 @@ pub(crate) struct Feed<S> {
     _task: AbortOnDropHandle<()>,
 }
 
-/// Messages moved from the task to the loop at a time, at most.
+/// Messages moved from the task to the loop at a time, at most (fewer when
+/// fewer have arrived, or when the task's cooperative budget runs out).
 const CHUNK: usize = 512;
 
 impl<S, E> Feed<S>
@@ -48,18 +51,16 @@ where
     S: Stream<Item = Result<jetstream::Message, E>> + Unpin + Send + 'static,
     E: Display,
 {
-    /// Reads `stream` on a new task, at most about `ahead` messages ahead of
-    /// the loop. `identity` is the stream's ([`crate::consume::stream_identity`]);
+    /// Reads `stream` on a new task, at most `ahead / 512` chunks (of at most
+    /// 512 messages) ahead of the loop; the stream's own buffer comes on top.
+    /// `identity` is the stream's ([`crate::consume::stream_identity`]);
     /// `label` names the consumer in the warnings about its transient errors
-    /// (missed heartbeats and the like, from which the stream recovers by
-    /// itself). What the task holds when the feed is released or dropped is
-    /// handed back through `nats`.
+    /// (missed heartbeats and the like, from which it recovers by itself).
     pub fn start(
         stream: S,
         identity: Arc<str>,
         convert: Convert,
         ahead: usize,
-        nats: async_nats::Client,
         label: &'static str,
     ) -> Self {
         let stream = Arc::new(Mutex::new(Some(stream)));
@@ -67,28 +68,33 @@ where
         let shared = stream.clone();
         let id = identity.clone();
         let task = tokio::spawn(async move {
-            loop {
-                let first = tokio::select! {
-                    () = tx.closed() => return,
-                    item = poll_fn(|cx| poll_shared(&shared, cx)) => item,
-                };
-                let mut chunk = Vec::with_capacity(CHUNK);
-                let mut open = take(&mut chunk, first, convert, &id, label);
-                while open && chunk.len() < CHUNK {
-                    match poll_fn(|cx| poll_shared(&shared, cx)).now_or_never() {
-                        Some(item) => open = take(&mut chunk, item, convert, &id, label),
-                        None => break,
-                    }
-                }
-                if !chunk.is_empty() {
-                    if let Err(SendError(chunk)) = tx.send(chunk).await {
-                        // Released meanwhile.
-                        for m in chunk {
-                            m.hand_back(&nats).await;
+            // Room in the queue first: a chunk is then queued in the same
+            // step, under the lock, that took it from the stream, so that
+            // `release` finds every message either still in the stream or
+            // already in the queue, never in this task's hands.
+            while let Ok(permit) = tx.reserve().await {
+                let mut permit = Some(permit);
+                let open = tokio::select! {
+                    // Wakes this task once `release` took the stream away
+                    // (and with it the waker the stream held).
+                    () = tx.closed() => false,
+                    open = poll_fn(|cx| {
+                        let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                        let Some(stream) = guard.as_mut() else {
+                            return Poll::Ready(false);
+                        };
+                        let (chunk, open) = poll_chunk(stream, cx, convert, &id, label);
+                        if chunk.is_empty() && open {
+                            return Poll::Pending;
                         }
-                        return;
-                    }
-                }
+                        if let Some(permit) = permit.take() {
+                            if !chunk.is_empty() {
+                                permit.send(chunk);
+                            }
+                        }
+                        Poll::Ready(open)
+                    }) => open,
+                };
                 if !open {
                     return; // dropping `tx` ends the feed
                 }
@@ -104,34 +110,17 @@ where
         }
     }
 
-    /// The next message; `None` once the stream ended or the feed was released.
-    pub async fn next(&mut self) -> Option<Incoming> {
-        if let Some(m) = self.ready.next() {
-            return Some(m);
-        }
-        self.ready = self.chunks.recv().await?.into_iter();
-        self.ready.next()
-    }
-
-    /// The next message if it arrives before `deadline`: `Some(None)` at the
-    /// end, `None` at the deadline. What is already here is taken without
-    /// arming a timer.
-    pub async fn next_before(&mut self, deadline: Instant) -> Option<Option<Incoming>> {
-        if let Some(m) = self.ready.next() {
-            return Some(Some(m));
-        }
-        if let Some(item) = self.next().now_or_never() {
-            return Some(item);
-        }
-        tokio::time::timeout_at(deadline, self.next()).await.ok()
-    }
-
     /// Stops reading and returns what was delivered and not yet taken: the
     /// loop's queue and what the stream itself buffered. The stream is
     /// dropped, which ends its pull requests (the server checks the reply
-    /// subject's interest), so nothing more comes to this feed; a chunk the
-    /// task was still sending is handed back by the task.
-    pub fn release(&mut self) -> Vec<Incoming> {
+    /// subject's interest), so nothing more comes to this feed.
+    ///
+    /// Taking the stream's buffer can make it send one more pull request
+    /// (async-nats asks for more whenever fewer than half a batch are due)
+    /// just before it is dropped. What the server sends for it, if it is
+    /// not at the consumer's `max_ack_pending`, reaches no one and is
+    /// redelivered after the ack wait: later, never twice.
+    pub fn release(mut self) -> Vec<Incoming> {
         let stream = self
             .stream
             .lock()
@@ -143,7 +132,9 @@ where
             held.extend(chunk);
         }
         if let Some(mut stream) = stream {
-            while let Some(Some(item)) = stream.next().now_or_never() {
+            // Unconstrained: the cooperative budget of the calling task
+            // would otherwise end this after about a hundred messages.
+            while let Some(Some(item)) = tokio::task::unconstrained(stream.next()).now_or_never() {
                 if let Ok(m) = item {
                     held.push((self.convert)(m, &self.identity));
                 }
@@ -153,33 +144,139 @@ where
     }
 }
 
-/// Polls the stream unless it was released (then it has ended).
-fn poll_shared<S: Stream + Unpin>(
-    shared: &Mutex<Option<S>>,
-    cx: &mut Context<'_>,
-) -> Poll<Option<S::Item>> {
-    match shared
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_mut()
-    {
-        Some(stream) => stream.poll_next_unpin(cx),
-        None => Poll::Ready(None),
+impl<S> Stream for Feed<S> {
+    type Item = Incoming;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
+        if let Some(m) = self.ready.next() {
+            return Poll::Ready(Some(m));
+        }
+        match self.chunks.poll_recv(cx) {
+            Poll::Ready(Some(chunk)) => {
+                self.ready = chunk.into_iter();
+                Poll::Ready(self.ready.next())
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
-/// Adds a delivered message to `chunk`; false at the end of the stream.
-fn take<E: Display>(
-    chunk: &mut Vec<Incoming>,
-    item: Option<Result<jetstream::Message, E>>,
+/// What `stream` has ready, up to a chunk; false at its end.
+fn poll_chunk<S, E>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
     convert: Convert,
     identity: &Arc<str>,
     label: &'static str,
-) -> bool {
-    match item {
-        Some(Ok(m)) => chunk.push(convert(m, identity)),
-        Some(Err(e)) => tracing::warn!(error = %e, "{label}"),
-        None => return false,
+) -> (Vec<Incoming>, bool)
+where
+    S: Stream<Item = Result<jetstream::Message, E>> + Unpin,
+    E: Display,
+{
+    let mut chunk = Vec::new();
+    // Bounded in polls, not only in messages: a run of errors must not keep
+    // this task from yielding.
+    for _ in 0..CHUNK {
+        match stream.poll_next_unpin(cx) {
+            Poll::Pending => return (chunk, true),
+            Poll::Ready(Some(Ok(m))) => {
+                if chunk.is_empty() {
+                    chunk.reserve(CHUNK);
+                }
+                chunk.push(convert(m, identity));
+            }
+            Poll::Ready(Some(Err(e))) => tracing::warn!(error = %e, "{label}"),
+            Poll::Ready(None) => return (chunk, false),
+        }
     }
-    true
+    // The stream had more: come back for it, even with nothing to send yet.
+    cx.waker().wake_by_ref();
+    (chunk, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    use windrow_harness::{clients::create_stream, NatsServer};
+
+    use super::*;
+
+    /// Every message the server delivered to a released feed is either one
+    /// it yielded or one it returned: none is left to wait out the ack wait
+    /// (the task's hands, the queue and the stream's buffer are all emptied).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_released_feed_returns_every_delivered_message_it_did_not_yield() {
+        let nats = NatsServer::start().await;
+        create_stream(&nats.url(), "FEED", &["feed.>"], Duration::from_secs(60)).await;
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let js = jetstream::new(client);
+        for i in 0..5_000 {
+            js.publish(format!("feed.d{}", i % 7), "1".into())
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
+        }
+        let stream = js.get_stream("FEED").await.expect("stream");
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some("feed".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(120),
+                // Two pull requests' worth, both sent before the loop below
+                // has taken 700. Draining the stream in `release` may send it
+                // one more request before it is dropped; at this cap the
+                // server cannot serve it, so the count below is exact.
+                max_ack_pending: 2_000,
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let pull = consumer
+            .stream()
+            .max_messages_per_batch(1_000)
+            .messages()
+            .await
+            .expect("pull");
+        let mut feed = Feed::start(pull, "FEED@0".into(), Incoming::jetstream, 1_024, "test");
+        let mut yielded = 0;
+        while yielded < 700 {
+            let m = feed.next().await.expect("a message");
+            assert!(m.reply.is_some(), "an acknowledgeable message");
+            yielded += 1;
+        }
+        // The task fills its queue and stops polling, and the stream's pull
+        // requests are served in full: wait until the server's count of
+        // delivered messages stands still, so that none is in flight.
+        let mut consumer = consumer;
+        let mut delivered = 0;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = consumer
+                .info()
+                .await
+                .expect("consumer info")
+                .num_ack_pending;
+            if now == delivered {
+                break;
+            }
+            delivered = now;
+        }
+        let held = feed.release();
+        assert!(held.iter().all(|m| m.reply.is_some()));
+        let info = consumer.info().await.expect("consumer info");
+        assert_eq!(
+            info.num_ack_pending as usize,
+            yielded + held.len(),
+            "delivered = yielded + returned ({yielded} yielded, {} returned)",
+            held.len()
+        );
+        assert_eq!(
+            info.num_ack_pending, 2_000,
+            "the feed read ahead to the cap"
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! decode → window → LMDB path as the live workers ([`Processor`]).
 //!
 //! Without a durable name the stream is read through an ordered consumer (no
-//! acknowledgements, flow-controlled, nothing left on the server); with one,
+//! acknowledgements, read ahead on a task of its own, nothing left on the server); with one,
 //! through a durable pull consumer acknowledged after each commit, so an
 //! interrupted replay started again continues where it stopped. Either way the
 //! store's applied-sequence sets make a second pass over the same messages a
@@ -28,7 +28,9 @@ use windrow_ops::Health;
 
 use crate::{
     config::Config,
-    consume::{stream_identity, ConsumerLimits, Incoming, Outcome, Pipeline, Processor},
+    consume::{
+        next_before, stream_identity, ConsumerLimits, Incoming, Outcome, Pipeline, Processor,
+    },
     events::Metrics,
     feed::Feed,
     query::{gather, merge_windows, QueryRequest},
@@ -221,7 +223,6 @@ pub async fn replay(
     let consumer_filter = consumer_filter(&info.config.subjects, &filter);
     let end_seq = last_in_range(config.end, last_seq);
     let mut reader = Reader::open(
-        &nats,
         &stream,
         &config,
         &consumer_filter,
@@ -362,8 +363,8 @@ struct Reader {
 // One reader per replay: the size of its variants does not matter.
 #[allow(clippy::large_enum_variant)]
 enum ReaderStream {
-    /// Flow-controlled ordered consumer: the fast path, nothing to acknowledge.
-    /// Read ahead on a task of its own ([`Feed`]), up to two batches.
+    /// Ordered consumer: the fast path, nothing to acknowledge. Read ahead on
+    /// a task of its own ([`Feed`]), up to two batches in chunks of at most 512.
     Ordered(Feed<pull::Ordered>),
     /// Bounded pull requests one after the other, so that at the end of the
     /// range (or on interruption) what was delivered but not processed can be
@@ -446,7 +447,6 @@ impl Pull {
 
 impl Reader {
     async fn open(
-        nats: &async_nats::Client,
         stream: &jetstream::stream::Stream,
         config: &ReplayConfig,
         filter: &str,
@@ -473,7 +473,6 @@ impl Reader {
                         identity.clone(),
                         Incoming::unacked,
                         config.batch.saturating_mul(2),
-                        nats.clone(),
                         "replay consumer",
                     )),
                     initial_pending,
@@ -550,7 +549,7 @@ impl Reader {
                 ReaderStream::Ordered(feed) => {
                     let item = match patience {
                         None => feed.next().await,
-                        Some(p) => match feed.next_before(tokio::time::Instant::now() + p).await {
+                        Some(p) => match next_before(feed, tokio::time::Instant::now() + p).await {
                             Some(item) => item,
                             None => return Ok(None),
                         },

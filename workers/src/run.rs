@@ -364,7 +364,6 @@ async fn pull_batches(
             bound.identity.clone(),
             Incoming::jetstream,
             bound.limits.batch,
-            nats.clone(),
             "pull consumer",
         )
     };
@@ -397,7 +396,7 @@ async fn pull_batches(
         let mut batch = sized.start(first);
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < bound.limits.batch {
-            match messages.next_before(deadline).await {
+            match next_before(messages, deadline).await {
                 Some(Some(m)) => batch.push(m),
                 _ => break,
             }
@@ -413,7 +412,7 @@ async fn pull_batches(
                 .set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
         let submitted = pipeline.submit_releasing(batch, || {
-            let Some(mut stopped) = pull.take() else {
+            let Some(stopped) = pull.take() else {
                 return Vec::new();
             };
             let given_back: Vec<_> = stopped
@@ -431,10 +430,10 @@ async fn pull_batches(
             break;
         }
     }
-    pipeline.finish().await;
     // Hand back what was delivered but not processed, so that another replica
-    // gets it now rather than after the ack wait.
-    let held = pull.map(|mut p| p.release()).unwrap_or_default();
+    // gets it now rather than after the ack wait; first, so that the feed
+    // stops asking for more while the last commit runs.
+    let held = pull.map(Feed::release).unwrap_or_default();
     let handed_back = held.len();
     for m in held {
         m.hand_back(nats).await;
@@ -442,6 +441,7 @@ async fn pull_batches(
     if handed_back > 0 {
         tracing::info!(handed_back, "returned delivered but unprocessed messages");
     }
+    pipeline.finish().await;
 }
 
 /// Keeps the lag gauges current while no message arrives (deliveries set the
