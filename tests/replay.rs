@@ -80,12 +80,7 @@ fn stdout(out: &Output) -> String {
 
 /// A `windrow replay --durable NAME --batch N` process that has reported
 /// progress at least once (so it is mid-way when the test stops it).
-async fn durable_replay_under_way(
-    nats: &NatsServer,
-    into: &Path,
-    name: &str,
-    batch: &str,
-) -> RoleProcess {
+fn spawn_durable_replay(nats: &NatsServer, into: &Path, name: &str, batch: &str) -> RoleProcess {
     let url = nats.url();
     let args = [
         "--config",
@@ -102,7 +97,18 @@ async fn durable_replay_under_way(
         "--batch",
         batch,
     ];
-    let process = RoleProcess::spawn(windrow(), &args, &[("RUST_LOG", "info")]);
+    RoleProcess::spawn(windrow(), &args, &[("RUST_LOG", "info")])
+}
+
+/// A durable replay (`--durable name --batch batch`) started and showing
+/// progress.
+async fn durable_replay_under_way(
+    nats: &NatsServer,
+    into: &Path,
+    name: &str,
+    batch: &str,
+) -> RoleProcess {
+    let process = spawn_durable_replay(nats, into, name, batch);
     let started = wait_until(Duration::from_secs(60), || {
         let log = process.log();
         async move { log.contains("replay progress") }
@@ -372,6 +378,63 @@ async fn a_durable_replay_killed_outright_resumes_after_the_ack_wait_and_ends_id
         &expected_windows(&readings, 1),
     );
     assert_eq!(total(&store_windows(&into, 60).await), 100_000);
+}
+
+/// A durable replay with an end before the stream's last message, after a
+/// killed one: while it waits for the killed run's messages to come back
+/// (after the ack wait), the consumer offers it messages past its end. It
+/// hands those back for a later run and still takes the killed run's
+/// messages of its range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bounded_durable_replay_after_a_killed_one_still_takes_the_killed_runs_messages() {
+    let (nats, readings) = stream_of_readings(1_000, 100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let into = dir.path().join("bounded");
+    // Killed once it read a few batches, well before the end.
+    let mut first_run = spawn_durable_replay(&nats, &into, "bounded", "2000");
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let under_way = wait_until(Duration::from_secs(60), || {
+        let js = js.clone();
+        async move {
+            match js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    "bounded", STREAM,
+                )
+                .await
+            {
+                Ok(mut c) => c
+                    .info()
+                    .await
+                    .is_ok_and(|i| i.delivered.stream_sequence >= 6_000),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    assert!(under_way, "{}", first_run.log());
+    first_run.sigkill().await;
+    let (delivered, unacked) = consumer_state(&nats, "bounded").await;
+    assert!(unacked > 0, "the killed run left messages unacknowledged: {delivered} delivered, {unacked} unacknowledged");
+    assert!(
+        delivered < 90_000,
+        "killed well before the end: {delivered} delivered"
+    );
+    let end = delivered + (100_000 - delivered) / 2;
+
+    let out = replay(
+        &nats,
+        &into,
+        &["--durable", "bounded", "--to-seq", &end.to_string()],
+    )
+    .await;
+    let (text, log) = (stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}\n{log}");
+    let in_range = &readings[..usize::try_from(end).unwrap()];
+    assert_same(
+        &store_windows(&into, 60).await,
+        &expected_windows(in_range, 60),
+    );
+    assert_eq!(total(&store_windows(&into, 60).await), end);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -245,6 +245,8 @@ pub async fn replay(
     // Reading and decoding the next batch overlaps the commit of the one
     // before: at most one batch is being committed at a time.
     let mut pipeline = Pipeline::new(processor.clone(), reader.ack_wait, hard_stop.clone());
+    // Since when the replay has been waiting for an earlier run's messages.
+    let mut waiting_since = None;
     loop {
         // Waiting for messages an earlier run held: give up waiting now and
         // then to count them again (acks still on their way lower the count).
@@ -257,6 +259,17 @@ pub async fn replay(
             // earlier, killed run: they come back after the ack wait.
             remaining = reader.outstanding().await;
             if remaining == 0 {
+                break;
+            }
+            // What is handed back past the end of the range counts as
+            // unacknowledged too; an earlier run's messages have all come
+            // back one ack wait after the waiting began.
+            let since = *waiting_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > reader.ack_wait + Duration::from_secs(5) {
+                tracing::info!(
+                    unacknowledged = remaining,
+                    "stopped waiting: what earlier runs held has come back; what is still unacknowledged lies past the end of the range"
+                );
                 break;
             }
             tracing::info!(
@@ -284,6 +297,15 @@ pub async fn replay(
                 continue;
             };
             if past_end(config.end, last_seq, stored.seq, stored.at_ns) {
+                if waiting_since.is_some() {
+                    // Offered while an earlier run's messages are awaited:
+                    // not this run's, but the wait goes on. Handed back for
+                    // after the ack wait, not at once, which would only
+                    // bring it straight back.
+                    m.hand_back_after(&nats, Some(reader.ack_wait)).await;
+                    next = reader.next_in_batch().await?;
+                    continue;
+                }
                 m.hand_back(&nats).await;
                 reached_end = true;
                 break;
@@ -311,6 +333,9 @@ pub async fn replay(
         }
         if reached_end {
             break;
+        }
+        if waiting_since.is_some() {
+            remaining = 0; // count again, and mind the deadline
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
