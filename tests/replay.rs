@@ -118,6 +118,39 @@ async fn durable_replay_under_way(
     process
 }
 
+/// A durable replay (`--durable name --batch batch`) whose consumer has
+/// delivered at least `delivered` messages: under way however fast it runs.
+async fn durable_replay_delivering(
+    nats: &NatsServer,
+    into: &Path,
+    name: &str,
+    batch: &str,
+    delivered: u64,
+) -> RoleProcess {
+    let process = spawn_durable_replay(nats, into, name, batch);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let under_way = wait_until(Duration::from_secs(60), || {
+        let js = js.clone();
+        async move {
+            match js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    name, STREAM,
+                )
+                .await
+            {
+                Ok(mut c) => c
+                    .info()
+                    .await
+                    .is_ok_and(|i| i.delivered.stream_sequence >= delivered),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    assert!(under_way, "{}", process.log());
+    process
+}
+
 /// A durable consumer as the server has it: the last stream sequence it
 /// delivered and how many of its deliveries are unacknowledged.
 async fn consumer_state(nats: &NatsServer, durable: &str) -> (u64, usize) {
@@ -357,7 +390,7 @@ async fn a_durable_replay_killed_outright_resumes_after_the_ack_wait_and_ends_id
     let (nats, readings) = stream_of_readings(1_000, 100).await;
     let dir = tempfile::tempdir().unwrap();
     let into = dir.path().join("killed");
-    let mut first_run = durable_replay_under_way(&nats, &into, "killed", "2000").await;
+    let mut first_run = durable_replay_delivering(&nats, &into, "killed", "2000", 6_000).await;
     first_run.sigkill().await;
     assert!(
         first_run.log().lines().all(|l| !l.starts_with("replayed ")),
@@ -383,35 +416,15 @@ async fn a_durable_replay_killed_outright_resumes_after_the_ack_wait_and_ends_id
 /// A durable replay with an end before the stream's last message, after a
 /// killed one: while it waits for the killed run's messages to come back
 /// (after the ack wait), the consumer offers it messages past its end. It
-/// hands those back for a later run and still takes the killed run's
-/// messages of its range.
+/// holds those, still takes the killed run's messages of its range, and then
+/// hands them back for a later run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bounded_durable_replay_after_a_killed_one_still_takes_the_killed_runs_messages() {
     let (nats, readings) = stream_of_readings(1_000, 100).await;
     let dir = tempfile::tempdir().unwrap();
     let into = dir.path().join("bounded");
     // Killed once it read a few batches, well before the end.
-    let mut first_run = spawn_durable_replay(&nats, &into, "bounded", "2000");
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let under_way = wait_until(Duration::from_secs(60), || {
-        let js = js.clone();
-        async move {
-            match js
-                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-                    "bounded", STREAM,
-                )
-                .await
-            {
-                Ok(mut c) => c
-                    .info()
-                    .await
-                    .is_ok_and(|i| i.delivered.stream_sequence >= 6_000),
-                Err(_) => false,
-            }
-        }
-    })
-    .await;
-    assert!(under_way, "{}", first_run.log());
+    let mut first_run = durable_replay_delivering(&nats, &into, "bounded", "2000", 6_000).await;
     first_run.sigkill().await;
     let (delivered, unacked) = consumer_state(&nats, "bounded").await;
     assert!(unacked > 0, "the killed run left messages unacknowledged: {delivered} delivered, {unacked} unacknowledged");
@@ -429,6 +442,14 @@ async fn a_bounded_durable_replay_after_a_killed_one_still_takes_the_killed_runs
     .await;
     let (text, log) = (stdout(&out), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}\n{log}");
+    assert!(
+        log.contains("waiting for messages an earlier run received"),
+        "it waited for the killed run's messages: {log}"
+    );
+    assert!(
+        consumer_state(&nats, "bounded").await.0 > end,
+        "it was offered messages past its end meanwhile"
+    );
     let in_range = &readings[..usize::try_from(end).unwrap()];
     assert_same(
         &store_windows(&into, 60).await,

@@ -95,13 +95,8 @@ impl Incoming {
     /// Negatively acknowledges a durable consumer's message, so that it is
     /// redelivered at once rather than after the ack wait.
     pub async fn hand_back(self, nats: &async_nats::Client) {
-        self.hand_back_after(nats, None).await;
-    }
-
-    /// [`Incoming::hand_back`], to be redelivered only after `delay`.
-    pub async fn hand_back_after(self, nats: &async_nats::Client, delay: Option<Duration>) {
         if let Some(reply) = self.reply {
-            let _ = nats.publish(reply, AckKind::Nak(delay).into()).await;
+            let _ = nats.publish(reply, AckKind::Nak(None).into()).await;
         }
     }
 }

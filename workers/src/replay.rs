@@ -245,8 +245,11 @@ pub async fn replay(
     // Reading and decoding the next batch overlaps the commit of the one
     // before: at most one batch is being committed at a time.
     let mut pipeline = Pipeline::new(processor.clone(), reader.ack_wait, hard_stop.clone());
-    // Since when the replay has been waiting for an earlier run's messages.
-    let mut waiting_since = None;
+    // Messages past the end delivered while an earlier run's messages are
+    // still to come back: held unacknowledged (so that the consumer does not
+    // offer them again and again) and given back when the run ends. Keyed by
+    // stream sequence; the reply subject of the latest delivery.
+    let mut parked: std::collections::BTreeMap<u64, async_nats::Subject> = Default::default();
     loop {
         // Waiting for messages an earlier run held: give up waiting now and
         // then to count them again (acks still on their way lower the count).
@@ -256,20 +259,10 @@ pub async fn replay(
                 break;
             }
             // A durable consumer may still hold messages delivered to an
-            // earlier, killed run: they come back after the ack wait.
-            remaining = reader.outstanding().await;
+            // earlier, killed run: they come back after the ack wait. What
+            // this run parked past the end is unacknowledged too.
+            remaining = reader.outstanding(parked.len() as u64).await;
             if remaining == 0 {
-                break;
-            }
-            // What is handed back past the end of the range counts as
-            // unacknowledged too; an earlier run's messages have all come
-            // back one ack wait after the waiting began.
-            let since = *waiting_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > reader.ack_wait + Duration::from_secs(5) {
-                tracing::info!(
-                    unacknowledged = remaining,
-                    "stopped waiting: what earlier runs held has come back; what is still unacknowledged lies past the end of the range"
-                );
                 break;
             }
             tracing::info!(
@@ -297,12 +290,15 @@ pub async fn replay(
                 continue;
             };
             if past_end(config.end, last_seq, stored.seq, stored.at_ns) {
-                if waiting_since.is_some() {
-                    // Offered while an earlier run's messages are awaited:
-                    // not this run's, but the wait goes on. Handed back for
-                    // after the ack wait, not at once, which would only
-                    // bring it straight back.
-                    m.hand_back_after(&nats, Some(reader.ack_wait)).await;
+                if reader.earlier_run_held {
+                    // Not this run's, but the end of the range is no reason
+                    // to stop waiting for an earlier run's messages: parked,
+                    // and the waiting below decides.
+                    let seq = stored.seq;
+                    if let Some(reply) = m.reply {
+                        parked.insert(seq, reply);
+                    }
+                    remaining = 0;
                     next = reader.next_in_batch().await?;
                     continue;
                 }
@@ -334,9 +330,6 @@ pub async fn replay(
         if reached_end {
             break;
         }
-        if waiting_since.is_some() {
-            remaining = 0; // count again, and mind the deadline
-        }
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
             progress(Progress {
@@ -350,6 +343,11 @@ pub async fn replay(
     // by async-nats 5 s after its expiry, and what it still buffered would
     // come back only after the ack wait.
     reader.hand_back_buffered().await;
+    for reply in parked.into_values() {
+        let _ = nats
+            .publish(reply, jetstream::AckKind::Nak(None).into())
+            .await;
+    }
     summary.settle(pipeline.finish().await);
     summary.elapsed = started.elapsed();
     progress(Progress {
@@ -379,6 +377,10 @@ fn last_in_range(end: End, last_seq: u64) -> u64 {
 struct Reader {
     messages: ReaderStream,
     initial_pending: u64,
+    /// An earlier run of the durable consumer left messages unacknowledged:
+    /// they come back after the ack wait, and the run waits for them even
+    /// once it is offered messages past its end.
+    earlier_run_held: bool,
     /// Key of the applied sequences ([`stream_identity`]): the live workers'.
     identity: Arc<str>,
     /// The durable consumer's ack wait (it paces the in-progress acks of held messages).
@@ -501,6 +503,7 @@ impl Reader {
                         "replay consumer",
                     )),
                     initial_pending,
+                    earlier_run_held: false,
                     identity,
                     ack_wait: Duration::from_secs(30),
                 })
@@ -535,6 +538,7 @@ impl Reader {
                     .num_pending
                     .min(end_seq.saturating_sub(info.delivered.stream_sequence));
                 let initial_pending = undelivered + info.num_ack_pending as u64;
+                let earlier_run_held = info.num_ack_pending > 0;
                 let expected = if undelivered > 0 {
                     undelivered
                 } else {
@@ -552,6 +556,7 @@ impl Reader {
                         expected,
                     },
                     initial_pending,
+                    earlier_run_held,
                     identity,
                     ack_wait,
                 })
@@ -661,12 +666,12 @@ impl Reader {
     }
 
     /// Messages delivered to some client of a durable consumer and not yet
-    /// acknowledged.
+    /// acknowledged, less the `parked` ones this run holds past its end.
     ///
     /// Acks are plain (no confirmation), so the server may still be counting
     /// this run's last ones: the count is taken again until it is zero or has
     /// stayed the same for a second.
-    async fn outstanding(&mut self) -> u64 {
+    async fn outstanding(&mut self, parked: u64) -> u64 {
         let ReaderStream::Durable {
             consumer, expected, ..
         } = &mut self.messages
@@ -679,7 +684,7 @@ impl Reader {
             let now = consumer
                 .info()
                 .await
-                .map(|i| i.num_ack_pending as u64)
+                .map(|i| (i.num_ack_pending as u64).saturating_sub(parked))
                 .unwrap_or(0);
             if now == 0 {
                 return 0;
