@@ -2,12 +2,12 @@
 //! decode → window → LMDB path as the live workers ([`Processor`]).
 //!
 //! Without a durable name the stream is read through an ordered consumer (no
-//! acknowledgements, read ahead on a task of its own, nothing left on the server); with one,
-//! through a durable pull consumer acknowledged after each commit, so an
-//! interrupted replay started again continues where it stopped. Either way the
-//! store's applied-sequence sets make a second pass over the same messages a
-//! no-op, and lateness is judged against each message's stream timestamp, so
-//! the rebuilt windows equal what the live fleet computed.
+//! acknowledgements, read ahead on a task of its own, nothing left on the
+//! server); with one, through a durable pull consumer acknowledged after each
+//! commit, so an interrupted replay started again continues where it stopped.
+//! Either way the store's applied-sequence sets make a second pass over the
+//! same messages a no-op, and lateness is judged against each message's stream
+//! timestamp, so the rebuilt windows equal what the live fleet computed.
 
 use std::{
     collections::VecDeque,
@@ -247,9 +247,9 @@ pub async fn replay(
     let mut pipeline = Pipeline::new(processor.clone(), reader.ack_wait, hard_stop.clone());
     // Messages past the end delivered while an earlier run's messages are
     // still to come back: held unacknowledged (so that the consumer does not
-    // offer them again and again) and given back when the run ends. Keyed by
-    // stream sequence; the reply subject of the latest delivery.
-    let mut parked: std::collections::BTreeMap<u64, async_nats::Subject> = Default::default();
+    // offer them again and again) and handed back when the run ends. Keyed
+    // by stream sequence: the latest delivery of each.
+    let mut parked: std::collections::BTreeMap<u64, Incoming> = Default::default();
     loop {
         // Waiting for messages an earlier run held: give up waiting now and
         // then to count them again (acks still on their way lower the count).
@@ -294,10 +294,7 @@ pub async fn replay(
                     // Not this run's, but the end of the range is no reason
                     // to stop waiting for an earlier run's messages: parked,
                     // and the waiting below decides.
-                    let seq = stored.seq;
-                    if let Some(reply) = m.reply {
-                        parked.insert(seq, reply);
-                    }
+                    parked.insert(stored.seq, m);
                     remaining = 0;
                     next = reader.next_in_batch().await?;
                     continue;
@@ -343,10 +340,8 @@ pub async fn replay(
     // by async-nats 5 s after its expiry, and what it still buffered would
     // come back only after the ack wait.
     reader.hand_back_buffered().await;
-    for reply in parked.into_values() {
-        let _ = nats
-            .publish(reply, jetstream::AckKind::Nak(None).into())
-            .await;
+    for m in parked.into_values() {
+        m.hand_back(&nats).await;
     }
     summary.settle(pipeline.finish().await);
     summary.elapsed = started.elapsed();
