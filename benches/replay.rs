@@ -30,6 +30,7 @@
 //! `windrow.telemetry.fleet.d<NNNNNN>` with payloads like
 //! `{"device":"d000042","ts":1764000000000,"temp":21.5}`, as in the worker
 //! benchmark; replay runs with `[worker.decode] series_fields = ["device"]`.
+//! `WINDROW_BENCH_LOG_DIR` (keep each replay's log there),
 //! `WINDROW_BENCH_RUNS` (default 3), `WINDROW_BENCH_BATCH` (replay `--batch`
 //! and the durable ceiling's pull size; default: replay's own, 50,000).
 //!
@@ -596,6 +597,18 @@ impl Bench {
         };
         let wall_secs = started.elapsed().as_secs_f64();
         let log = process.log();
+        if let Some(dir) = std::env::var_os("WINDROW_BENCH_LOG_DIR") {
+            let name = scenario
+                .short()
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .filter(|w| !w.is_empty())
+                .collect::<Vec<_>>()
+                .join("-");
+            let path = Path::new(&dir).join(format!("{name}-round{round}.log"));
+            if let Err(e) = std::fs::write(&path, &log) {
+                eprintln!("[bench] cannot keep the log in {}: {e}", path.display());
+            }
+        }
         let summary = parse_summary(&log);
         if end != End::Complete || summary.is_none() {
             let tail: Vec<&str> = log.lines().rev().take(30).collect();

@@ -458,6 +458,61 @@ async fn a_bounded_durable_replay_after_a_killed_one_still_takes_the_killed_runs
     assert_eq!(total(&store_windows(&into, 60).await), end);
 }
 
+/// A broker that stops answering in mid-replay (frozen, as in a paused VM)
+/// makes an ordered replay warn while it waits, not fail or skip anything:
+/// it carries on when the broker does and ends with exactly the stream's
+/// windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_replay_waits_out_a_frozen_broker_with_a_warning_and_ends_exact() {
+    let (mut nats, readings) = stream_of_readings(1_000, 300).await;
+    let want = expected_windows(&readings, 60);
+    let dir = tempfile::tempdir().unwrap();
+    let into = dir.path().join("store");
+    let url = nats.url();
+    let args = [
+        "--config",
+        fleet_config().to_str().unwrap(),
+        "replay",
+        "--nats-url",
+        &url,
+        "--progress",
+        "log",
+        "--into",
+        into.to_str().unwrap(),
+        "--batch",
+        "20000",
+    ];
+    let mut process = RoleProcess::spawn(windrow(), &args, &[("RUST_LOG", "info")]);
+    let started = wait_until(Duration::from_secs(60), || {
+        let log = process.log();
+        async move { log.contains("replay started") }
+    })
+    .await;
+    assert!(started, "{}", process.log());
+    nats.freeze();
+    let warned = wait_until(Duration::from_secs(30), || {
+        let log = process.log();
+        async move { log.contains("no message from the ordered consumer") }
+    })
+    .await;
+    nats.thaw();
+    let log = process.log();
+    assert!(warned, "no warning while the broker was frozen:\n{log}");
+    assert!(
+        !log.contains("replayed 300000"),
+        "the replay ended before the broker froze:\n{log}"
+    );
+    let status = process.wait_exit(Duration::from_secs(120)).await;
+    let log = process.log();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(log.contains("the ordered consumer delivers again"), "{log}");
+    assert!(
+        log.contains("replayed 300000 message(s)") && log.contains("300000 applied"),
+        "{log}"
+    );
+    assert_same(&store_windows(&into, 60).await, &want);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn since_a_time_in_the_middle_selects_exactly_the_messages_from_then() {
     let nats = NatsServer::start().await;

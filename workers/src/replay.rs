@@ -368,6 +368,46 @@ fn last_in_range(end: End, last_seq: u64) -> u64 {
     }
 }
 
+/// The longest pull request of an ordered replay (the consumer's
+/// `max_expires`, which async-nats also takes as its request expiry and
+/// halves for the idle heartbeat).
+///
+/// With async-nats' defaults (30 s requests, 15 s heartbeats), a consumer
+/// that stopped delivering was noticed only after two missed heartbeat
+/// windows: seen in the replay benchmark, twice in about twenty runs with
+/// 150,000-message batches, a replay stood still for 65 s at a multiple of
+/// the 500-message pull, until async-nats recreated the consumer where it
+/// had stopped. With 5 s requests such a stall lasts about 10 s: a fresh
+/// request goes out 5 s after the expiry, and the consumer is recreated
+/// after two 5 s heartbeat windows. While messages flow, every request is
+/// filled long before it expires, so this costs nothing.
+const ORDERED_PULL_EXPIRY: Duration = Duration::from_secs(5);
+
+/// The next message of an ordered replay's feed, however long it takes,
+/// with a warning for every [`ORDERED_PULL_EXPIRY`] without one: the run
+/// waits for a message only while the consumer has more, so a quiet consumer
+/// is a stall (async-nats recovers from it by recreating the consumer).
+async fn quiet_warning(feed: &mut Feed<pull::Ordered>) -> Option<Incoming> {
+    let mut waited = Duration::ZERO;
+    loop {
+        let deadline = tokio::time::Instant::now() + ORDERED_PULL_EXPIRY;
+        if let Some(item) = next_before(feed, deadline).await {
+            if !waited.is_zero() {
+                tracing::info!(
+                    waited_secs = waited.as_secs(),
+                    "the ordered consumer delivers again"
+                );
+            }
+            return item;
+        }
+        waited += ORDERED_PULL_EXPIRY;
+        tracing::warn!(
+            waited_secs = waited.as_secs(),
+            "no message from the ordered consumer although the stream has more; waiting (async-nats recreates the consumer after two missed heartbeats)"
+        );
+    }
+}
+
 /// The consumer a replay reads through.
 struct Reader {
     messages: ReaderStream,
@@ -483,6 +523,7 @@ impl Reader {
                     .create_consumer(pull::OrderedConfig {
                         filter_subject: filter.to_owned(),
                         deliver_policy: policy,
+                        max_expires: ORDERED_PULL_EXPIRY,
                         ..Default::default()
                     })
                     .await
@@ -573,7 +614,7 @@ impl Reader {
             match &mut self.messages {
                 ReaderStream::Ordered(feed) => {
                     let item = match patience {
-                        None => feed.next().await,
+                        None => quiet_warning(feed).await,
                         Some(p) => match next_before(feed, tokio::time::Instant::now() + p).await {
                             Some(item) => item,
                             None => return Ok(None),

@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use nix::sys::signal::Signal;
 use tempfile::TempDir;
 use tokio::time::{sleep, Instant};
 
@@ -173,12 +174,31 @@ impl NatsServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): it keeps its connections open but
+    /// answers nothing, like a broker in a paused VM or container. Undo with
+    /// [`thaw`](Self::thaw); stopping, restarting or dropping it thaws or
+    /// kills it.
+    pub fn freeze(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            child.signal(Signal::SIGSTOP);
+        }
+    }
+
+    /// Lets a [frozen](Self::freeze) server run again (SIGCONT).
+    pub fn thaw(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            child.signal(Signal::SIGCONT);
+        }
+    }
+
     /// Stops the server with SIGTERM and waits for it to exit (SIGKILL after 10 s).
     ///
     /// # Panics
     /// If it survives SIGKILL for 10 s.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A frozen server would only take the SIGTERM once thawed.
+            child.signal(Signal::SIGCONT);
             child.terminate(STOP_GRACE).await;
         }
     }
