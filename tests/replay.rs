@@ -78,11 +78,10 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A `windrow replay --durable NAME --batch N` process that has reported
-/// progress at least once (so it is mid-way when the test stops it).
-fn spawn_durable_replay(nats: &NatsServer, into: &Path, name: &str, batch: &str) -> RoleProcess {
+/// A `windrow replay --into DIR ARGS...` process, logging its progress.
+fn spawn_replay(nats: &NatsServer, into: &Path, extra: &[&str]) -> RoleProcess {
     let url = nats.url();
-    let args = [
+    let mut args = vec![
         "--config",
         fleet_config().to_str().unwrap(),
         "replay",
@@ -92,12 +91,14 @@ fn spawn_durable_replay(nats: &NatsServer, into: &Path, name: &str, batch: &str)
         "log",
         "--into",
         into.to_str().unwrap(),
-        "--durable",
-        name,
-        "--batch",
-        batch,
     ];
+    args.extend_from_slice(extra);
     RoleProcess::spawn(windrow(), &args, &[("RUST_LOG", "info")])
+}
+
+/// A `windrow replay --durable NAME --batch N` process.
+fn spawn_durable_replay(nats: &NatsServer, into: &Path, name: &str, batch: &str) -> RoleProcess {
+    spawn_replay(nats, into, &["--durable", name, "--batch", batch])
 }
 
 /// A durable replay (`--durable name --batch batch`) started and showing
@@ -468,21 +469,7 @@ async fn an_ordered_replay_waits_out_a_frozen_broker_with_a_warning_and_ends_exa
     let want = expected_windows(&readings, 60);
     let dir = tempfile::tempdir().unwrap();
     let into = dir.path().join("store");
-    let url = nats.url();
-    let args = [
-        "--config",
-        fleet_config().to_str().unwrap(),
-        "replay",
-        "--nats-url",
-        &url,
-        "--progress",
-        "log",
-        "--into",
-        into.to_str().unwrap(),
-        "--batch",
-        "20000",
-    ];
-    let mut process = RoleProcess::spawn(windrow(), &args, &[("RUST_LOG", "info")]);
+    let mut process = spawn_replay(&nats, &into, &["--batch", "20000"]);
     let started = wait_until(Duration::from_secs(60), || {
         let log = process.log();
         async move { log.contains("replay started") }
