@@ -153,6 +153,27 @@ async fn durable_replay_delivering(
     process
 }
 
+/// A stream of 1,000 devices × 100 readings, and a durable replay `name` of
+/// it (batches of 2,000) into `<temp dir>/<name>`, killed outright once its
+/// consumer delivered 6,000 messages; the killed process is returned for its
+/// log.
+async fn killed_durable_replay(
+    name: &str,
+) -> (
+    NatsServer,
+    Vec<Reading>,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    RoleProcess,
+) {
+    let (nats, readings) = stream_of_readings(1_000, 100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let into = dir.path().join(name);
+    let mut first_run = durable_replay_delivering(&nats, &into, name, "2000", 6_000).await;
+    first_run.sigkill().await;
+    (nats, readings, dir, into, first_run)
+}
+
 /// A durable consumer as the server has it: the last stream sequence it
 /// delivered and how many of its deliveries are unacknowledged.
 async fn consumer_state(nats: &NatsServer, durable: &str) -> (u64, usize) {
@@ -389,11 +410,7 @@ async fn replaying_twice_changes_nothing_and_an_interrupted_durable_replay_resum
 /// redeliveries after the ack wait and ends with exactly the stream's windows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_durable_replay_killed_outright_resumes_after_the_ack_wait_and_ends_identical() {
-    let (nats, readings) = stream_of_readings(1_000, 100).await;
-    let dir = tempfile::tempdir().unwrap();
-    let into = dir.path().join("killed");
-    let mut first_run = durable_replay_delivering(&nats, &into, "killed", "2000", 6_000).await;
-    first_run.sigkill().await;
+    let (nats, readings, _dir, into, first_run) = killed_durable_replay("killed").await;
     assert!(
         first_run.log().lines().all(|l| !l.starts_with("replayed ")),
         "killed before the end: {}",
@@ -422,12 +439,8 @@ async fn a_durable_replay_killed_outright_resumes_after_the_ack_wait_and_ends_id
 /// hands them back for a later run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bounded_durable_replay_after_a_killed_one_still_takes_the_killed_runs_messages() {
-    let (nats, readings) = stream_of_readings(1_000, 100).await;
-    let dir = tempfile::tempdir().unwrap();
-    let into = dir.path().join("bounded");
     // Killed once it read a few batches, well before the end.
-    let mut first_run = durable_replay_delivering(&nats, &into, "bounded", "2000", 6_000).await;
-    first_run.sigkill().await;
+    let (nats, readings, _dir, into, _first_run) = killed_durable_replay("bounded").await;
     let (delivered, unacked) = consumer_state(&nats, "bounded").await;
     assert!(unacked > 0, "the killed run left messages unacknowledged: {delivered} delivered, {unacked} unacknowledged");
     assert!(
