@@ -32,7 +32,9 @@
 //! benchmark; replay runs with `[worker.decode] series_fields = ["device"]`.
 //! `WINDROW_BENCH_LOG_DIR` (keep each replay's log there),
 //! `WINDROW_BENCH_RUNS` (default 3), `WINDROW_BENCH_BATCH` (replay `--batch`
-//! and the durable ceiling's pull size; default: replay's own, 50,000).
+//! and the durable ceiling's pull size; default: replay's own, 50,000),
+//! `WINDROW_BENCH_PIN=1` (nats-server on half the CPUs, the consumer being
+//! measured on the other half; see `support/pinning.rs`).
 //!
 //! Without `--bench` (e.g. `cargo test --all-targets`) it does nothing.
 #![allow(missing_docs)]
@@ -50,9 +52,9 @@ use std::{
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use support::{
-    cores, cpu_model, cpu_of, disk_bytes, env_usize, group, median, proc_status, rate_text, sample,
-    stat_cpu_secs, stat_path, status_mib, version_line, wait_for_quiet, Cores, Fleet, Meter, Procs,
-    DISTURBED_CORES,
+    cores, cpu_model, cpu_of, disk_bytes, env_usize, group, machine_cpus, median, pin_broker,
+    pinning_text, proc_status, rate_text, sample, stat_cpu_secs, stat_path, status_mib,
+    version_line, wait_for_quiet, Cores, Fleet, Meter, Procs, DISTURBED_CORES,
 };
 use windrow_harness::{
     clients::{create_stream, stream_len},
@@ -743,10 +745,11 @@ fn report(s: &Settings, setup: &Setup, results: &[Vec<Outcome>]) -> String {
     );
     let _ = writeln!(
         md,
-        "Machine: {} cores ({}); {}; windrow release build.\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "Machine: {} cores ({}); {}; windrow release build. {}\n",
+        machine_cpus(),
         cpu_model(),
-        version_line("nats-server", "--version", "nats-server")
+        version_line("nats-server", "--version", "nats-server"),
+        pinning_text()
     );
     let runs_header: String = (1..=s.runs).map(|r| format!(" Run {r} msgs/s |")).collect();
     let runs_rule: String = (1..=s.runs).map(|_| "---:|").collect();
@@ -947,8 +950,10 @@ async fn main() {
 
 async fn run() {
     let s = Settings::from_env();
+    support::pin_bench();
     eprintln!("[bench] {s:?}");
     let nats = NatsServer::start().await;
+    pin_broker(&nats);
     let url = nats.url();
     create_stream(&url, STREAM, &[FILTER], Duration::from_secs(120)).await;
     let mut config = tempfile::Builder::new()

@@ -41,7 +41,9 @@
 //! `WINDROW_BENCH_RUNS` (default 3), `WINDROW_BENCH_BATCH` (worker
 //! `--batch-max-messages`, default 20,000, the worker's default),
 //! `WINDROW_BENCH_WAIT_MS` (`--batch-max-wait-ms`, default 100),
-//! `WINDROW_BENCH_ONLY` (`core` or `jetstream`: skip the other half).
+//! `WINDROW_BENCH_ONLY` (`core` or `jetstream`: skip the other half),
+//! `WINDROW_BENCH_PIN=1` (the publisher and nats-server on half the CPUs, the
+//! consumer being measured on the other half; see `support/pinning.rs`).
 //!
 //! Without `--bench` (e.g. `cargo test --all-targets`) it does nothing.
 #![allow(missing_docs)]
@@ -64,10 +66,10 @@ use async_nats::{
 use bytes::Bytes;
 use futures::StreamExt;
 use support::{
-    cores, cpu_model, cpu_of, disk_bytes, env_usize, group, measuring_client, median, metric,
-    proc_status, rate_text, sample, split_publisher, stat_path, status_mib, thread_cpu_secs,
-    unix_ms, version_line, wait_for_quiet, ClientEvents, Cores, CpuSample, Fleet, Meter, Procs,
-    DISTURBED_CORES,
+    cores, cpu_model, cpu_of, disk_bytes, env_usize, group, machine_cpus, measuring_client, median,
+    metric, pin_broker, pin_publisher, pinning_text, proc_status, rate_text, sample,
+    split_publisher, stat_path, status_mib, thread_cpu_secs, unix_ms, version_line, wait_for_quiet,
+    ClientEvents, Cores, CpuSample, Fleet, Meter, Procs, DISTURBED_CORES,
 };
 use windrow_harness::{
     clients::{create_stream, stream_len},
@@ -205,6 +207,7 @@ fn spawn_publisher(url: String, work: Arc<Workload>, how: Publish) -> Publisher 
     std::thread::Builder::new()
         .name("bench-publisher".into())
         .spawn(move || {
+            pin_publisher();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -907,6 +910,7 @@ impl Bench {
     async fn core_ceiling(&self) -> Outcome {
         let work = Arc::new(Workload::new(self.s.n, self.s.series));
         let nats = NatsServer::start().await;
+        pin_broker(&nats);
         let (meter, events) = (Meter::new(), Arc::new(ClientEvents::default()));
         let sub =
             core_subscriber(&nats.url(), meter.clone(), events.clone(), self.s.n + 1024).await;
@@ -934,6 +938,7 @@ impl Bench {
     async fn worker_core(&self, rate: Option<f64>) -> Outcome {
         let work = Arc::new(Workload::new(self.s.n, self.s.series));
         let nats = NatsServer::start().await;
+        pin_broker(&nats);
         let capacity = (self.s.n + 100_000).to_string();
         let envs: Vec<(&str, &str)> = match rate {
             None => vec![("WINDROW_NATS__SUBSCRIPTION_CAPACITY", &capacity)],
@@ -969,6 +974,7 @@ impl Bench {
         let work = Arc::new(Workload::new(self.s.n, self.s.series));
         let n = self.s.n;
         let nats = NatsServer::start().await;
+        pin_broker(&nats);
         let url = nats.url();
         create_stream(&url, STREAM, &[FILTER], Duration::from_secs(120)).await;
         let mut out = Vec::new();
@@ -1185,10 +1191,11 @@ fn report(s: &Settings, results: &[Vec<Outcome>]) -> String {
     );
     let _ = writeln!(
         md,
-        "Machine: {} cores ({}); {}; windrow release build.\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "Machine: {} cores ({}); {}; windrow release build. {}\n",
+        machine_cpus(),
         cpu_model(),
-        version_line("nats-server", "--version", "nats-server")
+        version_line("nats-server", "--version", "nats-server"),
+        pinning_text()
     );
     let runs_header: String = (1..=s.runs).map(|r| format!(" Run {r} msgs/s |")).collect();
     let runs_rule: String = (1..=s.runs).map(|_| "---:|").collect();
@@ -1416,6 +1423,7 @@ async fn main() {
 
 async fn run() {
     let s = Settings::from_env();
+    support::pin_bench();
     eprintln!("[bench] {s:?}");
     let bench = Bench { s };
     let started = Instant::now();

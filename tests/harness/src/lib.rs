@@ -23,11 +23,13 @@
 //! - `process.rs`: child supervision shared by the guards, and [`RoleProcess`].
 //! - `net.rs`: [`free_port`], [`http_get`], [`wait_until`].
 //! - `tls.rs`: [`ServerTls`], the certificate files of a TLS server.
+//! - `cpu.rs`: [`pin_process`], [`pin_this_thread`], [`allowed_cpus`]: CPU affinity for the benchmarks.
 //! - `otlp.rs`: [`OtlpCollector`], a stand-in OTLP/HTTP collector, and the
 //!   [`OtlpRequest`]s it records.
 #![warn(missing_docs)]
 
 pub mod clients;
+mod cpu;
 mod mosquitto;
 mod nats;
 mod net;
@@ -42,6 +44,7 @@ use std::{
     time::Duration,
 };
 
+pub use cpu::{allowed_cpus, pin_process, pin_this_thread};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use nats::{NatsOptions, NatsServer};
 pub use net::{free_port, http_get, wait_until};
