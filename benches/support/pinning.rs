@@ -11,21 +11,30 @@
 //! unpinned one is the default.
 //!
 //! What goes where: this benchmark process (its measuring consumers, its
-//! metrics polling) and the windrow roles it spawns, which inherit the
-//! affinity of the thread that spawns them, on the consumer's CPUs; each
-//! nats-server once it started, and the publisher's thread, on the brokers'.
+//! metrics polling, the replay benchmark's one-time load of the stream) and
+//! the windrow roles it spawns, which inherit the affinity of the thread that
+//! spawns them, on the consumer's CPUs; each nats-server once it started, and
+//! the worker benchmark's publisher thread, on the brokers'.
+//!
+//! Both halves get the same number of CPUs (an odd one out stays unused):
+//! nats-server starts on the consumer's CPUs before it is moved, and Go fixes
+//! its GOMAXPROCS from the CPUs it starts on. Programs that size their thread
+//! pools from their CPUs see half the machine; the windrow roles (tokio)
+//! then run one runtime thread per CPU of their half.
 
 use std::sync::OnceLock;
 
 use windrow_harness::{allowed_cpus, pin_process, pin_this_thread, NatsServer};
 
-/// The split, or `None` when pinning is off.
+/// How `WINDROW_BENCH_PIN=1` splits this process's CPUs.
 #[derive(Debug)]
 pub struct Pinning {
     /// For the publisher and nats-server: the first half.
     pub brokers: Vec<usize>,
-    /// For the consumer being measured: the rest.
+    /// For the consumer being measured: the second half.
     pub consumer: Vec<usize>,
+    /// The CPUs this process could use before it was pinned.
+    pub machine: usize,
 }
 
 static PINNING: OnceLock<Option<Pinning>> = OnceLock::new();
@@ -45,10 +54,11 @@ pub fn pinning() -> Option<&'static Pinning> {
                     cpus.len() >= 2,
                     "WINDROW_BENCH_PIN=1 needs two CPUs or more; this process may use {cpus:?}"
                 );
-                let (brokers, consumer) = cpus.split_at(cpus.len() / 2);
+                let half = cpus.len() / 2;
                 Some(Pinning {
-                    brokers: brokers.to_vec(),
-                    consumer: consumer.to_vec(),
+                    brokers: cpus[..half].to_vec(),
+                    consumer: cpus[half..2 * half].to_vec(),
+                    machine: cpus.len(),
                 })
             }
             Ok(other) => panic!("WINDROW_BENCH_PIN={other:?}: expected 1 (pin) or 0 (don't)"),
@@ -99,7 +109,7 @@ pub fn pin_broker(nats: &NatsServer) {
 pub fn machine_cpus() -> usize {
     pinning().map_or_else(
         || std::thread::available_parallelism().map_or(0, |n| n.get()),
-        |p| p.brokers.len() + p.consumer.len(),
+        |p| p.machine,
     )
 }
 
@@ -108,8 +118,10 @@ pub fn pinning_text() -> String {
     match pinning() {
         None => "Not pinned (`WINDROW_BENCH_PIN=1` pins): every process may use every CPU.".into(),
         Some(p) => format!(
-            "**Pinned** (`WINDROW_BENCH_PIN=1`): nats-server and the timed publisher, if any, \
-             on CPUs {:?}; the measured consumer (and this benchmark's polling) on CPUs {:?}.",
+            "**Pinned** (`WINDROW_BENCH_PIN=1`): nats-server and the worker benchmark's \
+             publisher on CPUs {:?}; the measured consumer and the rest of this benchmark \
+             (its polling; replay: the one-time publish) on CPUs {:?}. Core counts below \
+             are still of the whole machine, but each side can use only its own CPUs.",
             p.brokers, p.consumer
         ),
     }

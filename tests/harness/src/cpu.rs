@@ -14,7 +14,7 @@ use nix::{sched::CpuSet, unistd::Pid};
 /// is skipped.
 ///
 /// # Errors
-/// If `cpus` is empty or names a CPU beyond the kernel's limit, if the process
+/// If `cpus` is empty or names a CPU beyond `CPU_SETSIZE` (1,024), if the process
 /// is gone, or if the kernel refuses (e.g. a CPU outside this cgroup's set).
 pub fn pin_process(pid: u32, cpus: &[usize]) -> io::Result<()> {
     let set = cpu_set(cpus)?;
@@ -96,24 +96,44 @@ mod tests {
         .expect("pinning thread");
     }
 
-    #[test]
-    fn a_process_is_pinned_thread_by_thread() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep");
+    /// The CPUs each thread of `pid` may run on, from /proc.
+    fn threads_cpus(pid: u32) -> Vec<String> {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list the threads");
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+            .filter_map(|status| {
+                let list = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"));
+                list.map(|l| l.trim().to_owned())
+            })
+            .collect()
+    }
+
+    /// nats-server is what the benchmarks pin, and a Go process with many
+    /// threads: each one must be pinned, not only the main thread (which is
+    /// all /proc/PID/status shows).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_thread_of_a_running_server_is_pinned() {
+        let nats = crate::NatsServer::start().await;
+        let pid = nats.pid().expect("nats-server is running");
         let first = allowed()[0];
-        let result = pin_process(child.id(), &[first]);
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-            .expect("read the child's status");
-        child.kill().expect("kill sleep");
-        child.wait().expect("reap sleep");
-        result.expect("pin the child");
-        let list = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .expect("Cpus_allowed_list in /proc/PID/status");
-        assert_eq!(list.trim(), first.to_string());
+        pin_process(pid, &[first]).expect("pin nats-server");
+        // Make it work (and start threads) after the pin: they must inherit it.
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        for i in 0..1000 {
+            client
+                .publish("pin.test", i.to_string().into())
+                .await
+                .expect("publish");
+        }
+        client.flush().await.expect("flush");
+        let cpus = threads_cpus(pid);
+        assert!(cpus.len() > 1, "nats-server has several threads: {cpus:?}");
+        assert!(
+            cpus.iter().all(|c| *c == first.to_string()),
+            "every thread on CPU {first}: {cpus:?}"
+        );
     }
 
     #[test]
