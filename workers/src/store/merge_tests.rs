@@ -2,7 +2,9 @@
 //! samples, applied in any batches, give the windows and latest values
 //! computed here independently. The cases mix keys next to each other with
 //! keys farther apart than the walk goes, new keys before, between and after
-//! stored ones, and enough keys to split pages.
+//! stored ones, and enough keys to split pages. Series and field names that
+//! are prefixes of others check that the writer's integer order (pair rank,
+//! resolution, start) is the keys' byte order.
 
 use std::collections::BTreeMap;
 
@@ -15,8 +17,12 @@ use crate::window::NS_PER_SEC;
 /// count, sum, min, max, (first time, value), (last time, value).
 type Model = (u64, f64, f64, f64, (i64, f64), (i64, f64));
 
-/// Series names of different lengths, so that keys of one device are
-/// interleaved with others' in key order and pages fill unevenly.
+/// Field names, some prefixes of others.
+const FIELDS: [&str; 3] = ["t", "te", "temp"];
+
+/// Series names of different lengths (some prefixes of others, e.g. `dev/3`
+/// and `dev/30`), so that keys of one device are interleaved with others' in
+/// key order and pages fill unevenly.
 fn series(i: usize) -> String {
     if i.is_multiple_of(3) {
         format!("dev/{i}")
@@ -30,20 +36,32 @@ proptest! {
 
     #[test]
     fn batches_merge_into_the_store_as_into_a_model(
-        samples in prop::collection::vec((0usize..80, 0i64..900, -1000i32..1000), 1..2500),
+        samples in prop::collection::vec(
+            (0usize..80, 0usize..FIELDS.len(), 0i64..900, -1000i32..1000),
+            1..2500,
+        ),
         cuts in prop::collection::vec(1usize..700, 1..8),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(T0 + 60 * MIN);
         let mut store = open(dir.path(), &clock);
         // Distinct times (a nanosecond per message), so first/last/latest
-        // have no ties to break.
+        // have no ties to break. Every fourth message carries a second
+        // field of the same series (its value negated).
         let messages: Vec<Message> = samples
             .iter()
             .enumerate()
-            .map(|(i, &(s, secs, v))| {
+            .map(|(i, &(s, f, secs, v))| {
                 let ts = T0 + 10 * MIN + secs * NS_PER_SEC + i as i64;
-                msg(None, &series(s), ts, f64::from(v))
+                let mut m = msg(None, &series(s), ts, f64::from(v));
+                m.samples[0].field = FIELDS[f].into();
+                if i % 4 == 0 {
+                    let mut other = m.samples[0].clone();
+                    other.field = FIELDS[(f + 1) % FIELDS.len()].into();
+                    other.value = -other.value;
+                    m.samples.push(other);
+                }
+                m
             })
             .collect();
         let mut rest = &messages[..];
@@ -58,13 +76,12 @@ proptest! {
         }
 
         for res in [1u32, 60] {
-            let mut want: BTreeMap<(String, i64), Model> = BTreeMap::new();
+            let mut want: BTreeMap<(String, String, i64), Model> = BTreeMap::new();
             let width = i64::from(res) * NS_PER_SEC;
-            for m in &messages {
-                let s = &m.samples[0];
+            for s in messages.iter().flat_map(|m| &m.samples) {
                 let start = s.ts_ns - s.ts_ns.rem_euclid(width);
                 let e = want
-                    .entry((s.series.to_string(), start))
+                    .entry((s.series.to_string(), s.field.to_string(), start))
                     .or_insert((0, 0.0, f64::MAX, f64::MIN, (i64::MAX, 0.0), (i64::MIN, 0.0)));
                 e.0 += 1;
                 e.1 += s.value;
@@ -77,31 +94,31 @@ proptest! {
                     e.5 = (s.ts_ns, s.value);
                 }
             }
-            let got: BTreeMap<(String, i64), Model> = all(&store, "*", res)
+            let got: BTreeMap<(String, String, i64), Model> = all(&store, "*", res)
                 .into_iter()
                 .map(|w| {
                     let a = w.agg;
                     let first = (a.first_ts_ns, a.first);
                     let model = (a.count, a.sum, a.min, a.max, first, (a.last_ts_ns, a.last));
-                    ((w.series, w.start_ns), model)
+                    ((w.series, w.field, w.start_ns), model)
                 })
                 .collect();
             prop_assert_eq!(got, want, "windows of {} s", res);
         }
 
-        let mut want: BTreeMap<String, (i64, f64)> = BTreeMap::new();
-        for m in &messages {
-            let s = &m.samples[0];
-            let e = want.entry(s.series.to_string()).or_insert((i64::MIN, 0.0));
+        let mut want: BTreeMap<(String, String), (i64, f64)> = BTreeMap::new();
+        for s in messages.iter().flat_map(|m| &m.samples) {
+            let key = (s.series.to_string(), s.field.to_string());
+            let e = want.entry(key).or_insert((i64::MIN, 0.0));
             if s.ts_ns > e.0 {
                 *e = (s.ts_ns, s.value);
             }
         }
-        let got: BTreeMap<String, (i64, f64)> = store
+        let got: BTreeMap<(String, String), (i64, f64)> = store
             .latest("*")
             .unwrap()
             .into_iter()
-            .map(|l| (l.series, (l.ts_ns, l.value)))
+            .map(|l| ((l.series, l.field), (l.ts_ns, l.value)))
             .collect();
         prop_assert_eq!(got, want, "latest values");
     }
