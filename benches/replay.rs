@@ -571,7 +571,16 @@ impl Bench {
                 status.as_deref().and_then(|s| status_mib(s, "VmHWM:")),
                 status.as_deref().and_then(|s| status_mib(s, "RssAnon:")),
             ) {
-                (cpu_last, threads) = (now, t);
+                cpu_last = now;
+                // Each name's highest total so far: a thread that ends before
+                // the last sample (the writer, once the store is closed)
+                // would otherwise drop out of the list.
+                for (name, secs) in t {
+                    match threads.iter_mut().find(|(n, _)| *n == name) {
+                        Some(e) => e.1 = f64::max(e.1, secs),
+                        None => threads.push((name, secs)),
+                    }
+                }
                 (hwm, anon) = (hwm.max(h), anon.max(a));
             }
             if Instant::now() >= next_progress {

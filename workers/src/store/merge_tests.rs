@@ -3,8 +3,8 @@
 //! computed here independently. The cases mix keys next to each other with
 //! keys farther apart than the walk goes, new keys before, between and after
 //! stored ones, and enough keys to split pages. Series and field names that
-//! are prefixes of others check that the writer's integer order (pair rank,
-//! resolution, start) is the keys' byte order.
+//! are prefixes of others, and messages with two fields, check that the
+//! writer's order is the keys' byte order across fields as well as series.
 
 use std::collections::BTreeMap;
 
