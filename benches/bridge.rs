@@ -48,9 +48,9 @@ use std::{
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
 use support::{
-    cores, cpu_model, cpu_of, env_usize, group, measuring_client, median, metric, rate_text,
-    sample, split_publisher, stat_path, thread_cpu_secs, unix_ms, version_line, wait_for_quiet,
-    ClientEvents, Cores, Meter, Procs, DISTURBED_CORES,
+    cores, cpu_model, cpu_of, env_usize, group, machine_cpus, measuring_client, median, metric,
+    rate_text, sample, split_publisher, stat_path, thread_cpu_secs, unix_ms, version_line,
+    wait_for_quiet, ClientEvents, Cores, Meter, Procs, DISTURBED_CORES,
 };
 use windrow_harness::{
     clients::{create_stream, stream_len},
@@ -1296,7 +1296,7 @@ fn report(settings: &Settings, results: &[Vec<Outcome>], defaults: &[Outcome]) -
         "Machine: 2 cores shared by publisher, Mosquitto, bridge and nats-server, plus a subscriber end to end ({}, {} cores online). \
          {}; {}; windrow release build.\n",
         cpu_model(),
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        machine_cpus(),
         version_line("mosquitto", "-h", "version"),
         version_line("nats-server", "--version", "nats-server"),
     );

@@ -52,9 +52,9 @@ use std::{
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use support::{
-    cores, cpu_model, cpu_of, disk_bytes, env_usize, group, machine_cpus, median, pin_broker,
-    pinning_text, proc_status, rate_text, sample, stat_cpu_secs, stat_path, status_mib,
-    version_line, wait_for_quiet, Cores, Fleet, Meter, Procs, DISTURBED_CORES,
+    cores, cpu_model, cpu_of, disk_bytes, env_usize, group, machine_cpus, median, pinning_text,
+    proc_status, rate_text, sample, start_nats, stat_cpu_secs, stat_path, status_mib, version_line,
+    wait_for_quiet, Cores, Fleet, Meter, Procs, DISTURBED_CORES,
 };
 use windrow_harness::{
     clients::{create_stream, stream_len},
@@ -261,12 +261,22 @@ fn thread_cpu(pid: u32) -> Option<Vec<(String, f64)>> {
             n => n.to_owned(),
         };
         let secs = stat_cpu_secs(&stat).unwrap_or(0.0);
-        match out.iter_mut().find(|(n, _)| *n == name) {
-            Some(e) => e.1 += secs,
-            None => out.push((name, secs)),
-        }
+        add_by_name(&mut out, name, secs, |total, secs| total + secs);
     }
     Some(out)
+}
+
+/// Folds `secs` into `name`'s entry of `totals` (a new entry if none).
+fn add_by_name(
+    totals: &mut Vec<(String, f64)>,
+    name: String,
+    secs: f64,
+    fold: impl Fn(f64, f64) -> f64,
+) {
+    match totals.iter_mut().find(|(n, _)| *n == name) {
+        Some(e) => e.1 = fold(e.1, secs),
+        None => totals.push((name, secs)),
+    }
 }
 
 /// Processes of a scenario to account.
@@ -576,10 +586,7 @@ impl Bench {
                 // the last sample (the writer, once the store is closed)
                 // would otherwise drop out of the list.
                 for (name, secs) in t {
-                    match threads.iter_mut().find(|(n, _)| *n == name) {
-                        Some(e) => e.1 = f64::max(e.1, secs),
-                        None => threads.push((name, secs)),
-                    }
+                    add_by_name(&mut threads, name, secs, f64::max);
                 }
                 (hwm, anon) = (hwm.max(h), anon.max(a));
             }
@@ -961,8 +968,7 @@ async fn run() {
     let s = Settings::from_env();
     support::pin_bench();
     eprintln!("[bench] {s:?}");
-    let nats = NatsServer::start().await;
-    pin_broker(&nats);
+    let nats = start_nats().await;
     let url = nats.url();
     create_stream(&url, STREAM, &[FILTER], Duration::from_secs(120)).await;
     let mut config = tempfile::Builder::new()

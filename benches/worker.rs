@@ -67,8 +67,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use support::{
     cores, cpu_model, cpu_of, disk_bytes, env_usize, group, machine_cpus, measuring_client, median,
-    metric, pin_broker, pin_publisher, pinning_text, proc_status, rate_text, sample,
-    split_publisher, stat_path, status_mib, thread_cpu_secs, unix_ms, version_line, wait_for_quiet,
+    metric, pin_publisher, pinning_text, proc_status, rate_text, sample, split_publisher,
+    start_nats, stat_path, status_mib, thread_cpu_secs, unix_ms, version_line, wait_for_quiet,
     ClientEvents, Cores, CpuSample, Fleet, Meter, Procs, DISTURBED_CORES,
 };
 use windrow_harness::{
@@ -909,8 +909,7 @@ impl Bench {
     /// (a): publisher → nats-server → core subscriber.
     async fn core_ceiling(&self) -> Outcome {
         let work = Arc::new(Workload::new(self.s.n, self.s.series));
-        let nats = NatsServer::start().await;
-        pin_broker(&nats);
+        let nats = start_nats().await;
         let (meter, events) = (Meter::new(), Arc::new(ClientEvents::default()));
         let sub =
             core_subscriber(&nats.url(), meter.clone(), events.clone(), self.s.n + 1024).await;
@@ -937,8 +936,7 @@ impl Bench {
     /// (b) unpaced with a buffer for everything, (c) paced at `rate` with the default buffer.
     async fn worker_core(&self, rate: Option<f64>) -> Outcome {
         let work = Arc::new(Workload::new(self.s.n, self.s.series));
-        let nats = NatsServer::start().await;
-        pin_broker(&nats);
+        let nats = start_nats().await;
         let capacity = (self.s.n + 100_000).to_string();
         let envs: Vec<(&str, &str)> = match rate {
             None => vec![("WINDROW_NATS__SUBSCRIPTION_CAPACITY", &capacity)],
@@ -973,8 +971,7 @@ impl Bench {
     async fn jetstream(&self) -> Vec<Outcome> {
         let work = Arc::new(Workload::new(self.s.n, self.s.series));
         let n = self.s.n;
-        let nats = NatsServer::start().await;
-        pin_broker(&nats);
+        let nats = start_nats().await;
         let url = nats.url();
         create_stream(&url, STREAM, &[FILTER], Duration::from_secs(120)).await;
         let mut out = Vec::new();

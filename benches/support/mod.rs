@@ -8,7 +8,7 @@
 //! - `machine.rs`: CPU, memory and disk from /proc — [`wait_for_quiet`],
 //!   [`CpuSample`], [`cores`], [`split_publisher`], [`status_mib`], [`disk_bytes`].
 //! - `meter.rs`: measuring clients — [`Meter`], [`ClientEvents`], [`measuring_client`].
-//! - `pinning.rs`: `WINDROW_BENCH_PIN` — [`pin_bench`], [`pin_broker`],
+//! - `pinning.rs`: `WINDROW_BENCH_PIN` — [`pin_bench`], [`start_nats`],
 //!   [`pin_publisher`], [`pinning_text`], [`machine_cpus`].
 //! - `fleet.rs`: [`Fleet`], the device readings the worker and replay benchmarks publish.
 //! - `report.rs`: numbers and machine facts for the Markdown report — [`group`],
@@ -37,7 +37,7 @@ pub use machine::{
 #[allow(unused_imports)]
 pub use meter::{measuring_client, ClientEvents, Meter};
 #[allow(unused_imports)]
-pub use pinning::{machine_cpus, pin_bench, pin_broker, pin_publisher, pinning, pinning_text};
+pub use pinning::{machine_cpus, pin_bench, pin_publisher, pinning, pinning_text, start_nats};
 #[allow(unused_imports)]
 pub use report::{cpu_model, group, median, metric, rate_text, version_line};
 

@@ -93,11 +93,23 @@ pub fn pin_publisher() {
     }
 }
 
+/// Starts a private nats-server ([`NatsServer::start`]) and, when pinning,
+/// moves it to the brokers' CPUs: every benchmark's servers start here, so
+/// none is left unpinned.
+///
+/// # Panics
+/// As [`NatsServer::start`], or if the kernel refuses the pinning.
+pub async fn start_nats() -> NatsServer {
+    let nats = NatsServer::start().await;
+    pin_broker(&nats);
+    nats
+}
+
 /// Pins a started nats-server to the brokers' CPUs (no-op unpinned).
 ///
 /// # Panics
 /// If the server is not running or the kernel refuses.
-pub fn pin_broker(nats: &NatsServer) {
+fn pin_broker(nats: &NatsServer) {
     if let Some(p) = pinning() {
         let pid = nats.pid().expect("nats-server is running");
         pin_process(pid, &p.brokers)

@@ -404,9 +404,9 @@ fn last_in_range(end: End, last_seq: u64) -> u64 {
 /// the last one expired, and recreates the consumer at the second missed
 /// window (2 × expiry + 5 s). Seen in the replay benchmark, 3 times in 18
 /// rounds with 150,000-message batches within half an hour, each at a
-/// multiple of the 500-message pull, and not again in the evening's 34
-/// rounds (12 of them without this setting): the cause is not known. With
-/// 5 s requests such a stall lasts about 15 s. While messages flow, every
+/// multiple of the 500-message pull, and once more in about 70 replays at
+/// the default batch, with this setting, where it lasted about 10 s: the
+/// cause is not known. With 5 s requests such a stall lasts about 15 s at most. While messages flow, every
 /// request is filled long before it expires, so this costs nothing.
 const ORDERED_PULL_EXPIRY: Duration = Duration::from_secs(5);
 
