@@ -14,8 +14,8 @@ use std::{
 
 use async_nats::jetstream::consumer::Info;
 use common::{
-    assert_same, expected_windows, fleet_readings, nats_with_telemetry_stream, now_ns,
-    publish_jetstream, query_windows, Windows, Worker,
+    assert_same, expected_windows, fleet_readings, hold_write_lock, nats_with_telemetry_stream,
+    now_ns, publish_jetstream, query_windows, Windows, Worker,
 };
 use windrow_harness::{
     clients::{self, Collector},
@@ -238,27 +238,6 @@ async fn a_full_lmdb_map_stops_acknowledgements_and_a_larger_map_applies_everyth
     assert!(!worker.process.log().contains("panicked"));
 }
 
-/// Holds the LMDB write lock of the one day under `data` for `hold`, from this
-/// process, as a second writer would; `locked` is sent once it is held.
-fn hold_write_lock(data: &Path, hold: Duration, locked: std::sync::mpsc::Sender<()>) {
-    let days: Vec<_> = std::fs::read_dir(data)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("data.mdb").exists())
-        .collect();
-    assert_eq!(days.len(), 1, "one day in {}: {days:?}", data.display());
-    let mut options = heed::EnvOpenOptions::new();
-    options.map_size(1 << 30).max_dbs(4);
-    // SAFETY: a local directory; this process opens it once; no database is
-    // touched, the transaction is only begun and aborted.
-    #[allow(unsafe_code)]
-    let env = unsafe { options.open(&days[0]) }.unwrap();
-    let txn = env.write_txn().unwrap();
-    locked.send(()).unwrap();
-    std::thread::sleep(hold);
-    txn.abort();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_slower_to_commit_than_the_ack_wait_keeps_its_messages_and_none_is_counted_twice()
 {
@@ -305,7 +284,9 @@ async fn a_worker_slower_to_commit_than_the_ack_wait_keeps_its_messages_and_none
     // Its next commits wait for the lock for four ack waits.
     let hold = Duration::from_secs(4 * ACK_WAIT_SECS);
     let (locked, is_locked) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || hold_write_lock(&slow_data, hold, locked));
+    let holder = std::thread::spawn(move || {
+        hold_write_lock(&slow_data, || std::thread::sleep(hold), locked)
+    });
     is_locked.recv_timeout(Duration::from_secs(30)).unwrap();
     let applied_when_locked = slow
         .metric("windrow_worker_applied_messages_total", "")

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    assert_same, expected_windows, fleet_readings, publish_core, publish_jetstream, query_windows,
-    Worker,
+    assert_same, expected_windows, fleet_readings, hold_write_lock, publish_core,
+    publish_jetstream, query_windows, Worker,
 };
 use windrow_harness::{clients, wait_until, NatsServer};
 
@@ -183,6 +183,62 @@ async fn jetstream_worker_stopped_with_sigterm_mid_stream_is_exact() {
     );
     let got = query_windows(&nats, 60, range.0, range.1, 3).await;
     assert_same(&got, &expected_windows(&readings, 60));
+}
+
+/// A core worker stopped with SIGTERM applies every message that had reached
+/// it. Another LMDB writer holds its commits up, so that when the signal
+/// comes most of the messages wait in its subscription buffer: core NATS does
+/// not redeliver, so any dropped there would be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn core_worker_stopped_with_sigterm_applies_what_had_reached_it() {
+    const NS_PER_SEC: i64 = 1_000_000_000;
+    const NS_PER_DAY: i64 = 86_400 * NS_PER_SEC;
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node-0");
+    let worker = Worker::start(&nats, "node-0", &data, &["--batch-max-messages", "1000"]).await;
+    // All in today's UTC day: the lock below is taken on the one day's store.
+    let now = now_ns();
+    let base =
+        (now - 10 * 60 * NS_PER_SEC).max(now.div_euclid(NS_PER_DAY) * NS_PER_DAY + NS_PER_SEC);
+    let readings = fleet_readings(1_000, 20, base);
+    let (before, held) = readings.split_at(1_000);
+    publish_core(&nats.url(), before, 100_000).await;
+    assert!(
+        wait_applied(&[&worker], 1_000.0, Duration::from_secs(60)).await,
+        "{}",
+        worker.process.log()
+    );
+
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        hold_write_lock(&data, move || released.recv().unwrap_or(()), locked);
+    });
+    is_locked.recv_timeout(Duration::from_secs(30)).unwrap();
+    publish_core(&nats.url(), held, 100_000).await;
+    // The worker's client reads them while its commit waits for the lock.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.process.sigterm().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    let mut worker = worker;
+    let status = worker.process.wait_exit(Duration::from_secs(30)).await;
+    let log = worker.process.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("applying what had already arrived"), "{log}");
+
+    let worker = worker.restart().await;
+    let range = (base - 120 * NS_PER_SEC, now_ns() + 60 * NS_PER_SEC);
+    let got = query_windows(&nats, 60, range.0, range.1, 1).await;
+    eprintln!(
+        "{} of {} messages in the store after the drain",
+        total(&got),
+        readings.len()
+    );
+    assert_same(&got, &expected_windows(&readings, 60));
+    drop(worker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

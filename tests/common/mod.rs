@@ -410,3 +410,25 @@ pub async fn publish_jetstream(url: &str, readings: &[Reading]) {
         }
     }
 }
+
+/// Holds the LMDB write lock of the one day under `data` until `release`
+/// returns, from this process, as a second writer would; `locked` is sent
+/// once it is held.
+pub fn hold_write_lock(data: &Path, release: impl FnOnce(), locked: std::sync::mpsc::Sender<()>) {
+    let days: Vec<_> = std::fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("data.mdb").exists())
+        .collect();
+    assert_eq!(days.len(), 1, "one day in {}: {days:?}", data.display());
+    let mut options = heed::EnvOpenOptions::new();
+    options.map_size(1 << 30).max_dbs(4);
+    // SAFETY: a local directory; this process opens it once; no database is
+    // touched, the transaction is only begun and aborted.
+    #[allow(unsafe_code)]
+    let env = unsafe { options.open(&days[0]) }.unwrap();
+    let txn = env.write_txn().unwrap();
+    locked.send(()).unwrap();
+    release();
+    txn.abort();
+}

@@ -152,6 +152,15 @@ pub async fn run_with_clock(
 }
 
 /// Core mode: a queue-group member; batches by size or time.
+///
+/// On shutdown it drains rather than drops: it unsubscribes, so that
+/// nats-server routes the group's next messages to the other members, and
+/// goes on applying what had already reached it (the client's subscription
+/// buffer holds up to `nats.subscription_capacity` messages) until the
+/// subscription ends. Only messages still on the wire when the client drops
+/// the subscription are lost: async-nats ends a drained subscription after
+/// its next read of the socket, without waiting for the server to confirm
+/// the unsubscribe (core NATS is at-most-once; jetstream mode is exact).
 async fn consume_core(
     nats: &async_nats::Client,
     config: &Config,
@@ -179,9 +188,18 @@ async fn consume_core(
         Duration::from_secs(config.ack_wait_secs),
         hard_stop.clone(),
     );
+    let mut drained: Option<usize> = None;
     loop {
         let first = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled(), if drained.is_none() => {
+                drained = Some(0);
+                if let Err(e) = sub.drain().await {
+                    tracing::warn!(error = %e, "cannot unsubscribe; what is buffered is still applied");
+                }
+                tracing::info!("unsubscribed from the queue group; applying what had already arrived");
+                continue;
+            }
+            () = hard_stop.cancelled() => break,
             m = sub.next() => match m { Some(m) => m, None => break },
         };
         let mut batch = sized.start(Incoming::core(first));
@@ -193,12 +211,32 @@ async fn consume_core(
             }
         }
         sized.was(batch.len());
+        if let Some(n) = drained.as_mut() {
+            *n += batch.len();
+        }
         if pipeline.submit(batch).await.is_none() {
             break;
         }
     }
-    let _ = sub.unsubscribe().await;
-    pipeline.finish().await;
+    if drained.is_none() {
+        let _ = sub.unsubscribe().await;
+    }
+    let last = pipeline.finish().await;
+    match (drained, last) {
+        (Some(messages), Some(_)) => {
+            tracing::info!(
+                messages,
+                "drained: applied what had arrived before the unsubscribe"
+            );
+        }
+        (Some(messages), None) => {
+            tracing::warn!(
+                messages,
+                "drain interrupted: what had arrived was not all applied"
+            );
+        }
+        (None, _) => {}
+    }
 }
 
 /// JetStream mode: batches from the shared durable pull consumer.
