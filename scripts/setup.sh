@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what windrow needs on a Debian/Ubuntu machine, only where missing:
-# a C compiler, Rust (rustup), nats-server and mosquitto (with its clients).
+# a C compiler, Rust (rustup), nats-server and mosquitto (with its clients),
+# python3-venv (for scripts/chart-check).
 # Sourced by scripts/test and scripts/run.
 set -euo pipefail
 
@@ -27,6 +28,8 @@ windrow_setup() {
   command -v nats-server >/dev/null 2>&1 || pkgs+=(nats-server)
   command -v mosquitto >/dev/null 2>&1 || pkgs+=(mosquitto)
   command -v mosquitto_pub >/dev/null 2>&1 || pkgs+=(mosquitto-clients)
+  # scripts/chart-check (tests/chart.rs) installs its tools into a Python venv.
+  python3 -c 'import ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
   if [ ${#pkgs[@]} -gt 0 ]; then
     windrow_apt_install "${pkgs[@]}"
   fi
