@@ -241,6 +241,77 @@ async fn core_worker_stopped_with_sigterm_applies_what_had_reached_it() {
     drop(worker);
 }
 
+/// A jetstream worker frozen (SIGSTOP, as a paused container) for three ack
+/// waits while it holds messages: JetStream redelivers them to the other
+/// worker, and the frozen one, woken up, gives them up instead of applying
+/// them too. At most the batch whose commit the freeze interrupted can be
+/// counted twice, as with SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_jetstream_worker_frozen_past_the_ack_wait_counts_at_most_one_batch_twice() {
+    const ACK_WAIT_SECS: u64 = 2;
+    const BATCH: u64 = 1_000;
+    let nats = nats_with_telemetry_stream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("short-ack-wait.toml");
+    std::fs::write(
+        &config,
+        format!("[worker]\nack_wait_secs = {ACK_WAIT_SECS}\n"),
+    )
+    .unwrap();
+    let base = now_ns() - 10 * 60 * 1_000_000_000;
+    let readings = fleet_readings(2_000, 100, base);
+    let n = readings.len() as u64;
+    publish_jetstream(&nats.url(), &readings).await;
+    let batch = BATCH.to_string();
+    let args = [
+        "--mode",
+        "jetstream",
+        "--batch-max-messages",
+        &batch,
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let frozen = Worker::start(&nats, "frozen", &dir.path().join("frozen"), &args).await;
+    let awake = Worker::start(&nats, "awake", &dir.path().join("awake"), &args).await;
+    assert!(
+        wait_applied(&[&frozen], 1.0, Duration::from_secs(60)).await,
+        "{}",
+        frozen.process.log()
+    );
+    frozen.process.freeze();
+    tokio::time::sleep(Duration::from_secs(3 * ACK_WAIT_SECS)).await;
+    frozen.process.thaw();
+    clients::wait_consumer_settled(
+        &nats.url(),
+        "TELEMETRY",
+        "windrow-workers",
+        Duration::from_secs(120),
+    )
+    .await;
+    let range = (base - 120_000_000_000, now_ns());
+    assert!(wait_total(&nats, range, 2, n).await, "not all applied");
+    let got = query_windows(&nats, 60, range.0, range.1, 2).await;
+    let given_up = frozen
+        .metric("windrow_worker_given_up_messages_total", "")
+        .await;
+    let double = total(&got) - n;
+    eprintln!(
+        "frozen for {}s: {given_up} message(s) given up on waking, {double} counted twice",
+        3 * ACK_WAIT_SECS
+    );
+    let want = expected_windows(&readings, 60);
+    for (k, w) in &want {
+        let g = got.get(k).unwrap_or_else(|| panic!("window {k:?} missing"));
+        assert!(g.0 >= w.0, "window {k:?} lost messages: {} < {}", g.0, w.0);
+    }
+    assert!(given_up > 0.0, "the frozen worker held nothing when frozen");
+    assert!(
+        double <= BATCH,
+        "at most the batch committing at the freeze ({BATCH}) counted twice, got {double}"
+    );
+    drop(awake);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_messages_delivered_twice_to_one_worker_change_nothing() {
     let nats = nats_with_telemetry_stream().await;

@@ -25,6 +25,7 @@ use crate::{
     config::Config,
     decode::decode,
     events::Metrics,
+    pause::Fence,
     store::{Message, Verdict},
     writer::Writer,
 };
@@ -240,6 +241,9 @@ pub(crate) struct Prepared {
     apply_spans: Vec<tracing::Span>,
     /// When decoding began: the batch's in-progress acks are paced from here.
     held_since: Instant,
+    /// A jetstream worker's batch is applied only while this holds
+    /// ([`crate::pause`]).
+    fence: Option<Fence>,
 }
 
 /// The capacity to give a consumer's next batch: what the last one held.
@@ -371,7 +375,7 @@ impl Pipeline {
     /// none), or `None` if that one was interrupted; then `batch` is dropped
     /// unacknowledged.
     pub async fn submit(&mut self, batch: Vec<Incoming>) -> Option<Outcome> {
-        self.submit_releasing(batch, Vec::new).await
+        self.submit_releasing(batch, None, Vec::new).await
     }
 
     /// [`Pipeline::submit`] for a consumer that keeps delivering while the
@@ -383,12 +387,17 @@ impl Pipeline {
     /// read-ahead queue ([`crate::feed::Feed`]), they would
     /// be redelivered elsewhere after the ack wait while this worker still
     /// applied them on reading them, and both would count them.
+    ///
+    /// With a `fence`, the batch is applied only if it still holds when the
+    /// writer takes it up; otherwise it is given up, neither acknowledged nor
+    /// handed back.
     pub async fn submit_releasing(
         &mut self,
         batch: Vec<Incoming>,
+        fence: Option<Fence>,
         mut release: impl FnMut() -> Vec<async_nats::Subject>,
     ) -> Option<Outcome> {
-        let prepared = self.processor.prepare(batch);
+        let prepared = self.processor.prepare(batch, fence);
         let (nats, ack_wait) = (self.processor.nats.clone(), self.ack_wait);
         let before = holding(self.finish(), &nats, prepared.held_since, ack_wait, || {
             let given_back = release().into_iter().map(|r| (r, AckKind::Nak(None)));
@@ -396,9 +405,12 @@ impl Pipeline {
         })
         .await;
         let Some(before) = before else {
-            // Interrupted: hand the decoded batch back for redelivery now.
-            for m in prepared.batch {
-                m.hand_back(&nats).await;
+            // Interrupted: hand the decoded batch back for redelivery now,
+            // unless JetStream may have redelivered it already.
+            if prepared.fence.as_ref().is_none_or(Fence::holds) {
+                for m in prepared.batch {
+                    m.hand_back(&nats).await;
+                }
             }
             return None;
         };
@@ -425,7 +437,7 @@ impl Pipeline {
 
 impl Processor {
     /// Decodes a batch: the part of processing that needs no store.
-    fn prepare(&self, batch: Vec<Incoming>) -> Prepared {
+    fn prepare(&self, batch: Vec<Incoming>, fence: Option<Fence>) -> Prepared {
         let held_since = Instant::now();
         self.metrics.consumed(batch.len());
         let prefix = &self.config.nats.subject_prefix;
@@ -474,6 +486,7 @@ impl Processor {
             spans,
             apply_spans,
             held_since,
+            fence,
         }
     }
 
@@ -499,16 +512,21 @@ impl Processor {
             spans,
             apply_spans,
             held_since,
+            fence,
         } = prepared;
         if batch.is_empty() {
             return Some(Outcome::default());
         }
         let started = Instant::now();
-        let commit = self.commit(&messages, hard_stop);
-        let verdicts = holding(commit, &self.nats, held_since, ack_wait, || {
+        let commit = self.commit(&messages, fence, hard_stop);
+        let committed = holding(commit, &self.nats, held_since, ack_wait, || {
             in_progress(&batch).collect()
         })
         .await?;
+        let Some(verdicts) = committed else {
+            self.metrics.given_up(batch.len());
+            return Some(Outcome::default());
+        };
         drop(apply_spans);
         let commit_spans: Vec<tracing::Span> = spans
             .iter()
@@ -568,20 +586,24 @@ impl Processor {
         Some(outcome)
     }
 
-    /// Applies the batch, retrying a failed commit until it succeeds.
+    /// Applies the batch, retrying a failed commit until it succeeds:
+    /// `Some(None)` if `fence` stopped holding first (nothing applied), `None`
+    /// if `hard_stop` came first.
     async fn commit(
         &self,
         messages: &Arc<Vec<Message>>,
+        fence: Option<Fence>,
         hard_stop: &CancellationToken,
-    ) -> Option<Vec<Verdict>> {
+    ) -> Option<Option<Vec<Verdict>>> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.writer.apply(messages.clone()).await {
-                Ok(Ok(v)) => {
+            match self.writer.apply(messages.clone(), fence.clone()).await {
+                Ok(None) => return Some(None),
+                Ok(Some(Ok(v))) => {
                     self.health.set("store", true);
-                    return Some(v);
+                    return Some(Some(v));
                 }
-                Ok(Err(e)) => {
+                Ok(Some(Err(e))) => {
                     self.metrics.store_error(&e);
                     self.health.set("store", false);
                 }

@@ -19,6 +19,7 @@ pub struct Metrics {
     duplicates: Counter,
     dead_lettered: Family<ReasonLabel, Counter>,
     slow_consumer: Counter,
+    given_up: Counter,
     store_errors: Counter,
     batch_size: Histogram,
     commit_seconds: Histogram,
@@ -37,6 +38,7 @@ impl Metrics {
             duplicates: Counter::default(),
             dead_lettered: Family::default(),
             slow_consumer: Counter::default(),
+            given_up: Counter::default(),
             store_errors: Counter::default(),
             batch_size: Histogram::new([
                 1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0,
@@ -71,6 +73,11 @@ impl Metrics {
             "windrow_worker_slow_consumer_events",
             "Slow-consumer events: the NATS client dropped messages for this worker (core mode loses them)",
             m.slow_consumer.clone(),
+        );
+        registry.register(
+            "windrow_worker_given_up_messages",
+            "JetStream messages received before this process stood still past the pause limit, given up unapplied for redelivery",
+            m.given_up.clone(),
         );
         registry.register(
             "windrow_worker_store_errors",
@@ -126,6 +133,19 @@ impl Metrics {
         self.slow_consumer.inc();
         tracing::warn!(
             "slow consumer: NATS dropped messages for this worker (core mode is at-most-once)"
+        );
+    }
+
+    /// `n` messages received before this process stood still were dropped,
+    /// neither applied nor acknowledged (see `crate::pause`).
+    pub fn given_up(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.given_up.inc_by(n as u64);
+        tracing::warn!(
+            messages = n,
+            "gave up messages received before this process stood still: JetStream redelivers them (if it has not already), and applying them here too would count them twice"
         );
     }
 

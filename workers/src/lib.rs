@@ -24,6 +24,7 @@ pub mod error;
 pub mod events;
 pub mod export;
 mod feed;
+mod pause;
 pub mod query;
 pub mod replay;
 pub mod run;

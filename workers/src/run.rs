@@ -16,6 +16,7 @@ use crate::{
     },
     events::Metrics,
     feed::Feed,
+    pause::PauseWatch,
     query::{QueryReply, QueryRequest},
     store::{Clock, SystemClock},
     writer::Writer,
@@ -405,6 +406,10 @@ async fn pull_batches(
             "pull consumer",
         )
     };
+    // A pause of a third of the ack wait may already take what waited in the
+    // buffers before it past the ack wait (see `crate::pause`).
+    let pauses = PauseWatch::start(bound.limits.ack_wait / 3);
+    let mut fence = pauses.fence();
     let Some(pull) = start_pull(bound).await else {
         return;
     };
@@ -416,6 +421,7 @@ async fn pull_batches(
     loop {
         // Stopped while a commit was slow (see `submit_releasing`): pull again.
         if pull.is_none() {
+            fence = pauses.fence();
             pull = start_pull(bound).await.map(feed);
         }
         let Some(messages) = pull.as_mut() else {
@@ -441,6 +447,12 @@ async fn pull_batches(
         }
         tracing::debug!(messages = batch.len(), "batch");
         sized.was(batch.len());
+        if !fence.holds() {
+            // Dropped, not handed back: another replica may be applying it.
+            processor.metrics.given_up(batch.len());
+            pull = None;
+            continue;
+        }
         // The count the server stamped on the newest delivery: exact when it
         // was sent, and free (see `poll_lag`).
         if let Some(pending) = batch.last().and_then(|m| m.pending) {
@@ -449,10 +461,15 @@ async fn pull_batches(
                 .consumer_pending
                 .set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
-        let submitted = pipeline.submit_releasing(batch, || {
+        let submitted = pipeline.submit_releasing(batch, Some(fence.clone()), || {
             let Some(stopped) = pull.take() else {
                 return Vec::new();
             };
+            if !fence.holds() {
+                // As above: dropped, not handed back.
+                processor.metrics.given_up(stopped.release().len());
+                return Vec::new();
+            }
             let given_back: Vec<_> = stopped
                 .release()
                 .into_iter()
@@ -471,7 +488,11 @@ async fn pull_batches(
     // Hand back what was delivered but not processed, so that another replica
     // gets it now rather than after the ack wait; first, so that the feed
     // stops asking for more while the last commit runs.
-    let held = pull.map(Feed::release).unwrap_or_default();
+    let mut held = pull.map(Feed::release).unwrap_or_default();
+    if !fence.holds() {
+        processor.metrics.given_up(held.len());
+        held.clear();
+    }
     let handed_back = held.len();
     for m in held {
         m.hand_back(nats).await;

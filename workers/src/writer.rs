@@ -9,6 +9,7 @@ use std::{sync::Arc, thread};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    pause::Fence,
     query::QueryRequest,
     store::{Clock, LatestRow, Message, Store, StoreConfig, StoreError, Verdict, WindowRow},
 };
@@ -16,12 +17,13 @@ use crate::{
 /// A node's answer to a query: its windows and latest values.
 type QueryResult = Result<(Vec<WindowRow>, Vec<LatestRow>), StoreError>;
 
+/// What became of a batch sent to the writer: `None` when its fence no
+/// longer held as the writer took it up, so nothing of it was applied.
+pub(crate) type Applied = Option<Result<Vec<Verdict>, StoreError>>;
+
 /// Work for the writer thread.
 enum Command {
-    Apply(
-        Arc<Vec<Message>>,
-        oneshot::Sender<Result<Vec<Verdict>, StoreError>>,
-    ),
+    Apply(Arc<Vec<Message>>, Option<Fence>, oneshot::Sender<Applied>),
     Query(QueryRequest, oneshot::Sender<QueryResult>),
     Retention(oneshot::Sender<Result<Vec<String>, StoreError>>),
 }
@@ -53,8 +55,12 @@ impl Writer {
             .spawn(move || {
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
-                        Command::Apply(batch, reply) => {
-                            let _ = reply.send(store.apply(&batch));
+                        Command::Apply(batch, fence, reply) => {
+                            // Checked here, as late as can be: a batch
+                            // waits in the channel while the one before
+                            // commits.
+                            let stale = fence.is_some_and(|f| !f.holds());
+                            let _ = reply.send((!stale).then(|| store.apply(&batch)));
                         }
                         Command::Query(q, reply) => {
                             let res = store
@@ -89,14 +95,16 @@ impl Writer {
         Ok((Writer { tx }, handle))
     }
 
-    /// Applies and commits a batch.
+    /// Applies and commits a batch, unless `fence` no longer holds when the
+    /// writer takes it up (`Ok(None)`).
     pub async fn apply(
         &self,
         batch: Arc<Vec<Message>>,
-    ) -> Result<Result<Vec<Verdict>, StoreError>, WriterGone> {
+        fence: Option<Fence>,
+    ) -> Result<Applied, WriterGone> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Command::Apply(batch, tx))
+            .send(Command::Apply(batch, fence, tx))
             .await
             .map_err(|_| WriterGone)?;
         rx.await.map_err(|_| WriterGone)

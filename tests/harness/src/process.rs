@@ -282,6 +282,17 @@ impl RoleProcess {
         self.child().signal(Signal::SIGTERM);
     }
 
+    /// Stops the process outright (SIGSTOP), as a paused container or a
+    /// frozen cgroup would: it runs no code until [thawed](Self::thaw).
+    pub fn freeze(&self) {
+        self.child().signal(Signal::SIGSTOP);
+    }
+
+    /// Lets a [frozen](Self::freeze) process run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.child().signal(Signal::SIGCONT);
+    }
+
     /// Sends SIGKILL and waits for the exit.
     ///
     /// # Panics
