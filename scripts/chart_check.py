@@ -28,6 +28,15 @@ DEFAULT_LISTEN = {"bridge": "0.0.0.0:9464", "worker": "0.0.0.0:9465"}
 DEFAULT_SHUTDOWN_SECS = {"bridge": 20, "worker": 30}
 KUBERNETES_DEFAULT_GRACE_SECS = 30
 CONFIG_KEY = "windrow.toml"
+# windrow's probes: liveness must not follow readiness (/readyz is 503 during
+# a broker outage, and a liveness probe on it would restart every pod then).
+PROBE_PATHS = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+# Keys naming files that `windrow config check` requires to exist, each with
+# the role reading it (None: every role).
+NATS_FILES = ("credentials_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
+FILE_KEYS = ([(f"nats.{k}", None) for k in NATS_FILES]
+             + [(f"{r}.nats.{k}", r) for r in sorted(ROLES) for k in NATS_FILES]
+             + [(f"bridge.mqtt.{k}", "bridge") for k in NATS_FILES[1:]])
 
 
 def say(status, text):
@@ -157,6 +166,50 @@ def pod_spec_of(obj):
     return (template.get("metadata") or {}).get("labels") or {}, template.get("spec") or {}
 
 
+def deep_merge(base, over):
+    """Helm's merge of values files: maps merge key by key, anything else replaces."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    return {**base, **{k: deep_merge(base.get(k), v) for k, v in over.items()}}
+
+
+def dig(table, dotted):
+    for part in dotted.split("."):
+        table = table.get(part) if isinstance(table, dict) else None
+    return table
+
+
+def env_name(dotted):
+    return "WINDROW_" + dotted.upper().replace(".", "__")
+
+
+def best_mount(mounts, path):
+    """The volumeMount holding absolute `path` (the deepest one), or None."""
+    under = [m for m in mounts if posixpath.commonpath([m["mountPath"], path]) == m["mountPath"]]
+    return max(under, key=lambda m: len(m["mountPath"]), default=None)
+
+
+def nats_size(text):
+    """A nats-server size: 4G = 4*1000^3, 4GB/4GiB = 4*1024^3 (nats-server's units)."""
+    m = re.fullmatch(r"([0-9]+)\s*([kmgt]?)(i?b?)", text.strip().strip("\"'").lower())
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    power = " kmgt".index(m.group(2) or " ")
+    return int(m.group(1)) * (1024 if m.group(3) else 1000) ** power
+
+
+def jetstream_limits(path):
+    """{storage: bytes} from the jetstream block of nats.conf in the ConfigMaps of `path`."""
+    with open(path) as f:
+        for doc in yaml.safe_load_all(f):
+            conf = ((doc or {}).get("data") or {}).get("nats.conf") if (doc or {}).get("kind") == "ConfigMap" else None
+            if conf:
+                found = {storage: nats_size(m.group(1)) for storage, key in (("file", "max_file_store"), ("memory", "max_memory_store"))
+                         for m in [re.search(rf"^\s*{key}\s*[:=]?\s*([^\s#]+)", conf, re.M)] if m}
+                return found
+    return {}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("manifests")
@@ -166,8 +219,15 @@ def main():
     p.add_argument("--help-dir")
     p.add_argument("--label", required=True)
     p.add_argument("--schemas-only", action="store_true")
+    p.add_argument("--values", action="append", default=[],
+                   help="values files of the scenario, chart defaults first (for bridge.enabled/worker.enabled)")
+    p.add_argument("--brokers", help="manifests whose nats.conf bounds the declared streams' max_bytes")
     a = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="chart-check-") as tmp:
+        return check(a, tmp)
 
+
+def check(a, tmp):
     with open(a.manifests) as f:
         docs = [d for d in yaml.safe_load_all(f) if d is not None]
 
@@ -188,7 +248,7 @@ def main():
         key = (doc["apiVersion"].rsplit("/", 1)[0], doc["kind"],
                (doc.get("metadata") or {}).get("namespace") or a.namespace, name)
         if key in seen:
-            schema.add(where, "rendered twice")
+            schema.add(where, "rendered twice: two objects of this kind share the name, and one replaces the other")
         seen.add(key)
         counted += 1
         try:
@@ -205,7 +265,7 @@ def main():
         except kv.utils.VersionNotSupportedError:
             schema.add("kubernetes-validate", f"has no schemas for Kubernetes {a.kube_version}")
             break
-    ok &= schema.report(f": {counted} object(s)" + (f", {skipped} ServiceMonitor(s) without schema" if skipped else ""))
+    ok &= schema.report(f": {counted} object(s), no two of one kind and name" + (f", {skipped} ServiceMonitor(s) without schema" if skipped else ""))
     if a.schemas_only:
         return 0 if ok else 1
 
@@ -229,7 +289,7 @@ def main():
         for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
             containers.append((w, labels, spec, c))
     config, config_map, config_file = {}, None, None
-    tmp = tempfile.mkdtemp(prefix="chart-check-")
+    stubbed = set()
     if len(maps) != 1:
         config_check.add("ConfigMaps", f"expected exactly one with a {CONFIG_KEY} key, found {len(maps)}")
     else:
@@ -246,23 +306,63 @@ def main():
         # As each container sees it: the file plus the container's WINDROW_* environment.
         env_sets = {tuple(sorted(windrow_env(c).items())) for _, _, _, c in containers} or {()}
         for extra in sorted(env_sets):
+            env = dict(extra)
+            # Files the config names (credentials, TLS) are not in this checkout:
+            # an empty file stands in for each absolute path (6b checks that a
+            # volume of the container holds it).
+            for key, _ in FILE_KEYS:
+                path = env.get(env_name(key)) or dig(config, key)
+                if isinstance(path, str) and posixpath.isabs(path):
+                    stub = os.path.join(tmp, "files", path.lstrip("/"))
+                    os.makedirs(os.path.dirname(stub), exist_ok=True)
+                    open(stub, "a").close()
+                    env[env_name(key)] = stub
+                    stubbed.add(path)
             r = subprocess.run([a.windrow, "config", "check", "--config", config_file],
-                               env={**base_env, **dict(extra)}, capture_output=True, text=True)
+                               env={**base_env, **env}, capture_output=True, text=True)
             if r.returncode != 0:
                 with_env = f" with {' '.join(k + '=' + v for k, v in extra)}" if extra else ""
                 out = (r.stderr + r.stdout).strip().replace("\n", "\n         ")
                 config_check.add(f"ConfigMap/{config_map['metadata']['name']}",
                                  f"`windrow config check`{with_env} exited {r.returncode}:\n         {out}")
-    ok &= config_check.report()
+    ok &= config_check.report(f" ({len(stubbed)} credentials/TLS path(s) stood in for by empty files)" if stubbed else "")
+
+    # 6a'. Only with --brokers (k8s/brokers.yaml and the scenario it is used
+    # with): nats-server refuses a stream whose max_bytes exceeds its
+    # JetStream store limit, and --ensure-streams would then fail in every pod.
+    if a.brokers:
+        shown = "/".join(os.path.abspath(a.brokers).split(os.sep)[-2:])
+        fit = Check(f"declared streams fit the JetStream store limits of {shown}")
+        try:
+            limits = jetstream_limits(a.brokers)
+        except ValueError as e:
+            limits = {}
+            fit.add(shown, f"nats.conf: {e}")
+        reserved = {}
+        for st in dig(config, "jetstream.streams") or []:
+            storage, size = st.get("storage", "file"), st.get("max_bytes", -1)
+            if size is None or size < 0:
+                continue
+            reserved[storage] = reserved.get(storage, 0) + size * st.get("replicas", 1)
+            if storage not in limits:
+                fit.add(f"stream {st.get('name')}", f"{storage} storage: {shown} sets no max_{storage}_store")
+        for storage, total in sorted(reserved.items()):
+            if storage in limits and total > limits[storage]:
+                fit.add(f"jetstream.streams ({storage})", f"max_bytes × replicas add up to {total}, above the "
+                        f"server's max_{storage}_store of {limits[storage]} bytes: nats-server refuses the stream")
+        ok &= fit.report(": " + ", ".join(f"{s} {reserved.get(s, 0)} of {n} bytes" for s, n in sorted(limits.items())))
 
     # 6b. Container args parse; --config is the mounted ConfigMap; store.dir is on a volume.
-    args_check = Check("container args parse against `windrow <subcommand> --help`; --config and store.dir are mounted")
+    args_check = Check("containers run windrow, args parse against `windrow <subcommand> --help`; "
+                       "--config, store.dir and credentials/TLS files are mounted")
     role_of = {}  # id(container) -> (role, effective settings)
     for w, labels, spec, c in containers:
         where = f"{w['kind']}/{w['metadata']['name']} container {c.get('name')}"
         command = c.get("command") or []
         if command and posixpath.basename(command[0]) != "windrow":
-            continue  # not windrow (e.g. a shell); nothing to check against
+            args_check.add(where, f"runs {command[0]!r}, not windrow: chart-check cannot check it "
+                                  "(the chart renders windrow containers only)")
+            continue
         argv = [str(x) for x in list(command[1:]) + list(c.get("args") or [])]
         sub, given = parse_args(where, argv, helps, args_check)
         env = literal_env(c)
@@ -290,6 +390,21 @@ def main():
                 args_check.add(where, f"--config {config_path} is not {CONFIG_KEY} of the mounted "
                                       f"ConfigMap {config_map['metadata']['name']}")
         role = sub if sub in ROLES else None
+        flag_prefix = {"nats": "nats-", "bridge.mqtt": "mqtt-"}
+        for key, reader in FILE_KEYS:
+            if reader not in (None, role):
+                continue
+            prefix, _, leaf = key.rpartition(".")
+            flag = flag_prefix[prefix] + leaf.replace("_", "-") if prefix in flag_prefix else None
+            path = (given.get(flag) if flag else None) or env.get(env_name(key)) or dig(config, key)
+            if not path:
+                continue
+            best = best_mount(mounts, path) if posixpath.isabs(path) else None
+            if best is None:
+                args_check.add(where, f"{key} {path} is on no volume of the container (mount it with extraVolumes/extraVolumeMounts)")
+            elif "configMap" in (volumes.get(best["name"]) or {}) and \
+                    volumes[best["name"]]["configMap"].get("name") == (config_map or {}).get("metadata", {}).get("name"):
+                args_check.add(where, f"{key} {path} is in the volume of the windrow.toml ConfigMap, which holds nothing else")
         if role is None:
             continue
         section = config.get(role) or {}
@@ -305,8 +420,7 @@ def main():
             if not posixpath.isabs(store_dir):
                 args_check.add(where, f"worker.store.dir {store_dir!r} is relative: it must be a mounted volume")
             else:
-                under = [m for m in mounts if posixpath.commonpath([m["mountPath"], store_dir]) == m["mountPath"]]
-                best = max(under, key=lambda m: len(m["mountPath"]), default=None)
+                best = best_mount(mounts, store_dir)
                 if best is None:
                     args_check.add(where, f"worker.store.dir {store_dir} is on no volume (the root filesystem is read-only and the store would be lost)")
                 else:
@@ -317,10 +431,29 @@ def main():
                         args_check.add(where, f"worker.store.dir {store_dir} is on NFS volume {best['name']}: LMDB needs a local filesystem")
                     elif vol is None and best["name"] not in claim_names:
                         args_check.add(where, f"volume {best['name']} of worker.store.dir is neither a pod volume nor a volumeClaimTemplate")
-    ok &= args_check.report(f": {len(containers)} container(s)")
+    counts = {r: sum(1 for role, *_ in role_of.values() if role == r) for r in sorted(ROLES)}
+    ok &= args_check.report(f": {len(containers)} container(s) "
+                            f"({', '.join(f'{n} {r}' for r, n in counts.items())})")
+
+    # 6b'. Not vacuous: each enabled role renders a windrow container, and a
+    # disabled one none.
+    if a.values:
+        values = {}
+        for path in a.values:
+            with open(path) as f:
+                values = deep_merge(values, yaml.safe_load(f) or {})
+        roles = Check("every enabled role (bridge.enabled, worker.enabled) renders a windrow container, a disabled one none")
+        enabled = {r: (values.get(r) or {}).get("enabled", True) is not False for r in counts}
+        for r, n in counts.items():
+            if enabled[r] and n == 0:
+                roles.add(r, f"{r}.enabled is true, but no rendered container runs `windrow {r}`")
+            elif not enabled[r] and n:
+                roles.add(r, f"{r}.enabled is false, but {n} rendered container(s) run `windrow {r}`")
+        ok &= roles.report(": " + ", ".join(f"{r} {'enabled' if enabled[r] else 'disabled'}" for r in counts))
 
     # 6c. Ports follow http_listen; grace periods exceed shutdown_timeout_secs.
-    ports = Check("ports follow http_listen; terminationGracePeriodSeconds exceeds shutdown_timeout_secs")
+    ports = Check("ports follow http_listen; probes on /healthz (startup, liveness) and /readyz (readiness); "
+                  "terminationGracePeriodSeconds exceeds shutdown_timeout_secs")
     services = named("Service")
     for w, labels, spec, c in containers:
         if id(c) not in role_of:
@@ -347,11 +480,17 @@ def main():
             elif named_ports[target] != port:
                 ports.add(where, f"{what} uses port {target!r} = {named_ports[target]}, but {role}.http_listen is {listen}")
 
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        for probe, want in PROBE_PATHS.items():
             pr = c.get(probe) or {}
             for handler in ("httpGet", "tcpSocket"):
                 if handler in pr:
                     resolves(pr[handler].get("port"), f"{probe}.{handler}")
+            got = (pr.get("httpGet") or {}).get("path")
+            if got != want:
+                why = " (/readyz is 503 while a broker is down: the kubelet would restart every pod in an outage)" \
+                    if probe != "readinessProbe" and got == "/readyz" else ""
+                ports.add(where, f"{probe} is {'httpGet ' + got if got else 'missing or not an httpGet'}, "
+                                 f"expected httpGet {want}{why}")
         for s in services:
             if labels_match((s.get("spec") or {}).get("selector"), labels):
                 for sp in (s.get("spec") or {}).get("ports") or []:

@@ -1,8 +1,11 @@
 //! The Helm chart (`helm/windrow`) and `k8s/` pass `scripts/chart-check`:
 //! helm lint and template in every `ci/*-values.yaml` scenario, strict
-//! Kubernetes schemas, and windrow's own checks of the rendered objects (this
-//! build's `windrow config check` accepts the ConfigMap, container args parse
-//! against `--help`, ports follow `http_listen`). Broken copies of the chart
+//! Kubernetes schemas, no two objects of one kind and name, and windrow's own
+//! checks of the rendered objects (this build's `windrow config check`
+//! accepts the ConfigMap, every container runs windrow with args that parse
+//! against `--help`, each enabled role renders a container, ports follow
+//! `http_listen`, probes use `/healthz` and `/readyz`, the jetstream
+//! scenario's streams fit `k8s/brokers.yaml`). Broken copies of the chart
 //! must fail it, so that a passing check means something.
 //!
 //! The check installs its tools on first use (helm and kubernetes-validate
@@ -77,6 +80,40 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Runs chart-check on `chart`, which must fail with each of `expected` in its output.
+fn assert_fails_with(chart: &Path, expected: &[&str]) {
+    let run = chart_check(chart);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    for text in expected {
+        assert!(
+            run.output.contains(text),
+            "expected {text:?} in the output: {run:?}"
+        );
+    }
+}
+
+/// The windrow containers each scenario renders, as chart-check counts them
+/// (both roles are enabled in every scenario). A new scenario must be added.
+const CONTAINERS: &[(&str, &str)] = &[
+    ("defaults", "2 container(s) (1 bridge, 1 worker)"),
+    (
+        "ci/autoscaling-monitoring-values.yaml",
+        "2 container(s) (1 bridge, 1 worker)",
+    ),
+    (
+        "ci/core-deployment-values.yaml",
+        "2 container(s) (1 bridge, 1 worker)",
+    ),
+    (
+        "ci/jetstream-values.yaml",
+        "2 container(s) (1 bridge, 1 worker)",
+    ),
+    (
+        "ci/long-name-values.yaml",
+        "2 container(s) (1 bridge, 1 worker)",
+    ),
+];
+
 /// Replaces `from` (which must occur) with `to` in the chart file `file`.
 fn edit(chart: &Path, file: &str, from: &str, to: &str) {
     let path = chart.join(file);
@@ -116,6 +153,150 @@ fn the_chart_passes_chart_check_in_every_scenario() {
     assert!(
         run.output.contains("of k8s/brokers.yaml"),
         "k8s/brokers.yaml was not checked: {run:?}"
+    );
+
+    // Not vacuous either: each scenario's windrow containers were found and
+    // checked, one per role.
+    let sections: Vec<&str> = run
+        .output
+        .split("chart-check: --- scenario ")
+        .skip(1)
+        .collect();
+    assert_eq!(sections.len(), scenarios, "{run:?}");
+    for section in sections {
+        let first = section.lines().next().unwrap_or_default();
+        let label = first.split_once(": ").map_or(first, |(_, label)| label);
+        let expected = CONTAINERS
+            .iter()
+            .find(|(name, _)| *name == label)
+            .unwrap_or_else(|| panic!("scenario {label} is missing from CONTAINERS: {run:?}"))
+            .1;
+        assert!(
+            section.contains(&format!(" are mounted: {expected}\n")),
+            "scenario {label}: expected {expected}: {run:?}"
+        );
+        assert!(
+            section.contains(
+                "ok   every enabled role (bridge.enabled, worker.enabled) renders a windrow \
+                 container, a disabled one none: bridge enabled, worker enabled\n"
+            ),
+            "scenario {label}: both roles should be enabled and rendered: {run:?}"
+        );
+    }
+    // The scenario k8s/README.md runs against k8s/brokers.yaml fits its NATS,
+    // and the credentials/TLS files of the autoscaling scenario were checked.
+    assert!(
+        run.output
+            .contains("ok   declared streams fit the JetStream store limits of k8s/brokers.yaml"),
+        "{run:?}"
+    );
+    assert!(
+        run.output
+            .contains("(3 credentials/TLS path(s) stood in for by empty files)"),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn object_names_cut_after_the_role_suffix_collide_and_fail_chart_check() {
+    // The names as first written: the 65-character base name of
+    // ci/long-name-values.yaml plus "-bridge" / "-worker", cut to 52, lose the
+    // suffix, and the bridge's and the workers' objects share one name.
+    let (_dir, chart) = chart_copy();
+    for role in ["bridge", "worker"] {
+        edit(
+            &chart,
+            "templates/_helpers.tpl",
+            &format!(r#"{{{{- printf "%s-{role}" (include "windrow.shortname" .) -}}}}"#),
+            &format!(
+                r#"{{{{- printf "%s-{role}" (include "windrow.fullname" .) | trunc 52 | trimSuffix "-" -}}}}"#
+            ),
+        );
+    }
+    assert_fails_with(
+        &chart,
+        &[
+            "StatefulSet/telemetry-ingest-eu-west-1-production-fleet7-windrow: rendered twice",
+            "FAIL checks of the rendered manifests (ci/long-name-values.yaml)",
+        ],
+    );
+}
+
+#[test]
+fn an_enabled_role_rendering_no_container_fails_chart_check() {
+    let (_dir, chart) = chart_copy();
+    edit(
+        &chart,
+        "templates/worker.yaml",
+        "{{- if .Values.worker.enabled }}",
+        "{{- if false }}",
+    );
+    assert_fails_with(
+        &chart,
+        &["worker.enabled is true, but no rendered container runs `windrow worker`"],
+    );
+}
+
+#[test]
+fn a_liveness_probe_on_readyz_fails_chart_check() {
+    let (_dir, chart) = chart_copy();
+    edit(
+        &chart,
+        "templates/_helpers.tpl",
+        "livenessProbe:\n  httpGet:\n    path: /healthz",
+        "livenessProbe:\n  httpGet:\n    path: /readyz",
+    );
+    assert_fails_with(
+        &chart,
+        &["container bridge: livenessProbe is httpGet /readyz, expected httpGet /healthz"],
+    );
+}
+
+#[test]
+fn a_container_not_running_windrow_fails_chart_check() {
+    let (_dir, chart) = chart_copy();
+    edit(
+        &chart,
+        "templates/bridge.yaml",
+        "          imagePullPolicy:",
+        "          command: [\"/bin/sh\", \"-c\"]\n          imagePullPolicy:",
+    );
+    assert_fails_with(&chart, &["container bridge: runs '/bin/sh', not windrow"]);
+}
+
+#[test]
+fn a_stream_larger_than_the_brokers_store_fails_chart_check() {
+    // nats-server refuses such a stream: --ensure-streams would fail in every
+    // pod that k8s/README.md starts.
+    let (_dir, chart) = chart_copy();
+    edit(
+        &chart,
+        "ci/jetstream-values.yaml",
+        "max_bytes: 2000000000",
+        "max_bytes: 50000000000",
+    );
+    assert_fails_with(
+        &chart,
+        &[
+            "FAIL declared streams fit the JetStream store limits of k8s/brokers.yaml",
+            "above the server's max_file_store of 4000000000 bytes",
+        ],
+    );
+}
+
+#[test]
+fn a_credentials_file_on_no_volume_fails_chart_check() {
+    let (_dir, chart) = chart_copy();
+    edit(
+        &chart,
+        "ci/autoscaling-monitoring-values.yaml",
+        "  extraVolumeMounts:\n    - name: nats-auth\n      mountPath: /etc/windrow-nats\n      \
+         readOnly: true\n  persistence:",
+        "  persistence:",
+    );
+    assert_fails_with(
+        &chart,
+        &["container worker: nats.credentials_file /etc/windrow-nats/windrow.creds is on no volume"],
     );
 }
 

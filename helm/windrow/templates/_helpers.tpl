@@ -21,15 +21,24 @@ node ids) derive from it, so keep it stable across upgrades.
 {{- end -}}
 {{- end -}}
 
-{{/* Workload and service names; 52 characters leave room for StatefulSet pod suffixes. */}}
+{{/*
+Workload, Service and ConfigMap names: the base name cut to 45 characters,
+then the role suffix, so that a long base name cannot make two objects share a
+name (cutting after the suffix would drop it). 45 + "-bridge" = 52 characters
+leave room for the StatefulSet's controller-revision-hash label (name + "-" +
+10 characters must fit in 63).
+*/}}
+{{- define "windrow.shortname" -}}
+{{- include "windrow.fullname" . | trunc 45 | trimSuffix "-" -}}
+{{- end -}}
 {{- define "windrow.bridge.fullname" -}}
-{{- printf "%s-bridge" (include "windrow.fullname" .) | trunc 52 | trimSuffix "-" -}}
+{{- printf "%s-bridge" (include "windrow.shortname" .) -}}
 {{- end -}}
 {{- define "windrow.worker.fullname" -}}
-{{- printf "%s-worker" (include "windrow.fullname" .) | trunc 52 | trimSuffix "-" -}}
+{{- printf "%s-worker" (include "windrow.shortname" .) -}}
 {{- end -}}
 {{- define "windrow.config.fullname" -}}
-{{- printf "%s-config" (include "windrow.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-config" (include "windrow.shortname" .) -}}
 {{- end -}}
 
 {{- define "windrow.chart" -}}
@@ -132,6 +141,25 @@ owns filled in (worker.store.dir is the data volume).
 {{- $_ := set $worker "store" $store -}}
 {{- $_ := set $config "worker" $worker -}}
 {{- toJson $config -}}
+{{- end -}}
+
+{{/*
+checksum/config of a role's pods: a hash of the parts of windrow.toml the role
+reads ([nats], its own section, and [jetstream] when it applies it with
+--ensure-streams), so that a change to the other role's section does not
+restart it (a bridge restart drops the QoS 0 messages Mosquitto deals to its
+shared-subscription sessions meanwhile).
+Usage: include "windrow.configChecksum" (list $ "bridge")
+*/}}
+{{- define "windrow.configChecksum" -}}
+{{- $root := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- $config := include "windrow.effectiveConfig" $root | fromJson -}}
+{{- $read := dict "nats" (get $config "nats") $role (get $config $role) -}}
+{{- if include "windrow.ensureStreams" $root -}}
+{{- $_ := set $read "jetstream" (get $config "jetstream") -}}
+{{- end -}}
+{{- toJson $read | sha256sum -}}
 {{- end -}}
 
 {{/*
