@@ -261,7 +261,6 @@ async fn a_jetstream_worker_frozen_past_the_ack_wait_counts_at_most_one_batch_tw
     let base = now_ns() - 10 * 60 * 1_000_000_000;
     let readings = fleet_readings(2_000, 100, base);
     let n = readings.len() as u64;
-    publish_jetstream(&nats.url(), &readings).await;
     let batch = BATCH.to_string();
     let args = [
         "--mode",
@@ -273,6 +272,13 @@ async fn a_jetstream_worker_frozen_past_the_ack_wait_counts_at_most_one_batch_tw
     ];
     let frozen = Worker::start(&nats, "frozen", &dir.path().join("frozen"), &args).await;
     let awake = Worker::start(&nats, "awake", &dir.path().join("awake"), &args).await;
+    // Published while both consume, so that the frozen one holds messages
+    // when it is frozen, however fast it is.
+    let url = nats.url();
+    let publisher = {
+        let readings = readings.clone();
+        tokio::spawn(async move { publish_jetstream(&url, &readings).await })
+    };
     assert!(
         wait_applied(&[&frozen], 1.0, Duration::from_secs(60)).await,
         "{}",
@@ -281,6 +287,7 @@ async fn a_jetstream_worker_frozen_past_the_ack_wait_counts_at_most_one_batch_tw
     frozen.process.freeze();
     tokio::time::sleep(Duration::from_secs(3 * ACK_WAIT_SECS)).await;
     frozen.process.thaw();
+    publisher.await.unwrap();
     clients::wait_consumer_settled(
         &nats.url(),
         "TELEMETRY",

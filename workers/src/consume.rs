@@ -27,7 +27,7 @@ use crate::{
     events::Metrics,
     pause::Fence,
     store::{Message, Verdict},
-    writer::Writer,
+    writer::{Applied, Writer},
 };
 
 /// One message from either consumption mode, or from a replay.
@@ -195,6 +195,14 @@ fn continue_trace(name: &'static str, headers: Option<&HeaderMap>) -> Option<tra
     };
     let _ = span.set_parent(parent);
     Some(span)
+}
+
+/// What became of a batch's commit.
+enum Committed {
+    /// One per message.
+    Verdicts(Vec<Verdict>),
+    /// Received before this process stood still: not applied.
+    GivenUp,
 }
 
 /// What happens to one message after the commit.
@@ -523,9 +531,12 @@ impl Processor {
             in_progress(&batch).collect()
         })
         .await?;
-        let Some(verdicts) = committed else {
-            self.metrics.given_up(batch.len());
-            return Some(Outcome::default());
+        let verdicts = match committed {
+            Committed::Verdicts(v) => v,
+            Committed::GivenUp => {
+                self.metrics.given_up(batch.len());
+                return Some(Outcome::default());
+            }
         };
         drop(apply_spans);
         let commit_spans: Vec<tracing::Span> = spans
@@ -586,24 +597,23 @@ impl Processor {
         Some(outcome)
     }
 
-    /// Applies the batch, retrying a failed commit until it succeeds:
-    /// `Some(None)` if `fence` stopped holding first (nothing applied), `None`
-    /// if `hard_stop` came first.
+    /// Applies the batch, retrying a failed commit until it succeeds or
+    /// `fence` stops holding; `None` if `hard_stop` came first.
     async fn commit(
         &self,
         messages: &Arc<Vec<Message>>,
         fence: Option<Fence>,
         hard_stop: &CancellationToken,
-    ) -> Option<Option<Vec<Verdict>>> {
+    ) -> Option<Committed> {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.writer.apply(messages.clone(), fence.clone()).await {
-                Ok(None) => return Some(None),
-                Ok(Some(Ok(v))) => {
+                Ok(Applied::GivenUp) => return Some(Committed::GivenUp),
+                Ok(Applied::Done(Ok(v))) => {
                     self.health.set("store", true);
-                    return Some(Some(v));
+                    return Some(Committed::Verdicts(v));
                 }
-                Ok(Some(Err(e))) => {
+                Ok(Applied::Done(Err(e))) => {
                     self.metrics.store_error(&e);
                     self.health.set("store", false);
                 }

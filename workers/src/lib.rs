@@ -10,6 +10,8 @@
 //! - `writer`: the single LMDB writer thread.
 //! - `feed`: a consumer read ahead on a task of its own.
 //! - `consume`: batch → commit → dead-letter → acknowledge, for both modes.
+//! - `pause`: noticing that the process stood still, so that a frozen
+//!   jetstream worker does not apply what was redelivered elsewhere.
 //! - [`query`]: the query plane's messages and the merge of partials.
 //! - [`replay`]: rebuild a store from a stream through the same path.
 //! - [`events`]: metrics and logs.

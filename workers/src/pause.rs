@@ -6,7 +6,7 @@
 //! redelivers what it held to another replica after the ack wait. Woken up,
 //! the worker would apply those messages as well, and the merged windows
 //! would count them twice. So time is cut into epochs: a watch thread stamps
-//! the clock every few milliseconds, and a gap between two stamps longer than
+//! the clock every 100 ms (more often for short limits), and a gap between two stamps longer than
 //! the limit, noticed by the thread or by whoever looks first after waking,
 //! starts a new epoch. What was received in an earlier epoch is given up: not
 //! applied, not acknowledged, not handed back (a negative ack would have the
@@ -117,23 +117,25 @@ impl Fence {
 mod tests {
     use super::*;
 
+    // Limits of seconds: a loaded test machine may not run a thread for a
+    // few hundred milliseconds.
     #[test]
     fn the_watch_thread_keeps_an_epoch_going_while_nobody_else_looks() {
-        let watch = PauseWatch::start(Duration::from_millis(200));
+        let watch = PauseWatch::start(Duration::from_secs(2));
         let fence = watch.fence();
-        std::thread::sleep(Duration::from_millis(600));
-        assert!(fence.holds(), "the thread looked every 25 ms: no gap");
+        std::thread::sleep(Duration::from_secs(5));
+        assert!(fence.holds(), "the thread looked every 100 ms: no gap");
     }
 
     #[test]
     fn a_gap_between_two_looks_ends_the_epoch_once() {
         // No watch thread: nobody looks while this one sleeps, as when the
         // whole process is stopped.
-        let watch = PauseWatch::unwatched(Duration::from_millis(200));
+        let watch = PauseWatch::unwatched(Duration::from_secs(1));
         let fence = watch.fence();
         std::thread::sleep(Duration::from_millis(50));
         assert!(fence.holds(), "50 ms is no pause");
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(1_500));
         // Several look at once on waking; one of them sees the gap.
         let lookers: Vec<_> = (0..4)
             .map(|_| {

@@ -158,7 +158,7 @@ pub async fn run_with_clock(
 /// nats-server routes the group's next messages to the other members, and
 /// goes on applying what had already reached it (the client's subscription
 /// buffer holds up to `nats.subscription_capacity` messages) until the
-/// subscription ends. Only messages still on the wire when the client drops
+/// subscription ends, within `shutdown_timeout_secs`. Only messages still on the wire when the client drops
 /// the subscription are lost: async-nats ends a drained subscription after
 /// its next read of the socket, without waiting for the server to confirm
 /// the unsubscribe (core NATS is at-most-once; jetstream mode is exact).
@@ -189,19 +189,28 @@ async fn consume_core(
         Duration::from_secs(config.ack_wait_secs),
         hard_stop.clone(),
     );
+    // Messages taken since the unsubscribe, once shutting down.
     let mut drained: Option<usize> = None;
+    // The subscription ended, rather than the loop being cut short.
+    let mut ended = false;
     loop {
         let first = tokio::select! {
+            biased;
             () = shutdown.cancelled(), if drained.is_none() => {
                 drained = Some(0);
-                if let Err(e) = sub.drain().await {
-                    tracing::warn!(error = %e, "cannot unsubscribe; what is buffered is still applied");
+                if !unsubscribe_keeping_buffer(&mut sub, hard_stop).await {
+                    break;
                 }
-                tracing::info!("unsubscribed from the queue group; applying what had already arrived");
                 continue;
             }
             () = hard_stop.cancelled() => break,
-            m = sub.next() => match m { Some(m) => m, None => break },
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => {
+                    ended = true;
+                    break;
+                }
+            },
         };
         let mut batch = sized.start(Incoming::core(first));
         let deadline = tokio::time::Instant::now() + wait;
@@ -222,21 +231,35 @@ async fn consume_core(
     if drained.is_none() {
         let _ = sub.unsubscribe().await;
     }
-    let last = pipeline.finish().await;
-    match (drained, last) {
-        (Some(messages), Some(_)) => {
-            tracing::info!(
-                messages,
-                "drained: applied what had arrived before the unsubscribe"
-            );
+    let finished = pipeline.finish().await.is_some();
+    match drained {
+        Some(messages) if ended && finished => {
+            tracing::info!(messages, "drained: applied what had arrived before the unsubscribe");
         }
-        (Some(messages), None) => {
-            tracing::warn!(
-                messages,
-                "drain interrupted: what had arrived was not all applied"
-            );
+        Some(messages) => tracing::warn!(
+            messages,
+            "drain cut short (worker.shutdown_timeout_secs): what had arrived and was not applied is lost"
+        ),
+        None => {}
+    }
+}
+
+/// Unsubscribes `sub` but lets it deliver what had already reached this
+/// client. `false` if `hard_stop` came first: the unsubscribe waits for room
+/// in the client's command queue, which a lost connection can keep full.
+async fn unsubscribe_keeping_buffer(
+    sub: &mut async_nats::Subscriber,
+    hard_stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        res = sub.drain() => {
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "cannot unsubscribe; what is buffered is still applied");
+            }
+            tracing::info!("unsubscribed from the queue group; applying what had already arrived");
+            true
         }
-        (None, _) => {}
+        () = hard_stop.cancelled() => false,
     }
 }
 
@@ -406,9 +429,11 @@ async fn pull_batches(
             "pull consumer",
         )
     };
-    // A pause of a third of the ack wait may already take what waited in the
-    // buffers before it past the ack wait (see `crate::pause`).
-    let pauses = PauseWatch::start(bound.limits.ack_wait / 3);
+    // Without a pause, a message may go two thirds of the ack wait without
+    // an ack: waiting in the buffers, then a third until its batch's first
+    // in-progress ack (see `holding`). A pause longer than a sixth of the ack
+    // wait counts as one, leaving a sixth as margin (see `crate::pause`).
+    let pauses = PauseWatch::start(bound.limits.ack_wait / 6);
     let mut fence = pauses.fence();
     let Some(pull) = start_pull(bound).await else {
         return;
@@ -449,8 +474,8 @@ async fn pull_batches(
         sized.was(batch.len());
         if !fence.holds() {
             // Dropped, not handed back: another replica may be applying it.
-            processor.metrics.given_up(batch.len());
-            pull = None;
+            let buffered = pull.take().map(Feed::release).unwrap_or_default();
+            processor.metrics.given_up(batch.len() + buffered.len());
             continue;
         }
         // The count the server stamped on the newest delivery: exact when it

@@ -17,9 +17,14 @@ use crate::{
 /// A node's answer to a query: its windows and latest values.
 type QueryResult = Result<(Vec<WindowRow>, Vec<LatestRow>), StoreError>;
 
-/// What became of a batch sent to the writer: `None` when its fence no
-/// longer held as the writer took it up, so nothing of it was applied.
-pub(crate) type Applied = Option<Result<Vec<Verdict>, StoreError>>;
+/// What became of a batch sent to the writer.
+pub(crate) enum Applied {
+    /// Committed (one verdict per message), or nothing of it on an error.
+    Done(Result<Vec<Verdict>, StoreError>),
+    /// Its fence no longer held when the writer took it up: nothing of it
+    /// was applied.
+    GivenUp,
+}
 
 /// Work for the writer thread.
 enum Command {
@@ -59,8 +64,12 @@ impl Writer {
                             // Checked here, as late as can be: a batch
                             // waits in the channel while the one before
                             // commits.
-                            let stale = fence.is_some_and(|f| !f.holds());
-                            let _ = reply.send((!stale).then(|| store.apply(&batch)));
+                            let applied = if fence.is_some_and(|f| !f.holds()) {
+                                Applied::GivenUp
+                            } else {
+                                Applied::Done(store.apply(&batch))
+                            };
+                            let _ = reply.send(applied);
                         }
                         Command::Query(q, reply) => {
                             let res = store
@@ -96,7 +105,7 @@ impl Writer {
     }
 
     /// Applies and commits a batch, unless `fence` no longer holds when the
-    /// writer takes it up (`Ok(None)`).
+    /// writer takes it up.
     pub async fn apply(
         &self,
         batch: Arc<Vec<Message>>,
