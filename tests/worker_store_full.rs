@@ -14,8 +14,8 @@ use std::{
 
 use async_nats::jetstream::consumer::Info;
 use common::{
-    assert_same, expected_windows, fleet_readings, hold_write_lock, nats_with_telemetry_stream,
-    now_ns, publish_jetstream, query_windows, Windows, Worker,
+    ack_wait_config, assert_same, base_in_today, expected_windows, fleet_readings, hold_write_lock,
+    nats_with_telemetry_stream, now_ns, publish_jetstream, query_windows, Windows, Worker,
 };
 use windrow_harness::{
     clients::{self, Collector},
@@ -23,7 +23,6 @@ use windrow_harness::{
 };
 
 const NS_PER_SEC: i64 = 1_000_000_000;
-const NS_PER_DAY: i64 = 86_400 * NS_PER_SEC;
 const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
 
 fn total(w: &Windows) -> u64 {
@@ -72,9 +71,7 @@ async fn a_full_lmdb_map_stops_acknowledgements_and_a_larger_map_applies_everyth
     let roomy = config_file(dir.path(), "roomy.toml", 64 << 10, 256 << 20);
 
     // One UTC day (a batch never spans two environments), well within lateness.
-    let now = now_ns();
-    let base =
-        (now - 10 * 60 * NS_PER_SEC).max(now.div_euclid(NS_PER_DAY) * NS_PER_DAY + NS_PER_SEC);
+    let base = base_in_today();
     let readings = fleet_readings(2_000, 20, base);
     let n = readings.len() as u64;
     publish_jetstream(&nats.url(), &readings).await;
@@ -244,16 +241,9 @@ async fn a_worker_slower_to_commit_than_the_ack_wait_keeps_its_messages_and_none
     const ACK_WAIT_SECS: u64 = 2;
     let nats = nats_with_telemetry_stream().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("short-ack-wait.toml");
-    std::fs::write(
-        &config,
-        format!("[worker]\nack_wait_secs = {ACK_WAIT_SECS}\n"),
-    )
-    .unwrap();
+    let config = ack_wait_config(dir.path(), ACK_WAIT_SECS);
     let config = config.to_str().unwrap();
-    let now = now_ns();
-    let base =
-        (now - 10 * 60 * NS_PER_SEC).max(now.div_euclid(NS_PER_DAY) * NS_PER_DAY + NS_PER_SEC);
+    let base = base_in_today();
     let readings = fleet_readings(2_000, 100, base);
     let n = readings.len() as u64;
     publish_jetstream(&nats.url(), &readings).await;

@@ -12,7 +12,7 @@ use common::{
 };
 use windrow_harness::{clients, wait_until, NatsServer};
 
-use common::{nats_with_telemetry_stream, now_ns, Windows};
+use common::{ack_wait_config, base_in_today, nats_with_telemetry_stream, now_ns, Windows};
 
 /// Asserts two window maps are equal (sums within floating-point tolerance).
 fn total(w: &Windows) -> u64 {
@@ -192,15 +192,12 @@ async fn jetstream_worker_stopped_with_sigterm_mid_stream_is_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn core_worker_stopped_with_sigterm_applies_what_had_reached_it() {
     const NS_PER_SEC: i64 = 1_000_000_000;
-    const NS_PER_DAY: i64 = 86_400 * NS_PER_SEC;
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("node-0");
     let worker = Worker::start(&nats, "node-0", &data, &["--batch-max-messages", "1000"]).await;
     // All in today's UTC day: the lock below is taken on the one day's store.
-    let now = now_ns();
-    let base =
-        (now - 10 * 60 * NS_PER_SEC).max(now.div_euclid(NS_PER_DAY) * NS_PER_DAY + NS_PER_SEC);
+    let base = base_in_today();
     let readings = fleet_readings(1_000, 20, base);
     let (before, held) = readings.split_at(1_000);
     publish_core(&nats.url(), before, 100_000).await;
@@ -252,12 +249,7 @@ async fn a_jetstream_worker_frozen_past_the_ack_wait_counts_at_most_one_batch_tw
     const BATCH: u64 = 1_000;
     let nats = nats_with_telemetry_stream().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("short-ack-wait.toml");
-    std::fs::write(
-        &config,
-        format!("[worker]\nack_wait_secs = {ACK_WAIT_SECS}\n"),
-    )
-    .unwrap();
+    let config = ack_wait_config(dir.path(), ACK_WAIT_SECS);
     let base = now_ns() - 10 * 60 * 1_000_000_000;
     let readings = fleet_readings(2_000, 100, base);
     let n = readings.len() as u64;

@@ -21,6 +21,22 @@ pub fn now_ns() -> i64 {
     i64::try_from(since.as_nanos()).expect("before 2262")
 }
 
+/// A start for readings of the last ten minutes that all fall in today's UTC
+/// day (one store environment), however close to midnight the test runs.
+pub fn base_in_today() -> i64 {
+    const NS_PER_SEC: i64 = 1_000_000_000;
+    const NS_PER_DAY: i64 = 86_400 * NS_PER_SEC;
+    let now = now_ns();
+    (now - 10 * 60 * NS_PER_SEC).max(now.div_euclid(NS_PER_DAY) * NS_PER_DAY + NS_PER_SEC)
+}
+
+/// A worker configuration file in `dir` setting the consumer's ack wait.
+pub fn ack_wait_config(dir: &Path, secs: u64) -> std::path::PathBuf {
+    let path = dir.join("ack-wait.toml");
+    std::fs::write(&path, format!("[worker]\nack_wait_secs = {secs}\n")).unwrap();
+    path
+}
+
 /// A private nats-server with the workers' default stream: `TELEMETRY` on
 /// `windrow.telemetry.>`, file storage, a 2-minute duplicate window.
 pub async fn nats_with_telemetry_stream() -> NatsServer {
