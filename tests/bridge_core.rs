@@ -79,6 +79,62 @@ async fn qos0_core_delivers_100k_messages_over_1000_awkward_topics() {
     );
 }
 
+/// A bridge stopped with SIGTERM while QoS 0 messages flow loses none of
+/// them: it unsubscribes its shared QoS 0 routes first, so that Mosquitto
+/// deals the next messages to the other bridge instead of to a session about
+/// to be left without a connection (where Mosquitto drops QoS 0), and it
+/// forwards what was dealt to it before the broker's UNSUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bridge_stopped_mid_stream_hands_its_qos0_share_to_the_other_bridge() {
+    let nats = NatsServer::start().await;
+    let mqtt = Mosquitto::start().await;
+    let mut leaving = Bridge::start(&nats, &mqtt, "drain-leaving", &[]).await;
+    let staying = Bridge::start(&nats, &mqtt, "drain-staying", &[]).await;
+    let mut collector = Collector::subscribe(&nats.url(), "windrow.telemetry.>").await;
+    let n = 40_000;
+    let topics: Vec<String> = (0..100).map(|i| format!("plant/{i}/temp")).collect();
+    let messages = numbered_messages(n, &topics);
+    let port = mqtt.port();
+    // About 20,000 messages/s for 2 s.
+    let publisher = tokio::spawn(async move {
+        mqtt_publish(
+            port,
+            "publisher",
+            messages,
+            QoS::AtMostOnce,
+            Some(Duration::from_millis(50)),
+        )
+        .await;
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    leaving.process.sigterm().await;
+    let status = leaving.process.wait_exit(Duration::from_secs(30)).await;
+    let log = leaving.process.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("QoS 0 shared routes unsubscribed"), "{log}");
+    publisher.await.unwrap();
+
+    let got = collector.wait_for(n, Duration::from_secs(15)).await;
+    let (missing, dups) = tally(n, collector.messages.iter().map(|m| seq_of(&m.payload)));
+    let staying_forwarded = staying
+        .metric("windrow_bridge_forwarded_messages_total", "core")
+        .await;
+    eprintln!(
+        "{got} of {n} arrived; the staying bridge forwarded {staying_forwarded}, the leaving one the rest"
+    );
+    assert!(
+        missing.is_empty(),
+        "{} of {n} lost; first missing {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(dups, 0);
+    assert!(
+        staying_forwarded < n as f64,
+        "the leaving bridge carried part of the stream before it left"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversize_payload_is_counted_and_dead_lettered_not_forwarded() {
     let nats = NatsServer::start_with(NatsOptions {

@@ -151,6 +151,28 @@ fn subscriptions(config: &Config) -> Vec<SubscribeFilter> {
         .collect()
 }
 
+/// The shared subscriptions of QoS 0 routes: unsubscribed first when
+/// draining. Mosquitto deals shared-subscription messages to every member's
+/// session, a disconnected one's too, and drops the QoS 0 ones dealt to a
+/// session without a connection: left subscribed, a bridge pod that restarts
+/// loses its share of QoS 0 messages for as long as it is away. QoS 1/2
+/// routes stay subscribed: the persistent session keeps their messages for
+/// the pod's return under the same client id.
+fn qos0_shared_filters(config: &Config) -> Vec<String> {
+    if !config.mqtt.shared_subscription {
+        return Vec::new();
+    }
+    subscriptions(config)
+        .into_iter()
+        .filter(|f| f.qos == QoS::AtMostOnce)
+        .map(|f| f.path)
+        .collect()
+}
+
+/// How long a draining connection waits for the broker's UNSUBACKs before it
+/// stops forwarding anyway.
+const UNSUBACK_WAIT: Duration = Duration::from_secs(5);
+
 /// Everything a connection task needs.
 pub(crate) struct Connection {
     pub index: usize,
@@ -164,7 +186,10 @@ pub(crate) struct Connection {
 impl Connection {
     /// Runs the connection until `shutdown`, then drains.
     ///
-    /// Drain order: stop forwarding new publishes (QoS 1/2 ones stay unacked and
+    /// Drain order: unsubscribe the QoS 0 shared routes ([`qos0_shared_filters`])
+    /// and keep forwarding until the broker confirmed (UNSUBACK: what it had
+    /// dealt to this connection before comes first), then stop forwarding new
+    /// publishes (QoS 1/2 ones stay unacked and
     /// the broker redelivers them), let the acker finish outstanding JetStream
     /// acks and queue their MQTT acks, then DISCONNECT, which rumqttc sends after
     /// the queued acks. `hard_stop` abandons the drain.
@@ -197,6 +222,9 @@ impl Connection {
         let mut subscribed_once = false;
         let mut acker_done = false;
         let mut disconnect_sent = false;
+        // UNSUBACKs still awaited while draining, and until when.
+        let mut unsubscribing = 0usize;
+        let mut unsubscribe_until = tokio::time::Instant::now();
         let min = Duration::from_millis(config.mqtt.reconnect_min_ms);
         let max = Duration::from_millis(config.mqtt.reconnect_max_ms);
         let mut backoff = min;
@@ -204,9 +232,24 @@ impl Connection {
             let event = tokio::select! {
                 biased;
                 () = hard_stop.cancelled() => break,
-                () = shutdown.cancelled(), if tx.is_some() => {
+                () = shutdown.cancelled(), if tx.is_some() && unsubscribing == 0 => {
                     tracing::info!(connection = index, "draining MQTT connection");
-                    tx = None; // the acker ends once its pending work is done
+                    if connected {
+                        unsubscribing = qos0_shared_filters(&config)
+                            .into_iter()
+                            .filter(|f| client.try_unsubscribe(f.clone()).is_ok())
+                            .count();
+                        unsubscribe_until = tokio::time::Instant::now() + UNSUBACK_WAIT;
+                    }
+                    if unsubscribing == 0 {
+                        tx = None; // the acker ends once its pending work is done
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep_until(unsubscribe_until), if unsubscribing > 0 => {
+                    tracing::warn!(connection = index, missing = unsubscribing, "no UNSUBACK from the broker in time; draining anyway");
+                    unsubscribing = 0;
+                    tx = None;
                     continue;
                 }
                 _ = &mut acker, if !acker_done => {
@@ -277,6 +320,16 @@ impl Connection {
                         }
                     }
                 }
+                Ok(Event::Incoming(Packet::UnsubAck(_))) if unsubscribing > 0 => {
+                    unsubscribing -= 1;
+                    if unsubscribing == 0 {
+                        tracing::info!(
+                            connection = index,
+                            "QoS 0 shared routes unsubscribed: the other members take their messages"
+                        );
+                        tx = None;
+                    }
+                }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) if disconnect_sent => break,
                 Ok(_) => {}
                 Err(e) => {
@@ -286,6 +339,11 @@ impl Connection {
                     }
                     connected = false;
                     health.set(&health_key, false);
+                    if unsubscribing > 0 {
+                        // Draining: the UNSUBACKs will not come on this connection.
+                        unsubscribing = 0;
+                        tx = None;
+                    }
                     if tx.is_none() {
                         // Draining: outstanding acks now belong to a dead connection.
                         break;
