@@ -208,3 +208,39 @@ async fn sigterm_drains_in_flight_and_exits_0_and_loses_nothing() {
     // explained (see the session note), so this reports instead of asserting.
     eprintln!("SIGTERM drain: {dups} duplicate(s) in the stream");
 }
+
+/// A bridge whose JetStream publishes cannot land (no stream captures the
+/// subjects) is not ready, with the reason, and loses nothing: once the
+/// stream exists, its retries land and it is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bridge_whose_jetstream_publishes_fail_is_not_ready_until_they_land() {
+    let nats = NatsServer::start().await;
+    let mqtt = Mosquitto::start().await;
+    let bridge = Bridge::start(&nats, &mqtt, "no-stream", JS_ROUTE).await;
+    let (code, _) = http_get(bridge.http_port, "/readyz").await.unwrap();
+    assert_eq!(code, 200, "ready before any publish");
+    let n = 100;
+    let publisher = publish_in_background(&mqtt, n);
+    let not_ready = wait_until(Duration::from_secs(30), || async {
+        matches!(
+            http_get(bridge.http_port, "/readyz").await,
+            Ok((503, body)) if body.contains("jetstream")
+        )
+    })
+    .await;
+    assert!(not_ready, "{}", bridge.process.log());
+    create_stream(
+        &nats.url(),
+        STREAM,
+        &["windrow.telemetry.>"],
+        Duration::from_secs(120),
+    )
+    .await;
+    publisher.await.unwrap();
+    assert_stream_complete(&nats, n, false).await;
+    let ready = wait_until(Duration::from_secs(30), || async {
+        matches!(http_get(bridge.http_port, "/readyz").await, Ok((200, _)))
+    })
+    .await;
+    assert!(ready, "{}", bridge.process.log());
+}

@@ -25,6 +25,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use windrow_jetstream::{headers, subject};
+use windrow_ops::Health;
 
 use crate::{
     config::{Config, Delivery, MessageIdMode, RetainedPolicy, Route},
@@ -61,6 +62,9 @@ pub(crate) struct InFlight {
     _permit: OwnedSemaphorePermit,
     _span: Option<tracing::Span>,
 }
+
+/// The readiness condition of JetStream publishes (see [`run_acker`]).
+pub(crate) const JETSTREAM_READY: &str = "jetstream";
 
 /// Shared by all MQTT connections of one bridge process.
 pub(crate) struct Forwarder {
@@ -326,6 +330,11 @@ fn retry(fwd: Arc<Forwarder>, f: Box<InFlight>) -> BoxFuture<'static, Settled> {
 
 /// Completes one connection's JetStream publishes and sends its MQTT acks.
 ///
+/// While its publishes fail (no stream captures the subject, JetStream
+/// unavailable) and are retried, the readiness condition `jetstream` is
+/// false: the pod is up, but what it takes from MQTT does not land. Set only
+/// when this acker's state changes, so the hot path costs one comparison.
+///
 /// Ends when `rx` is closed (the connection stopped taking messages) and all
 /// pending publishes are acknowledged, or at once when `hard_stop` fires
 /// (whatever is unacknowledged then is redelivered by the broker).
@@ -333,8 +342,10 @@ pub(crate) async fn run_acker(
     fwd: Arc<Forwarder>,
     gate: Arc<AckGate>,
     mut rx: mpsc::Receiver<ToAcker>,
+    health: Health,
     hard_stop: CancellationToken,
 ) {
+    let mut landing = true;
     let mut pending = publishes(first_ack);
     // MQTT acks the client's request channel could not take yet; retried shortly,
     // never by blocking (the connection task must keep polling to drain it).
@@ -350,6 +361,11 @@ pub(crate) async fn run_acker(
             () = hard_stop.cancelled() => break,
             Some((mut f, res)) = pending.next() => match res {
                 Ok(ack) => {
+                    if !landing {
+                        landing = true;
+                        health.set(JETSTREAM_READY, true);
+                        tracing::info!("JetStream publishes succeed again");
+                    }
                     fwd.metrics.in_flight.dec();
                     if ack.duplicate {
                         fwd.metrics.duplicate();
@@ -367,6 +383,10 @@ pub(crate) async fn run_acker(
                     }
                 }
                 Err(e) => {
+                    if landing {
+                        landing = false;
+                        health.set(JETSTREAM_READY, false);
+                    }
                     f.attempt += 1;
                     fwd.metrics.publish_retry(f.attempt, &e);
                     pending.push(Either::Right(retry(fwd.clone(), f)));

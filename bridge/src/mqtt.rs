@@ -215,6 +215,7 @@ impl Connection {
             forwarder.clone(),
             gate.clone(),
             rx,
+            health.clone(),
             hard_stop.clone(),
         ));
         let mut tx = Some(tx);
