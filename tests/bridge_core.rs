@@ -9,7 +9,7 @@ use common::{numbered_messages, seq_of, tally, Bridge};
 use rumqttc::QoS;
 use windrow_harness::{
     clients::{mqtt_publish, Collector},
-    Mosquitto, NatsOptions, NatsServer, RoleProcess,
+    wait_until, Mosquitto, NatsOptions, NatsServer, RoleProcess,
 };
 
 /// 1,000 topics with the characters NATS tokens forbid or that need care.
@@ -106,7 +106,19 @@ async fn a_bridge_stopped_mid_stream_hands_its_qos0_share_to_the_other_bridge() 
         )
         .await;
     });
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Mid-stream: once the leaving bridge carries part of it (publishing
+    // takes at least 2 s).
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            leaving
+                .metric("windrow_bridge_forwarded_messages_total", "core")
+                .await
+                > 0.0
+        })
+        .await,
+        "{}",
+        leaving.process.log()
+    );
     leaving.process.sigterm().await;
     let status = leaving.process.wait_exit(Duration::from_secs(30)).await;
     let log = leaving.process.log();

@@ -309,6 +309,15 @@ impl Config {
                     r.qos
                 ));
             }
+            // One subscription per filter on the broker: a second route would
+            // replace the first's QoS, and unsubscribing one (a QoS 0 route,
+            // when draining) would remove both.
+            if let Some(j) = self.routes[..i].iter().position(|o| o.filter == r.filter) {
+                p.push(format!(
+                    "bridge.routes[{i}].filter: {:?} is also routes[{j}]'s filter; give each filter one route",
+                    r.filter
+                ));
+            }
         }
         if !(1..=1_000_000).contains(&self.max_in_flight) {
             p.push(format!(
@@ -400,6 +409,7 @@ mod tests {
         c.mqtt.connections = Some(0);
         c.routes[0].qos = 3;
         c.routes[0].filter = "a/#/b".into();
+        c.routes.push(c.routes[0].clone());
         c.nats.subject_prefix = "a..b".into();
         c.threads = 0;
         let err = c.validate().unwrap_err();
@@ -409,11 +419,13 @@ mod tests {
             "bridge.mqtt.connections",
             "bridge.routes[0].qos",
             "bridge.routes[0].filter",
+            "bridge.routes[1].filter: \"a/#/b\" is also routes[0]'s filter",
             "bridge.nats.subject_prefix",
             "bridge.threads: must be 1 to 256, got 0",
         ] {
             assert!(text.contains(key), "{key} missing from {text}");
         }
-        assert_eq!(err.0.len(), 6);
+        // routes[1] repeats routes[0]'s two problems, and adds the duplicate.
+        assert_eq!(err.0.len(), 9);
     }
 }

@@ -5,7 +5,14 @@
 //! What must happen later (a JetStream ack, then the MQTT ack) goes to the
 //! connection's [`acker`](run_acker) task, so the connection task keeps reading.
 
-use std::{collections::VecDeque, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use async_nats::jetstream::{
     self,
@@ -63,8 +70,8 @@ pub(crate) struct InFlight {
     _span: Option<tracing::Span>,
 }
 
-/// The readiness condition of JetStream publishes (see [`run_acker`]).
-pub(crate) const JETSTREAM_READY: &str = "jetstream";
+/// The readiness condition of JetStream publishes ([`Forwarder::retry_started`]).
+const JETSTREAM_READY: &str = "jetstream";
 
 /// Shared by all MQTT connections of one bridge process.
 pub(crate) struct Forwarder {
@@ -84,6 +91,10 @@ pub(crate) struct Forwarder {
     in_flight: Arc<Semaphore>,
     metrics: Metrics,
     sampler: Sampler,
+    health: Health,
+    /// JetStream publishes failed at least once and not yet landed, across
+    /// all connections ([`Forwarder::retry_started`]).
+    retrying: AtomicUsize,
 }
 
 impl Forwarder {
@@ -91,6 +102,7 @@ impl Forwarder {
         config: &Config,
         nats: async_nats::Client,
         metrics: Metrics,
+        health: Health,
         sample_ratio: f64,
     ) -> Self {
         let js = jetstream::ContextBuilder::new()
@@ -112,6 +124,28 @@ impl Forwarder {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             metrics,
             sampler: Sampler::new(sample_ratio),
+            health,
+            retrying: AtomicUsize::new(0),
+        }
+    }
+
+    /// A JetStream publish failed for the first time and will be retried.
+    /// While any is being retried (no stream captures its subject, JetStream
+    /// unavailable) the readiness condition `jetstream` is false: the pod is
+    /// up, but what it takes from MQTT does not land. Set only when the count
+    /// leaves or reaches 0, so that publishes landing meanwhile on other
+    /// subjects or connections do not make it flap.
+    fn retry_started(&self) {
+        if self.retrying.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.health.set(JETSTREAM_READY, false);
+        }
+    }
+
+    /// A retried publish landed, or was given up (oversize).
+    fn retry_ended(&self) {
+        if self.retrying.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.health.set(JETSTREAM_READY, true);
+            tracing::info!("every retried JetStream publish has landed");
         }
     }
 
@@ -204,6 +238,7 @@ impl Forwarder {
                         return done;
                     }
                     Err(e) => {
+                        self.retry_started();
                         self.metrics.publish_retry(1, &e);
                         None
                     }
@@ -330,11 +365,6 @@ fn retry(fwd: Arc<Forwarder>, f: Box<InFlight>) -> BoxFuture<'static, Settled> {
 
 /// Completes one connection's JetStream publishes and sends its MQTT acks.
 ///
-/// While its publishes fail (no stream captures the subject, JetStream
-/// unavailable) and are retried, the readiness condition `jetstream` is
-/// false: the pod is up, but what it takes from MQTT does not land. Set only
-/// when this acker's state changes, so the hot path costs one comparison.
-///
 /// Ends when `rx` is closed (the connection stopped taking messages) and all
 /// pending publishes are acknowledged, or at once when `hard_stop` fires
 /// (whatever is unacknowledged then is redelivered by the broker).
@@ -342,10 +372,8 @@ pub(crate) async fn run_acker(
     fwd: Arc<Forwarder>,
     gate: Arc<AckGate>,
     mut rx: mpsc::Receiver<ToAcker>,
-    health: Health,
     hard_stop: CancellationToken,
 ) {
-    let mut landing = true;
     let mut pending = publishes(first_ack);
     // MQTT acks the client's request channel could not take yet; retried shortly,
     // never by blocking (the connection task must keep polling to drain it).
@@ -361,10 +389,8 @@ pub(crate) async fn run_acker(
             () = hard_stop.cancelled() => break,
             Some((mut f, res)) = pending.next() => match res {
                 Ok(ack) => {
-                    if !landing {
-                        landing = true;
-                        health.set(JETSTREAM_READY, true);
-                        tracing::info!("JetStream publishes succeed again");
+                    if f.attempt > 0 {
+                        fwd.retry_ended();
                     }
                     fwd.metrics.in_flight.dec();
                     if ack.duplicate {
@@ -376,6 +402,9 @@ pub(crate) async fn run_acker(
                     }
                 }
                 Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    if f.attempt > 0 {
+                        fwd.retry_ended();
+                    }
                     fwd.metrics.in_flight.dec();
                     fwd.metrics.dropped(DropReason::Oversize, f.envelope.subject.as_str(), &e.to_string());
                     if f.ack.qos != QoS::AtMostOnce {
@@ -383,9 +412,8 @@ pub(crate) async fn run_acker(
                     }
                 }
                 Err(e) => {
-                    if landing {
-                        landing = false;
-                        health.set(JETSTREAM_READY, false);
+                    if f.attempt == 0 {
+                        fwd.retry_started();
                     }
                     f.attempt += 1;
                     fwd.metrics.publish_retry(f.attempt, &e);

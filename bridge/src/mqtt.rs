@@ -215,7 +215,6 @@ impl Connection {
             forwarder.clone(),
             gate.clone(),
             rx,
-            health.clone(),
             hard_stop.clone(),
         ));
         let mut tx = Some(tx);
@@ -236,10 +235,18 @@ impl Connection {
                 () = shutdown.cancelled(), if tx.is_some() && unsubscribing == 0 => {
                     tracing::info!(connection = index, "draining MQTT connection");
                     if connected {
-                        unsubscribing = qos0_shared_filters(&config)
-                            .into_iter()
-                            .filter(|f| client.try_unsubscribe(f.clone()).is_ok())
+                        let filters = qos0_shared_filters(&config);
+                        unsubscribing = filters
+                            .iter()
+                            .filter(|f| client.try_unsubscribe(f.as_str()).is_ok())
                             .count();
+                        if unsubscribing < filters.len() {
+                            tracing::warn!(
+                                connection = index,
+                                not_sent = filters.len() - unsubscribing,
+                                "could not queue every UNSUBSCRIBE (request channel full): the broker keeps dealing those routes' QoS 0 messages to this session, and drops them once it is gone"
+                            );
+                        }
                         unsubscribe_until = tokio::time::Instant::now() + UNSUBACK_WAIT;
                     }
                     if unsubscribing == 0 {

@@ -94,6 +94,7 @@ pub async fn run_with_ratio(
         &config,
         nats.clone(),
         metrics.clone(),
+        health.clone(),
         ratio,
     ));
     let config = Arc::new(config);
