@@ -282,7 +282,6 @@ impl Connection {
                     connected = true;
                     backoff = min;
                     metrics.mqtt_connected.inc();
-                    health.set(&health_key, true);
                     tracing::info!(
                         connection = index,
                         client_id = %config.client_id(index),
@@ -295,23 +294,30 @@ impl Connection {
                     // messages), but Mosquitto 2.0 does not restore *shared*
                     // subscriptions from its persistence file after a restart while
                     // still reporting session-present, so those are always renewed.
+                    // Ready once subscribed: at the SUBACK when subscribing,
+                    // else now (the resumed session holds the subscriptions).
                     if !ack.session_present || !subscribed_once || config.mqtt.shared_subscription {
                         if let Err(e) = client.try_subscribe_many(subscriptions(&config)) {
                             tracing::error!(connection = index, error = %e, "cannot queue SUBSCRIBE");
                         }
                         subscribed_once = true;
+                    } else {
+                        health.set(&health_key, true);
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                    let mut refused = false;
                     for (i, code) in suback.return_codes.iter().enumerate() {
                         if *code == SubscribeReasonCode::Failure {
+                            refused = true;
                             tracing::error!(
                                 connection = index,
                                 filter = config.routes.get(i).map(|r| r.filter.as_str()),
-                                "MQTT broker refused the subscription (check its ACL)"
+                                "MQTT broker refused the subscription (check its ACL); not ready"
                             );
                         }
                     }
+                    health.set(&health_key, !refused);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     metrics.received(crate::envelope::qos_number(publish.qos));
