@@ -23,6 +23,12 @@ fn topics() -> Vec<String> {
 async fn setup() -> (NatsServer, Mosquitto) {
     let nats = NatsServer::start().await;
     let mqtt = Mosquitto::start().await;
+    create_telemetry_stream(&nats).await;
+    (nats, mqtt)
+}
+
+/// The stream the bridge's JetStream routes publish into.
+async fn create_telemetry_stream(nats: &NatsServer) {
     create_stream(
         &nats.url(),
         STREAM,
@@ -30,7 +36,6 @@ async fn setup() -> (NatsServer, Mosquitto) {
         Duration::from_secs(120),
     )
     .await;
-    (nats, mqtt)
 }
 
 /// Starts publishing `n` numbered QoS 1 messages (about 10,000/s) in the background.
@@ -229,13 +234,7 @@ async fn a_bridge_whose_jetstream_publishes_fail_is_not_ready_until_they_land() 
     })
     .await;
     assert!(not_ready, "{}", bridge.process.log());
-    create_stream(
-        &nats.url(),
-        STREAM,
-        &["windrow.telemetry.>"],
-        Duration::from_secs(120),
-    )
-    .await;
+    create_telemetry_stream(&nats).await;
     publisher.await.unwrap();
     assert_stream_complete(&nats, n, false).await;
     let ready = wait_until(Duration::from_secs(30), || async {
