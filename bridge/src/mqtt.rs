@@ -186,13 +186,13 @@ pub(crate) struct Connection {
 impl Connection {
     /// Runs the connection until `shutdown`, then drains.
     ///
-    /// Drain order: unsubscribe the QoS 0 shared routes ([`qos0_shared_filters`])
-    /// and keep forwarding until the broker confirmed (UNSUBACK: what it had
-    /// dealt to this connection before comes first), then stop forwarding new
-    /// publishes (QoS 1/2 ones stay unacked and
-    /// the broker redelivers them), let the acker finish outstanding JetStream
-    /// acks and queue their MQTT acks, then DISCONNECT, which rumqttc sends after
-    /// the queued acks. `hard_stop` abandons the drain.
+    /// Drain order: unsubscribe the QoS 0 shared routes
+    /// ([`qos0_shared_filters`]) and keep forwarding until the broker
+    /// confirmed (UNSUBACK: what it had dealt to this connection before comes
+    /// first), then stop forwarding new publishes (QoS 1/2 ones stay unacked
+    /// and the broker redelivers them), let the acker finish outstanding
+    /// JetStream acks and queue their MQTT acks, then DISCONNECT, which
+    /// rumqttc sends after the queued acks. `hard_stop` abandons the drain.
     ///
     /// # Cancel safety
     /// `EventLoop::poll` is only dropped mid-flight when shutting down; the worst

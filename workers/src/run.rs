@@ -158,10 +158,11 @@ pub async fn run_with_clock(
 /// nats-server routes the group's next messages to the other members, and
 /// goes on applying what had already reached it (the client's subscription
 /// buffer holds up to `nats.subscription_capacity` messages) until the
-/// subscription ends, within `shutdown_timeout_secs`. Only messages still on the wire when the client drops
-/// the subscription are lost: async-nats ends a drained subscription after
-/// its next read of the socket, without waiting for the server to confirm
-/// the unsubscribe (core NATS is at-most-once; jetstream mode is exact).
+/// subscription ends, within `shutdown_timeout_secs`. Only messages still on
+/// the wire when the client drops the subscription are lost: async-nats ends
+/// a drained subscription after its next read of the socket, without waiting
+/// for the server to confirm the unsubscribe (core NATS is at-most-once;
+/// jetstream mode is exact).
 async fn consume_core(
     nats: &async_nats::Client,
     config: &Config,
