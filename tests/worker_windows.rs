@@ -123,6 +123,31 @@ async fn a_core_worker_stopped_mid_stream_hands_over_to_the_queue_group() {
     drop((leaving, staying));
 }
 
+/// A worker stopped with SIGTERM while NATS is down exits 0 promptly: it
+/// applies what had reached it, and does not wait out its shutdown timeout
+/// for a broker that may not come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_stopped_while_nats_is_down_exits_promptly() {
+    for mode in ["core", "jetstream"] {
+        let mut nats = nats_with_telemetry_stream().await;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join(mode);
+        let mut worker = Worker::start(&nats, mode, &data, &["--mode", mode]).await;
+        nats.stop().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = std::time::Instant::now();
+        worker.process.sigterm().await;
+        let status = worker.process.wait_exit(Duration::from_secs(60)).await;
+        let took = started.elapsed();
+        assert_eq!(status.code(), Some(0), "{mode}: {}", worker.process.log());
+        assert!(
+            took < Duration::from_secs(10),
+            "{mode}: took {took:?} (shutdown_timeout_secs is 30): {}",
+            worker.process.log()
+        );
+    }
+}
+
 async fn jetstream_fleet(nats: &NatsServer, dir: &std::path::Path, n: usize) -> Vec<Worker> {
     let mut workers = Vec::new();
     for i in 0..n {

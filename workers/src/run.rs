@@ -2,7 +2,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::{
+    connection::State,
+    jetstream::{self, consumer::pull},
+};
 use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -82,7 +85,7 @@ pub async fn run_with_clock(
         })
         .await?
     };
-    if nats.connection_state() == async_nats::connection::State::Connected {
+    if nats.connection_state() == State::Connected {
         health.set("nats", true);
     }
 
@@ -212,6 +215,13 @@ async fn consume_core(
                     break;
                 }
             },
+            // The unsubscribe waits for the connection, and nothing more
+            // arrives without one: end once the buffer is empty.
+            () = tokio::time::sleep(DRAIN_QUIET),
+                if drained.is_some() && nats.connection_state() != State::Connected => {
+                ended = true;
+                break;
+            }
         };
         let mut batch = sized.start(Incoming::core(first));
         let deadline = tokio::time::Instant::now() + wait;
@@ -244,6 +254,10 @@ async fn consume_core(
         None => {}
     }
 }
+
+/// How long a draining core worker without a NATS connection waits for
+/// more of what is buffered before it stops.
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
 
 /// Unsubscribes `sub` but lets it deliver what had already reached this
 /// client. `false` if `hard_stop` came first: the unsubscribe waits for room
