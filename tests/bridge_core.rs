@@ -399,6 +399,9 @@ async fn retained_messages_are_forwarded_or_ignored_per_route() {
     };
     retained("keep/a");
     retained("drop/a");
+    // Listening before the bridge starts: Mosquitto sends the retained
+    // messages with the SUBACK, the moment the bridge becomes ready.
+    let mut collector = Collector::subscribe(&nats.url(), "windrow.telemetry.>").await;
     let _bridge = Bridge::start(
         &nats,
         &mqtt,
@@ -414,7 +417,6 @@ async fn retained_messages_are_forwarded_or_ignored_per_route() {
         ],
     )
     .await;
-    let mut collector = Collector::subscribe(&nats.url(), "windrow.telemetry.>").await;
     // Live (non-retained) messages on both routes are forwarded.
     let live = vec![
         ("keep/b".to_owned(), b"1".to_vec()),
