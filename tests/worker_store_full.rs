@@ -15,7 +15,8 @@ use std::{
 use async_nats::jetstream::consumer::Info;
 use common::{
     ack_wait_config, assert_same, base_in_today, expected_windows, fleet_readings, hold_write_lock,
-    nats_with_telemetry_stream, now_ns, publish_jetstream, query_windows, Windows, Worker,
+    nats_with_telemetry_stream, now_ns, publish_jetstream, query_windows, wait_workers_settled,
+    Windows, Worker,
 };
 use windrow_harness::{
     clients::{self, Collector},
@@ -202,13 +203,7 @@ async fn a_full_lmdb_map_stops_acknowledgements_and_a_larger_map_applies_everyth
     }
     assert_eq!(total(&got), n, "applied after the restart");
     let port = worker.http_port;
-    clients::wait_consumer_settled(
-        &nats.url(),
-        "TELEMETRY",
-        "windrow-workers",
-        Duration::from_secs(15),
-    )
-    .await;
+    wait_workers_settled(&nats, Duration::from_secs(15)).await;
     let done = consumer_info(&nats.url()).await;
     assert_eq!(done.ack_floor.stream_sequence, n);
     assert_eq!(http_get(port, "/readyz").await.unwrap().0, 200);
@@ -283,13 +278,7 @@ async fn a_worker_slower_to_commit_than_the_ack_wait_keeps_its_messages_and_none
         .await;
     holder.join().unwrap();
 
-    clients::wait_consumer_settled(
-        &nats.url(),
-        "TELEMETRY",
-        "windrow-workers",
-        Duration::from_secs(120),
-    )
-    .await;
+    wait_workers_settled(&nats, Duration::from_secs(120)).await;
     let slow_applied = slow
         .metric("windrow_worker_applied_messages_total", "")
         .await;

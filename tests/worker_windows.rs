@@ -12,7 +12,10 @@ use common::{
 };
 use windrow_harness::{clients, wait_until, NatsServer};
 
-use common::{ack_wait_config, base_in_today, nats_with_telemetry_stream, now_ns, Windows};
+use common::{
+    ack_wait_config, base_in_today, nats_with_telemetry_stream, now_ns, wait_workers_settled,
+    Windows,
+};
 
 /// Asserts two window maps are equal (sums within floating-point tolerance).
 fn total(w: &Windows) -> u64 {
@@ -341,13 +344,7 @@ async fn a_jetstream_worker_frozen_past_the_ack_wait_counts_at_most_one_batch_tw
     tokio::time::sleep(Duration::from_secs(3 * ACK_WAIT_SECS)).await;
     frozen.process.thaw();
     publisher.await.unwrap();
-    clients::wait_consumer_settled(
-        &nats.url(),
-        "TELEMETRY",
-        "windrow-workers",
-        Duration::from_secs(120),
-    )
-    .await;
+    wait_workers_settled(&nats, Duration::from_secs(120)).await;
     let range = (base - 120_000_000_000, now_ns());
     assert!(wait_total(&nats, range, 2, n).await, "not all applied");
     let got = query_windows(&nats, 60, range.0, range.1, 2).await;
@@ -490,13 +487,7 @@ async fn bad_payloads_are_dead_lettered_with_reason_and_terminated() {
     assert_eq!(reasons[2].1, "too_late");
     assert!(wait_applied(&[&worker], 1.0, Duration::from_secs(10)).await);
     // Terminated, not redelivered: nothing left pending on the consumer.
-    clients::wait_consumer_settled(
-        &nats.url(),
-        "TELEMETRY",
-        "windrow-workers",
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_workers_settled(&nats, Duration::from_secs(10)).await;
 }
 
 /// nats-server 2.9 counts a filtered consumer's pending messages by scanning

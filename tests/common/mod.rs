@@ -30,6 +30,18 @@ pub fn base_in_today() -> i64 {
     (now - 10 * 60 * NS_PER_SEC).max(now.div_euclid(NS_PER_DAY) * NS_PER_DAY + NS_PER_SEC)
 }
 
+/// Waits until the workers' durable consumer (`TELEMETRY`/`windrow-workers`)
+/// has nothing pending or unacknowledged.
+pub async fn wait_workers_settled(nats: &NatsServer, timeout: Duration) {
+    windrow_harness::clients::wait_consumer_settled(
+        &nats.url(),
+        "TELEMETRY",
+        "windrow-workers",
+        timeout,
+    )
+    .await;
+}
+
 /// A worker configuration file in `dir` setting the consumer's ack wait.
 pub fn ack_wait_config(dir: &Path, secs: u64) -> std::path::PathBuf {
     let path = dir.join("ack-wait.toml");
