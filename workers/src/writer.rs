@@ -44,6 +44,26 @@ pub struct Writer {
 #[error("the LMDB writer thread has stopped")]
 pub struct WriterGone;
 
+/// Compacts the days whose `recent` database is full enough, logging what
+/// it did. A failure leaves the windows in `recent`, where readers find them,
+/// and the next batch tries again.
+fn compact_due(store: &mut Store) {
+    let started = std::time::Instant::now();
+    match store.compact_due() {
+        Ok(days) => {
+            for (day, windows) in days {
+                tracing::info!(
+                    day,
+                    windows,
+                    ms = started.elapsed().as_millis() as u64,
+                    "compacted recent windows into the series-ordered database"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "compaction failed; retrying after the next batch"),
+    }
+}
+
 impl Writer {
     /// Opens the store and starts the thread.
     ///
@@ -70,6 +90,9 @@ impl Writer {
                                 Applied::Done(store.apply(&batch))
                             };
                             let _ = reply.send(applied);
+                            // After the reply, so the batch's acknowledgements
+                            // do not wait for it; the next batch does.
+                            compact_due(&mut store);
                         }
                         Command::Query(q, reply) => {
                             let res = store

@@ -10,7 +10,7 @@ use roaring::RoaringBitmap;
 use super::{
     codec::{
         applied_key, applied_low, is_newer, latest_value, parse_latest_value, put_latest_key,
-        put_window_key,
+        put_recent_key, put_window_key_of_recent,
     },
     day::DayEnv,
     error::{corrupt, io, lmdb, StoreError},
@@ -196,7 +196,7 @@ impl Pending {
                 let start = window_start(s.ts_ns, i64::from(res) * NS_PER_SEC);
                 let key = self
                     .keys
-                    .push(|k| put_window_key(k, &s.series, &s.field, res, start));
+                    .push(|k| put_recent_key(k, &s.series, &s.field, res, start));
                 self.windows.push((key, one));
             }
             let key = self.keys.push(|k| put_latest_key(k, &s.series, &s.field));
@@ -205,9 +205,13 @@ impl Pending {
     }
 
     /// Merges into what the day holds and puts everything, in key order
-    /// through one cursor per database ([`upsert_sorted`]).
+    /// through one cursor per database ([`upsert_sorted`]); windows go to
+    /// `recent`, time first.
     fn write(mut self, day: &DayEnv, txn: &mut RwTxn<'_>, applied: u64) -> Result<(), StoreError> {
         let err = lmdb(&day.name);
+        let recent = day
+            .recent
+            .ok_or_else(|| corrupt(&day.name, "no recent database in a day open for writing"))?;
         let keys = &self.keys;
         keys.sort_and_fold(&mut self.windows, |kept, next| kept.merge(next));
         keys.sort_and_fold(&mut self.latest, |kept, next| {
@@ -219,13 +223,7 @@ impl Pending {
             .windows
             .iter()
             .map(|(key, delta)| (keys.get(*key), delta));
-        let fresh = |delta: &Aggregate| delta.to_bytes();
-        upsert_sorted(day, day.windows, txn, windows, fresh, |delta, old| {
-            let mut merged =
-                Aggregate::from_bytes(old).ok_or_else(|| corrupt(&day.name, "window aggregate"))?;
-            merged.merge(delta);
-            Ok(Some(merged.to_bytes()))
-        })?;
+        merge_windows(day, recent, txn, windows)?;
         let latest = self
             .latest
             .iter()
@@ -249,6 +247,62 @@ impl Pending {
             .put(txn, b"messages_applied", &(count + applied).to_le_bytes())
             .map_err(&err)
     }
+}
+
+/// Merges window deltas, in ascending key order, into `db` (`windows` or
+/// `recent`).
+fn merge_windows<'k>(
+    day: &DayEnv,
+    db: Database<Bytes, Bytes>,
+    txn: &mut RwTxn<'_>,
+    windows: impl Iterator<Item = (&'k [u8], &'k Aggregate)>,
+) -> Result<(), StoreError> {
+    let fresh = |delta: &Aggregate| delta.to_bytes();
+    upsert_sorted(day, db, txn, windows, fresh, |delta, old| {
+        let mut merged =
+            Aggregate::from_bytes(old).ok_or_else(|| corrupt(&day.name, "window aggregate"))?;
+        merged.merge(delta);
+        Ok(Some(merged.to_bytes()))
+    })
+}
+
+/// Moves every window of the day's `recent` database into `windows`, merged
+/// with what `windows` holds, in one write transaction (so a reader sees each
+/// window's parts in one database or the other, never in both or neither);
+/// returns how many it moved.
+///
+/// Sorted by series first, a series' new windows land next to each other,
+/// so the pages rewritten are about one per series and resolution per
+/// compaction instead of one per series and resolution per batch.
+pub(super) fn compact_day(day: &DayEnv) -> Result<u64, StoreError> {
+    let Some(recent) = day.recent else {
+        return Ok(0);
+    };
+    let err = lmdb(&day.name);
+    let mut w = day.write_txn()?;
+    // Sized once: about 110 bytes a window (its key and aggregate), which is
+    // what `recent_max_windows` documents.
+    let n = usize::try_from(recent.len(&w.txn).map_err(&err)?).unwrap_or(0);
+    let mut keys = KeyArena(Vec::with_capacity(n.saturating_mul(32)));
+    let mut windows = Vec::with_capacity(n);
+    for entry in recent.iter(&w.txn).map_err(&err)? {
+        let (k, v) = entry.map_err(&err)?;
+        let mut valid = false;
+        let key = keys.push(|buf| valid = put_window_key_of_recent(buf, k));
+        let agg = Aggregate::from_bytes(v).filter(|_| valid);
+        windows.push((key, agg.ok_or_else(|| corrupt(&day.name, "recent window"))?));
+    }
+    if windows.is_empty() {
+        return Ok(0);
+    }
+    let moved = windows.len() as u64;
+    // Distinct `recent` keys are distinct window keys: nothing to fold.
+    keys.sort_and_fold(&mut windows, |kept, next| kept.merge(next));
+    let sorted = windows.iter().map(|(key, agg)| (keys.get(*key), agg));
+    merge_windows(day, day.windows, &mut w.txn, sorted)?;
+    recent.clear(&mut w.txn).map_err(&err)?;
+    w.commit(&day.name)?;
+    Ok(moved)
 }
 
 /// How far a cursor walks forward to the next key of a batch before it is

@@ -27,6 +27,12 @@ pub struct StoreConfig {
     pub allowed_lateness_secs: u64,
     /// Samples newer than now plus this are rejected, seconds. Default 300.
     pub max_future_secs: u64,
+    /// Windows a day's `recent` database (where batches write, time first)
+    /// collects before the writer merges them into `windows` (by series).
+    /// Larger: fewer pages rewritten per message when a batch touches many
+    /// series, but longer compactions (the writer pauses for them) and about
+    /// 100 bytes of memory per window while one runs. Default 1,000,000.
+    pub recent_max_windows: u64,
 }
 
 fn default_dir() -> PathBuf {
@@ -53,6 +59,9 @@ fn default_allowed_lateness_secs() -> u64 {
 fn default_max_future_secs() -> u64 {
     300
 }
+fn default_recent_max_windows() -> u64 {
+    1_000_000
+}
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -64,6 +73,7 @@ impl Default for StoreConfig {
             retention_days: default_retention_days(),
             allowed_lateness_secs: default_allowed_lateness_secs(),
             max_future_secs: default_max_future_secs(),
+            recent_max_windows: default_recent_max_windows(),
         }
     }
 }
@@ -121,6 +131,9 @@ impl StoreConfig {
                 self.allowed_lateness_secs
             ));
         }
+        if self.recent_max_windows == 0 {
+            p.push(format!("{path}.recent_max_windows: must be ≥ 1, got 0"));
+        }
         let secs = self.allowed_lateness_secs.max(self.max_future_secs);
         if !i64::try_from(secs).is_ok_and(|s| s <= i64::MAX / 1_000_000_000) {
             p.push(format!(
@@ -160,9 +173,14 @@ mod tests {
             resolutions_secs: vec![7, 60, 60],
             initial_map_bytes: 1000,
             retention_days: 0,
+            recent_max_windows: 0,
             ..StoreConfig::default()
         };
         let p = bad.problems("worker.store");
+        assert!(
+            p.contains(&"worker.store.recent_max_windows: must be ≥ 1, got 0".to_owned()),
+            "{p:?}"
+        );
         assert!(
             p.contains(
                 &"worker.store.resolutions_secs: each must divide 86400 (a day) evenly, got 7"

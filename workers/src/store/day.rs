@@ -22,8 +22,16 @@ use heed::{
 
 use super::error::{corrupt, io, lmdb, StoreError};
 
-/// The `meta` value of `format_version` this build writes and reads.
-const FORMAT_VERSION: &[u8] = b"1";
+/// The `meta` value of `format_version` this build writes.
+///
+/// Version 2 added the `recent` database. This build also reads version 1
+/// (a day without `recent`) and upgrades it when it opens it for writing;
+/// builds that read only version 1 refuse a version 2 day instead of
+/// answering without its recent windows.
+const FORMAT_VERSION: &[u8] = b"2";
+
+/// The versions this build reads.
+const READABLE_VERSIONS: [&[u8]; 2] = [b"1", b"2"];
 
 /// A day environment, shared by the writer and readers of this process.
 pub(super) type Day = Arc<DayEnv>;
@@ -44,7 +52,14 @@ pub(super) struct DayEnv {
     /// Held shared by every transaction of this process on `env`, exclusively
     /// by a resize: LMDB forbids resizing while any of them is active.
     txns: RwLock<()>,
+    /// Windows by series, field, resolution and start: what queries read by
+    /// series. Filled from `recent` by compaction.
     pub windows: Database<Bytes, Bytes>,
+    /// Windows by resolution and start first (see
+    /// [`put_recent_key`](super::codec::put_recent_key)): where batches write
+    /// them, until compaction merges them into `windows`. Readers merge both.
+    /// `None` only in a version 1 day opened read-only.
+    pub recent: Option<Database<Bytes, Bytes>>,
     pub latest: Database<Bytes, Bytes>,
     pub applied: Database<Bytes, Bytes>,
     pub meta: Database<Bytes, Bytes>,
@@ -54,7 +69,7 @@ pub(super) struct DayEnv {
 #[allow(unsafe_code)]
 fn open_env(path: &Path, map_bytes: usize, read_only: bool) -> heed::Result<Env> {
     let mut options = EnvOpenOptions::new();
-    options.map_size(map_bytes).max_dbs(4);
+    options.map_size(map_bytes).max_dbs(5);
     // SAFETY: heed's conditions for opening: the file lives on a local
     // filesystem (documented: no NFS for the data dir); this process opens the
     // path once (callers go through the OPEN_DAYS registry, and heed itself
@@ -166,13 +181,21 @@ impl DayEnv {
             env.create_database::<Bytes, Bytes>(&mut wtxn, Some(n))
                 .map_err(&err)
         };
-        let (windows, latest, applied, meta) =
-            (db("windows")?, db("latest")?, db("applied")?, db("meta")?);
-        match meta.get(&wtxn, b"format_version").map_err(&err)? {
-            None => meta
-                .put(&mut wtxn, b"format_version", FORMAT_VERSION)
-                .map_err(&err)?,
-            Some(v) => check_version(name, v)?,
+        let (windows, recent, latest, applied, meta) = (
+            db("windows")?,
+            db("recent")?,
+            db("latest")?,
+            db("applied")?,
+            db("meta")?,
+        );
+        let version = meta.get(&wtxn, b"format_version").map_err(&err)?;
+        if let Some(v) = version {
+            check_version(name, v)?;
+        }
+        if version != Some(FORMAT_VERSION) {
+            // New, or version 1 that now has its `recent` database.
+            meta.put(&mut wtxn, b"format_version", FORMAT_VERSION)
+                .map_err(&err)?;
         }
         if meta.get(&wtxn, b"created_at").map_err(&err)?.is_none() {
             meta.put(&mut wtxn, b"created_at", created_at.as_bytes())
@@ -184,6 +207,7 @@ impl DayEnv {
             path,
             env,
             false,
+            Some(recent),
             [windows, latest, applied, meta],
         )))
     }
@@ -205,6 +229,7 @@ impl DayEnv {
             env.open_database::<Bytes, Bytes>(&rtxn, Some(n))
                 .map_err(&err)
         };
+        let recent = db("recent")?;
         let (Some(windows), Some(latest), Some(applied), Some(meta)) =
             (db("windows")?, db("latest")?, db("applied")?, db("meta")?)
         else {
@@ -222,6 +247,7 @@ impl DayEnv {
             path,
             env,
             true,
+            recent,
             [windows, latest, applied, meta],
         ))))
     }
@@ -231,6 +257,7 @@ impl DayEnv {
         path: PathBuf,
         env: Env,
         read_only: bool,
+        recent: Option<Database<Bytes, Bytes>>,
         dbs: [Database<Bytes, Bytes>; 4],
     ) -> Self {
         let [windows, latest, applied, meta] = dbs;
@@ -241,6 +268,7 @@ impl DayEnv {
             read_only,
             txns: RwLock::new(()),
             windows,
+            recent,
             latest,
             applied,
             meta,
@@ -324,6 +352,17 @@ impl DayEnv {
         }
     }
 
+    /// Windows waiting in `recent` for compaction.
+    pub fn recent_windows(&self) -> Result<u64, StoreError> {
+        let Some(recent) = self.recent else {
+            return Ok(0);
+        };
+        self.read(|rtxn| {
+            let n = recent.len(rtxn).map_err(lmdb(&self.name))?;
+            Ok(n)
+        })
+    }
+
     /// The current map size of this process's view.
     pub fn map_bytes(&self) -> usize {
         self.env.info().map_size
@@ -372,12 +411,12 @@ impl WriteTxn<'_> {
 }
 
 fn check_version(day: &str, v: &[u8]) -> Result<(), StoreError> {
-    if v == FORMAT_VERSION {
+    if READABLE_VERSIONS.contains(&v) {
         return Ok(());
     }
     let found = String::from_utf8_lossy(v);
     Err(corrupt(
         day,
-        format!("meta format_version {found:?} (this build reads 1)"),
+        format!("meta format_version {found:?} (this build reads 1 and 2)"),
     ))
 }

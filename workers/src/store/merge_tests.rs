@@ -5,6 +5,8 @@
 //! stored ones, and enough keys to split pages. Series and field names that
 //! are prefixes of others, and messages with two fields, check that the
 //! writer's order is the keys' byte order across fields as well as series.
+//! Compactions after some batches (as the writer thread runs them) leave
+//! windows split between `windows` and `recent`, which reads must merge.
 
 use std::collections::BTreeMap;
 
@@ -41,10 +43,16 @@ proptest! {
             1..2500,
         ),
         cuts in prop::collection::vec(1usize..700, 1..8),
+        recent_max in 1u64..4000,
     ) {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(T0 + 60 * MIN);
-        let mut store = open(dir.path(), &clock);
+        let config = StoreConfig {
+            dir: dir.path().to_owned(),
+            recent_max_windows: recent_max,
+            ..StoreConfig::default()
+        };
+        let mut store = Store::open(config, std::sync::Arc::new(clock.clone())).unwrap();
         // Distinct times (a nanosecond per message), so first/last/latest
         // have no ties to break. Every fourth message carries a second
         // field of the same series (its value negated).
@@ -72,6 +80,7 @@ proptest! {
             let (batch, after) = rest.split_at((*cut).min(rest.len()));
             let verdicts = store.apply(batch).unwrap();
             prop_assert!(verdicts.iter().all(|v| *v == Verdict::Applied));
+            store.compact_due().unwrap();
             rest = after;
         }
 

@@ -1,17 +1,24 @@
 //! The per-node LMDB store: one environment per UTC day of the sample time.
 //!
-//! Layout: `<dir>/YYYY-MM-DD/data.mdb`, each with four named databases:
+//! Layout: `<dir>/YYYY-MM-DD/data.mdb`, each with five named databases:
 //! - `windows`: series 0x00 field 0x00 resolution (u32 BE) start (u64 BE, sign
 //!   bit flipped so negative times sort first): order preserving, one series
 //!   is a prefix and a time range a contiguous run → the 64-byte
 //!   [`Aggregate`](crate::window::Aggregate) of the window;
+//! - `recent`: the same windows keyed time first (resolution, start, series
+//!   0x00 field), where each batch writes them: a batch's windows are
+//!   neighbours there, so a commit rewrites a few pages instead of a page per
+//!   series. Once it holds `recent_max_windows`, the writer merges it into
+//!   `windows` in one transaction (compaction) and empties it. A window may
+//!   have parts in both; every read merges them;
 //! - `latest`: series 0x00 field → time and value of the newest sample;
 //! - `applied`: stream 0x00 (seq >> 16) → roaring bitmap of the low 16 bits of
 //!   the JetStream sequences applied in this day. It is written in the same
 //!   transaction as the windows the messages changed, which is what makes
 //!   applying idempotent: a redelivery after a crash between commit and ack
 //!   finds its sequence and changes nothing;
-//! - `meta`: `format_version`, `created_at`, `messages_applied`.
+//! - `meta`: `format_version` (2; version 1, without `recent`, is read and
+//!   upgraded when opened for writing), `created_at`, `messages_applied`.
 //!
 //! Why a day per environment: retention deletes a whole directory (no per-key
 //! deletes, no free-page churn, the file shrinks at once), a day's map grows
@@ -158,6 +165,9 @@ mod reader_tests;
 
 #[cfg(test)]
 mod size_tests;
+
+#[cfg(test)]
+mod recent_tests;
 
 #[cfg(test)]
 mod day_name_tests {

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     codec::{
-        parse_latest_key, parse_latest_value, parse_window_key, pattern_prefix, window_key,
-        window_key_tail, WindowKey, SEP,
+        parse_latest_key, parse_latest_value, parse_window_key, pattern_prefix,
+        put_window_key_of_recent, recent_head, window_key, window_key_tail, WindowKey, SEP,
     },
     day::{open_for_read, Day, DayEnv},
     day_start_ns,
@@ -196,17 +196,16 @@ impl StoreReader {
                     }
                     None => scan(day.windows, rtxn, &prefix).map_err(lmdb(&day.name))?,
                 };
-                for entry in entries {
-                    let (k, v) = entry.map_err(lmdb(&day.name))?;
+                let mut add = |k: &[u8], v: &[u8]| -> Result<(), StoreError> {
                     let (res, start) =
                         window_key_tail(k).ok_or_else(|| corrupt(&day.name, "window key"))?;
                     if res != resolution_secs || start < from_ns || start >= to_ns {
-                        continue;
+                        return Ok(());
                     }
                     let key =
                         parse_window_key(k).ok_or_else(|| corrupt(&day.name, "window key"))?;
                     if field.is_some_and(|f| f != key.field) {
-                        continue;
+                        return Ok(());
                     }
                     let agg = Aggregate::from_bytes(v)
                         .ok_or_else(|| corrupt(&day.name, "window aggregate"))?;
@@ -226,6 +225,32 @@ impl StoreReader {
                             start_ns,
                             agg,
                         });
+                    Ok(())
+                };
+                for entry in entries {
+                    let (k, v) = entry.map_err(lmdb(&day.name))?;
+                    add(k, v)?;
+                }
+                // Windows not yet compacted: `recent` is ordered by time
+                // first, so the range is the query's, and the series pattern
+                // is a filter.
+                if let Some(recent) = day.recent {
+                    let (lo, hi) = (
+                        recent_head(resolution_secs, from_ns),
+                        recent_head(resolution_secs, to_ns),
+                    );
+                    let range = (Bound::Included(&lo[..]), Bound::Excluded(&hi[..]));
+                    let mut k = Vec::new();
+                    for entry in recent.range(rtxn, &range).map_err(lmdb(&day.name))? {
+                        let (rk, v) = entry.map_err(lmdb(&day.name))?;
+                        k.clear();
+                        if !put_window_key_of_recent(&mut k, rk) {
+                            return Err(corrupt(&day.name, "recent window key"));
+                        }
+                        if k.starts_with(&prefix) {
+                            add(&k, v)?;
+                        }
+                    }
                 }
                 Ok(())
             })?;

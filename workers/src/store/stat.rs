@@ -2,6 +2,7 @@
 //! `windrow store stat|dump|backup` print).
 
 use std::{
+    collections::BTreeMap,
     io::Write,
     path::{Path, PathBuf},
 };
@@ -9,7 +10,9 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    codec::{parse_latest_key, parse_latest_value, parse_window_key, WindowKey},
+    codec::{
+        parse_latest_key, parse_latest_value, parse_window_key, put_window_key_of_recent, WindowKey,
+    },
     error::{corrupt, io, lmdb, StoreError},
     LatestRow, StoreReader,
 };
@@ -47,12 +50,14 @@ impl StoreReader {
             let (databases, used_bytes, messages_applied) = day.read(|rtxn| {
                 let err = lmdb(&day.name);
                 let (mut databases, mut pages) = (Vec::new(), 0);
-                for (name, db) in [
+                let recent = day.recent.map(|db| ("recent", db));
+                let dbs = [
                     ("windows", day.windows),
                     ("latest", day.latest),
                     ("applied", day.applied),
                     ("meta", day.meta),
-                ] {
+                ];
+                for (name, db) in dbs.into_iter().chain(recent) {
                     let s = db.stat(rtxn).map_err(&err)?;
                     pages += s.branch_pages + s.leaf_pages + s.overflow_pages;
                     databases.push((name.to_owned(), s.entries as u64));
@@ -78,7 +83,8 @@ impl StoreReader {
     /// Every window and latest value as JSON lines (`{"day", "db": "windows",
     /// "series", "field", "resolution_secs", "start_ns", <aggregate fields>}`
     /// and `{"day", "db": "latest", "series", "field", "ts_ns", "value"}`);
-    /// returns the lines written.
+    /// returns the lines written. Windows still in `recent` are merged in, in
+    /// key order: the dump is the same before and after a compaction.
     ///
     /// # Errors
     /// [`StoreError`] on a read failure or when `out` fails.
@@ -87,21 +93,48 @@ impl StoreReader {
         for day in self.days.values() {
             day.read(|rtxn| {
                 let name = day.name.as_str();
-                for entry in day.windows.iter(rtxn).map_err(lmdb(name))? {
-                    let (k, v) = entry.map_err(lmdb(name))?;
+                // `recent` is bounded by `recent_max_windows`: held in memory
+                // by window key, merged into the walk over `windows`.
+                let mut recent = BTreeMap::new();
+                if let Some(db) = day.recent {
+                    for entry in db.iter(rtxn).map_err(lmdb(name))? {
+                        let (rk, v) = entry.map_err(lmdb(name))?;
+                        let mut k = Vec::new();
+                        let agg = Aggregate::from_bytes(v)
+                            .filter(|_| put_window_key_of_recent(&mut k, rk))
+                            .ok_or_else(|| corrupt(name, "recent window"))?;
+                        recent.insert(k, agg);
+                    }
+                }
+                let mut recent = recent.into_iter().peekable();
+                let mut line = |k: &[u8], agg: &Aggregate| -> Result<(), StoreError> {
                     let key = parse_window_key(k).ok_or_else(|| corrupt(name, "window key"))?;
-                    let agg = Aggregate::from_bytes(v)
-                        .ok_or_else(|| corrupt(name, "window aggregate"))?;
+                    lines += 1;
                     write_line(
                         out,
                         &DumpWindow {
                             day: name,
                             db: "windows",
                             key: &key,
-                            agg: &agg,
+                            agg,
                         },
-                    )?;
-                    lines += 1;
+                    )
+                };
+                for entry in day.windows.iter(rtxn).map_err(lmdb(name))? {
+                    let (k, v) = entry.map_err(lmdb(name))?;
+                    let mut agg = Aggregate::from_bytes(v)
+                        .ok_or_else(|| corrupt(name, "window aggregate"))?;
+                    while let Some((rk, ragg)) = recent.next_if(|(rk, _)| rk.as_slice() <= k) {
+                        if rk.as_slice() == k {
+                            agg.merge(&ragg);
+                        } else {
+                            line(&rk, &ragg)?;
+                        }
+                    }
+                    line(k, &agg)?;
+                }
+                for (rk, ragg) in recent {
+                    line(&rk, &ragg)?;
                 }
                 for entry in day.latest.iter(rtxn).map_err(lmdb(name))? {
                     let (k, v) = entry.map_err(lmdb(name))?;

@@ -8,7 +8,7 @@ use std::{
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use super::{
-    batch::{apply_day, Planned},
+    batch::{apply_day, compact_day, Planned},
     codec::{check_names, check_stream},
     config::MAP_GRANULE,
     day::{open_for_write, Day, DayEnv},
@@ -137,6 +137,49 @@ impl Store {
             }
         }
         Ok(verdicts)
+    }
+
+    /// Compacts every day whose `recent` database holds
+    /// `recent_max_windows` or more (see [`StoreConfig::recent_max_windows`]);
+    /// the days compacted and the windows moved. The writer calls it between
+    /// batches.
+    ///
+    /// # Errors
+    /// [`StoreError`]; the failing day's windows stay in `recent`, where
+    /// readers find them, and the next call tries again.
+    pub fn compact_due(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut done = Vec::new();
+        let days: Vec<Day> = self.reader.days.values().cloned().collect();
+        for day in days {
+            if day.recent_windows()? >= self.config.recent_max_windows {
+                done.push((day.name.clone(), self.compact(&day)?));
+            }
+        }
+        Ok(done)
+    }
+
+    /// Compacts every day now, however few windows `recent` holds (a
+    /// benchmark's or test's end state, or before retiring a store).
+    ///
+    /// # Errors
+    /// As [`Store::compact_due`].
+    pub fn compact_all(&mut self) -> Result<u64, StoreError> {
+        let days: Vec<Day> = self.reader.days.values().cloned().collect();
+        let mut moved = 0;
+        for day in days {
+            moved += self.compact(&day)?;
+        }
+        Ok(moved)
+    }
+
+    /// One day's compaction, growing a full map as [`Store::apply`] does.
+    fn compact(&self, day: &DayEnv) -> Result<u64, StoreError> {
+        loop {
+            match compact_day(day) {
+                Err(e) if e.is_map_full() => self.grow(day)?,
+                other => return other,
+            }
+        }
     }
 
     fn limits(&self) -> Limits {

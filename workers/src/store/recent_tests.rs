@@ -1,0 +1,237 @@
+//! The `recent` database and compaction: every answer is the same whether a
+//! window's parts are in `recent`, in `windows` or in both; version 1 days
+//! (without `recent`) are read and upgraded.
+
+use std::sync::Arc;
+
+use heed::{types::Bytes, EnvOpenOptions};
+
+use super::codec::{latest_value, put_latest_key, window_key};
+use super::tests::{all, msg, MIN, T0};
+use super::*;
+use crate::window::{Aggregate, NS_PER_SEC};
+
+const ALL: (i64, i64) = (i64::MIN, i64::MAX);
+
+fn store(dir: &std::path::Path, clock: &ManualClock) -> Store {
+    let config = StoreConfig {
+        dir: dir.to_owned(),
+        ..StoreConfig::default()
+    };
+    Store::open(config, Arc::new(clock.clone())).unwrap()
+}
+
+/// Entries per database of the only day.
+fn entries(s: &StoreReader, db: &str) -> u64 {
+    let stat = s.stat().unwrap();
+    assert_eq!(stat.len(), 1, "{stat:?}");
+    stat[0]
+        .databases
+        .iter()
+        .find(|(name, _)| name == db)
+        .map_or_else(|| panic!("no {db} in {stat:?}"), |(_, n)| *n)
+}
+
+/// Everything a reader can be asked, as one comparable value.
+fn answers(s: &StoreReader) -> (Vec<Vec<WindowRow>>, Vec<LatestRow>, String) {
+    let from = T0 + 10 * MIN + 3 * NS_PER_SEC;
+    let to = T0 + 11 * MIN + 30 * NS_PER_SEC;
+    let windows = vec![
+        all(s, "*", 1),
+        all(s, "*", 60),
+        s.windows("b/*", Some("t"), 1, from, to).unwrap(),
+        s.windows("a", Some("t"), 60, ALL.0, ALL.1).unwrap(),
+        s.windows("a", None, 1, from, to).unwrap(),
+        s.windows("b/1", Some("t"), 1, from, to).unwrap(),
+    ];
+    let mut dump = Vec::new();
+    s.dump(&mut dump).unwrap();
+    (
+        windows,
+        s.latest("*").unwrap(),
+        String::from_utf8(dump).unwrap(),
+    )
+}
+
+/// Messages of three series over two minutes; `round` shifts values and
+/// times within the same windows, so rounds merge into each other's windows.
+fn batch(round: i64) -> Vec<Message> {
+    (0..90)
+        .map(|i| {
+            let series = ["a", "b/1", "b/2"][i as usize % 3];
+            let ts = T0 + 10 * MIN + i * NS_PER_SEC + round;
+            msg(None, series, ts, (i * 7 + round) as f64)
+        })
+        .collect()
+}
+
+#[test]
+fn windows_wait_in_recent_and_compaction_changes_no_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0 + 60 * MIN);
+    let mut compacted = store(&dir.path().join("compacted"), &clock);
+    let mut plain = store(&dir.path().join("plain"), &clock);
+
+    for s in [&mut compacted, &mut plain] {
+        s.apply(&batch(0)).unwrap();
+    }
+    // 90 one-second windows and 2 minute windows of each series, all still
+    // in `recent`.
+    assert_eq!(
+        (
+            entries(&compacted, "recent"),
+            entries(&compacted, "windows")
+        ),
+        (96, 0)
+    );
+    let before = answers(&compacted);
+    assert_eq!(before.0[0].len(), 90);
+    assert_eq!(before.0[1].iter().map(|w| w.agg.count).sum::<u64>(), 90);
+    assert_eq!(before.2.lines().count(), 96 + 3, "{}", before.2);
+
+    assert_eq!(compacted.compact_all().unwrap(), 96);
+    assert_eq!(
+        (
+            entries(&compacted, "recent"),
+            entries(&compacted, "windows")
+        ),
+        (0, 96)
+    );
+    assert_eq!(answers(&compacted), before, "compaction changed an answer");
+    assert_eq!(compacted.compact_all().unwrap(), 0, "nothing left to move");
+
+    // The same windows again: now each has a part in `windows` and one in
+    // `recent` in the compacted store, and both in `recent` in the other.
+    for s in [&mut compacted, &mut plain] {
+        s.apply(&batch(1)).unwrap();
+        s.apply(&batch(2)).unwrap();
+    }
+    assert_eq!(entries(&compacted, "recent"), 96);
+    let split = answers(&compacted);
+    assert_eq!(split, answers(&plain), "split windows are merged on read");
+    assert_eq!(split.0[1].iter().map(|w| w.agg.count).sum::<u64>(), 270);
+    assert_eq!(compacted.compact_all().unwrap(), 96);
+    assert_eq!(answers(&compacted), split);
+    assert_eq!(entries(&compacted, "windows"), 96);
+}
+
+#[test]
+fn compaction_runs_once_recent_holds_recent_max_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0 + 60 * MIN);
+    let config = StoreConfig {
+        dir: dir.path().to_owned(),
+        recent_max_windows: 100,
+        ..StoreConfig::default()
+    };
+    let mut s = Store::open(config, Arc::new(clock.clone())).unwrap();
+    s.apply(&batch(0)).unwrap();
+    assert!(s.compact_due().unwrap().is_empty(), "96 < 100");
+    s.apply(&[msg(None, "c", T0 + 20 * MIN, 1.0)]).unwrap();
+    s.apply(&[msg(None, "c", T0 + 21 * MIN, 1.0)]).unwrap();
+    let day = day_name(T0).unwrap();
+    assert_eq!(s.compact_due().unwrap(), vec![(day, 100)]);
+    assert_eq!((entries(&s, "recent"), entries(&s, "windows")), (0, 100));
+}
+
+/// What a day written by a version 1 build holds: four databases, no
+/// `recent`, `format_version` 1.
+#[allow(unsafe_code)]
+fn write_version_1_day(dir: &std::path::Path) {
+    let path = dir.join(day_name(T0).unwrap());
+    std::fs::create_dir_all(&path).unwrap();
+    // SAFETY: a fresh directory, opened once here and closed before the
+    // store opens it.
+    let env = unsafe {
+        EnvOpenOptions::new()
+            .map_size(1 << 20)
+            .max_dbs(4)
+            .open(&path)
+            .unwrap()
+    };
+    let mut w = env.write_txn().unwrap();
+    let mut db = |name| {
+        env.create_database::<Bytes, Bytes>(&mut w, Some(name))
+            .unwrap()
+    };
+    let (windows, latest, _applied, meta) =
+        (db("windows"), db("latest"), db("applied"), db("meta"));
+    let ts = T0 + 10 * MIN;
+    for (res, start) in [(1, ts), (60, ts)] {
+        let agg = Aggregate::of(ts, 5.0).to_bytes();
+        windows
+            .put(&mut w, &window_key("a", "t", res, start), &agg)
+            .unwrap();
+    }
+    let mut k = Vec::new();
+    put_latest_key(&mut k, "a", "t");
+    latest.put(&mut w, &k, &latest_value(ts, 5.0)).unwrap();
+    meta.put(&mut w, b"format_version", b"1").unwrap();
+    meta.put(&mut w, b"messages_applied", &1u64.to_le_bytes())
+        .unwrap();
+    w.commit().unwrap();
+    env.prepare_for_closing().wait();
+}
+
+#[test]
+fn a_version_1_day_is_read_and_upgraded_when_written() {
+    let dir = tempfile::tempdir().unwrap();
+    write_version_1_day(dir.path());
+    let reader = open_read_only(dir.path()).unwrap();
+    let minute = reader.windows("a", None, 60, ALL.0, ALL.1).unwrap();
+    assert_eq!((minute.len(), minute[0].agg.sum), (1, 5.0));
+    assert!(
+        !reader.stat().unwrap()[0]
+            .databases
+            .iter()
+            .any(|(n, _)| n == "recent"),
+        "a version 1 day has no recent database"
+    );
+    drop(reader);
+
+    let clock = ManualClock::new(T0 + 60 * MIN);
+    let mut s = store(dir.path(), &clock);
+    s.apply(&[msg(None, "a", T0 + 10 * MIN + 1, 2.0)]).unwrap();
+    let minute = all(&s, "a", 60);
+    assert_eq!((minute[0].agg.count, minute[0].agg.sum), (2, 7.0));
+    let day = s.days.values().next().unwrap().clone();
+    let version = day
+        .read(|rtxn| {
+            Ok(day
+                .meta
+                .get(rtxn, b"format_version")
+                .unwrap()
+                .map(<[u8]>::to_vec))
+        })
+        .unwrap();
+    assert_eq!(version.as_deref(), Some(&b"2"[..]));
+    assert_eq!(s.compact_all().unwrap(), 2);
+    assert_eq!(all(&s, "a", 60), minute);
+}
+
+#[test]
+fn a_day_of_an_unknown_version_is_refused_with_the_versions_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0 + 60 * MIN);
+    let mut s = store(dir.path(), &clock);
+    s.apply(&[msg(None, "a", T0 + MIN, 1.0)]).unwrap();
+    let day = s.days.values().next().unwrap().clone();
+    let mut w = day.write_txn().unwrap();
+    day.meta.put(&mut w.txn, b"format_version", b"3").unwrap();
+    w.commit(&day.name).unwrap();
+    drop(day);
+    s.close();
+    let err = Store::open(
+        StoreConfig {
+            dir: dir.path().to_owned(),
+            ..StoreConfig::default()
+        },
+        Arc::new(clock),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("format_version \"3\" (this build reads 1 and 2)"),
+        "{err}"
+    );
+}
