@@ -50,14 +50,17 @@ pub struct WriterGone;
 fn compact_due(store: &mut Store) {
     let started = std::time::Instant::now();
     match store.compact_due() {
-        Ok(days) => {
-            for (day, windows) in days {
-                tracing::info!(
-                    day,
-                    windows,
+        Ok(steps) => {
+            for step in steps {
+                tracing::debug!(
+                    day = step.day,
+                    windows = step.windows,
                     ms = started.elapsed().as_millis() as u64,
-                    "compacted recent windows into the series-ordered database"
+                    "merged a slice of recent windows into the series-ordered database"
                 );
+                if step.done {
+                    tracing::info!(day = step.day, "compaction of recent windows done");
+                }
             }
         }
         Err(e) => tracing::warn!(error = %e, "compaction failed; retrying after the next batch"),

@@ -12,7 +12,7 @@ use super::{
         applied_key, applied_low, is_newer, latest_value, parse_latest_value, put_latest_key,
         put_recent_key, put_window_key_of_recent,
     },
-    day::DayEnv,
+    day::{DayEnv, COMPACTED_BELOW, RECENT_ACTIVE},
     error::{corrupt, io, lmdb, StoreError},
     Message, Verdict,
 };
@@ -212,6 +212,7 @@ impl Pending {
         let recent = day
             .recent
             .ok_or_else(|| corrupt(&day.name, "no recent database in a day open for writing"))?;
+        let recent = recent[day.recent_state(txn)?.active];
         let keys = &self.keys;
         keys.sort_and_fold(&mut self.windows, |kept, next| kept.merge(next));
         keys.sort_and_fold(&mut self.latest, |kept, next| {
@@ -266,43 +267,138 @@ fn merge_windows<'k>(
     })
 }
 
-/// Moves every window of the day's `recent` database into `windows`, merged
-/// with what `windows` holds, in one write transaction (so a reader sees each
-/// window's parts in one database or the other, never in both or neither);
-/// returns how many it moved.
+/// A compaction in progress: the frozen `recent` database's windows, sorted
+/// by window key, and how many of them are merged into `windows` already.
 ///
-/// Sorted by series first, a series' new windows land next to each other,
-/// so the pages rewritten are about one per series and resolution per
-/// compaction instead of one per series and resolution per batch.
-pub(super) fn compact_day(day: &DayEnv) -> Result<u64, StoreError> {
-    let Some(recent) = day.recent else {
-        return Ok(0);
-    };
+/// Sorted by series first, a series' new windows land next to each other in
+/// `windows`, so the pages rewritten are about one per series and resolution
+/// per compaction instead of one per series and resolution per batch. The
+/// merge runs in slices, one transaction each, between batches, so the
+/// writer never pauses for a whole compaction.
+pub(super) struct Compaction {
+    keys: KeyArena,
+    windows: Vec<(KeyRef, Aggregate)>,
+    next: usize,
+    frozen: usize,
+}
+
+impl Compaction {
+    /// Windows still to merge.
+    pub fn remaining(&self) -> usize {
+        self.windows.len() - self.next
+    }
+}
+
+/// Reads the windows of `recent` database `frozen` with window keys from
+/// `floor` on, sorted by window key.
+fn load_frozen(
+    day: &DayEnv,
+    txn: &RoTxn<'_>,
+    frozen: usize,
+    floor: &[u8],
+) -> Result<Compaction, StoreError> {
     let err = lmdb(&day.name);
-    let mut w = day.write_txn()?;
+    let db = day
+        .recent
+        .ok_or_else(|| corrupt(&day.name, "no recent database in a day open for writing"))?[frozen];
     // Sized once: about 110 bytes a window (its key and aggregate), which is
     // what `recent_max_windows` documents.
-    let n = usize::try_from(recent.len(&w.txn).map_err(&err)?).unwrap_or(0);
+    let n = usize::try_from(db.len(txn).map_err(&err)?).unwrap_or(0);
     let mut keys = KeyArena(Vec::with_capacity(n.saturating_mul(32)));
     let mut windows = Vec::with_capacity(n);
-    for entry in recent.iter(&w.txn).map_err(&err)? {
+    for entry in db.iter(txn).map_err(&err)? {
         let (k, v) = entry.map_err(&err)?;
         let mut valid = false;
         let key = keys.push(|buf| valid = put_window_key_of_recent(buf, k));
         let agg = Aggregate::from_bytes(v).filter(|_| valid);
-        windows.push((key, agg.ok_or_else(|| corrupt(&day.name, "recent window"))?));
+        let agg = agg.ok_or_else(|| corrupt(&day.name, "recent window"))?;
+        if keys.get(key) < floor {
+            // Merged before a restart interrupted the compaction.
+            keys.0.truncate(key.start);
+        } else {
+            windows.push((key, agg));
+        }
     }
-    if windows.is_empty() {
-        return Ok(0);
-    }
-    let moved = windows.len() as u64;
     // Distinct `recent` keys are distinct window keys: nothing to fold.
     keys.sort_and_fold(&mut windows, |kept, next| kept.merge(next));
-    let sorted = windows.iter().map(|(key, agg)| (keys.get(*key), agg));
-    merge_windows(day, day.windows, &mut w.txn, sorted)?;
-    recent.clear(&mut w.txn).map_err(&err)?;
+    Ok(Compaction {
+        keys,
+        windows,
+        next: 0,
+        frozen,
+    })
+}
+
+/// Starts a compaction: in one transaction, freezes the active `recent`
+/// database and makes the other (empty) one active, and reads the frozen
+/// windows. `None` if the active one is empty.
+pub(super) fn start_compaction(day: &DayEnv) -> Result<Option<Compaction>, StoreError> {
+    let err = lmdb(&day.name);
+    let mut w = day.write_txn()?;
+    let state = day.recent_state(&w.txn)?;
+    if state.merged_below.is_some() {
+        return Err(corrupt(&day.name, "a compaction is already in progress"));
+    }
+    let compaction = load_frozen(day, &w.txn, state.active, &[])?;
+    if compaction.windows.is_empty() {
+        return Ok(None);
+    }
+    let active: &[u8] = if state.active == 0 { b"1" } else { b"0" };
+    day.meta
+        .put(&mut w.txn, RECENT_ACTIVE, active)
+        .map_err(&err)?;
+    day.meta
+        .put(&mut w.txn, COMPACTED_BELOW, b"")
+        .map_err(&err)?;
     w.commit(&day.name)?;
-    Ok(moved)
+    Ok(Some(compaction))
+}
+
+/// The compaction a previous process left unfinished, if any.
+pub(super) fn resume_compaction(day: &DayEnv) -> Result<Option<Compaction>, StoreError> {
+    day.read(|rtxn| {
+        let state = day.recent_state(rtxn)?;
+        let Some(floor) = &state.merged_below else {
+            return Ok(None);
+        };
+        load_frozen(day, rtxn, 1 - state.active, floor).map(Some)
+    })
+}
+
+/// Merges up to `slice` more windows of `c` into `windows`, in one
+/// transaction that also records how far the merge got (or, with the last
+/// slice, empties the frozen database and ends the compaction). Returns the
+/// windows merged. On an error nothing of the slice is committed and the
+/// next call redoes it.
+pub(super) fn compaction_step(
+    day: &DayEnv,
+    c: &mut Compaction,
+    slice: usize,
+) -> Result<usize, StoreError> {
+    let err = lmdb(&day.name);
+    let end = c.next.saturating_add(slice.max(1)).min(c.windows.len());
+    let mut w = day.write_txn()?;
+    let part = c.windows[c.next..end]
+        .iter()
+        .map(|(key, agg)| (c.keys.get(*key), agg));
+    merge_windows(day, day.windows, &mut w.txn, part)?;
+    match c.windows.get(end) {
+        Some((key, _)) => day
+            .meta
+            .put(&mut w.txn, COMPACTED_BELOW, c.keys.get(*key))
+            .map_err(&err)?,
+        None => {
+            let frozen = day
+                .recent
+                .ok_or_else(|| corrupt(&day.name, "no recent database"))?[c.frozen];
+            frozen.clear(&mut w.txn).map_err(&err)?;
+            day.meta.delete(&mut w.txn, COMPACTED_BELOW).map_err(&err)?;
+        }
+    }
+    w.commit(&day.name)?;
+    let merged = end - c.next;
+    c.next = end;
+    Ok(merged)
 }
 
 /// How far a cursor walks forward to the next key of a batch before it is

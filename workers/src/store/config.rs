@@ -31,8 +31,12 @@ pub struct StoreConfig {
     /// collects before the writer merges them into `windows` (by series).
     /// Larger: fewer pages rewritten per message when a batch touches many
     /// series, but longer compactions (the writer pauses for them) and about
-    /// 100 bytes of memory per window while one runs. Default 1,000,000.
+    /// 110 bytes of memory per window while one runs. Default 1,000,000.
     pub recent_max_windows: u64,
+    /// Windows a compaction merges per transaction, one such slice after
+    /// each batch: the longest the writer pauses for compaction between two
+    /// batches. Default 100,000.
+    pub compaction_slice_windows: u64,
 }
 
 fn default_dir() -> PathBuf {
@@ -62,6 +66,9 @@ fn default_max_future_secs() -> u64 {
 fn default_recent_max_windows() -> u64 {
     1_000_000
 }
+fn default_compaction_slice_windows() -> u64 {
+    100_000
+}
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -74,6 +81,7 @@ impl Default for StoreConfig {
             allowed_lateness_secs: default_allowed_lateness_secs(),
             max_future_secs: default_max_future_secs(),
             recent_max_windows: default_recent_max_windows(),
+            compaction_slice_windows: default_compaction_slice_windows(),
         }
     }
 }
@@ -133,6 +141,11 @@ impl StoreConfig {
         }
         if self.recent_max_windows == 0 {
             p.push(format!("{path}.recent_max_windows: must be ≥ 1, got 0"));
+        }
+        if self.compaction_slice_windows == 0 {
+            p.push(format!(
+                "{path}.compaction_slice_windows: must be ≥ 1, got 0"
+            ));
         }
         let secs = self.allowed_lateness_secs.max(self.max_future_secs);
         if !i64::try_from(secs).is_ok_and(|s| s <= i64::MAX / 1_000_000_000) {

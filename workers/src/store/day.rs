@@ -24,8 +24,8 @@ use super::error::{corrupt, io, lmdb, StoreError};
 
 /// The `meta` value of `format_version` this build writes.
 ///
-/// Version 2 added the `recent` database. This build also reads version 1
-/// (a day without `recent`) and upgrades it when it opens it for writing;
+/// Version 2 added the `recent` databases. This build also reads version 1
+/// (a day without them) and upgrades it when it opens it for writing;
 /// builds that read only version 1 refuse a version 2 day instead of
 /// answering without its recent windows.
 const FORMAT_VERSION: &[u8] = b"2";
@@ -55,11 +55,12 @@ pub(super) struct DayEnv {
     /// Windows by series, field, resolution and start: what queries read by
     /// series. Filled from `recent` by compaction.
     pub windows: Database<Bytes, Bytes>,
-    /// Windows by resolution and start first (see
-    /// [`put_recent_key`](super::codec::put_recent_key)): where batches write
-    /// them, until compaction merges them into `windows`. Readers merge both.
-    /// `None` only in a version 1 day opened read-only.
-    pub recent: Option<Database<Bytes, Bytes>>,
+    /// `recent.0` and `recent.1`: windows by resolution and start first (see
+    /// [`put_recent_key`](super::codec::put_recent_key)). Batches write to the
+    /// active one ([`RecentState`]); a compaction freezes it, makes the other
+    /// active, and merges the frozen one into `windows` in slices. Readers
+    /// merge all three. `None` only in a version 1 day opened read-only.
+    pub recent: Option<[Database<Bytes, Bytes>; 2]>,
     pub latest: Database<Bytes, Bytes>,
     pub applied: Database<Bytes, Bytes>,
     pub meta: Database<Bytes, Bytes>,
@@ -69,7 +70,7 @@ pub(super) struct DayEnv {
 #[allow(unsafe_code)]
 fn open_env(path: &Path, map_bytes: usize, read_only: bool) -> heed::Result<Env> {
     let mut options = EnvOpenOptions::new();
-    options.map_size(map_bytes).max_dbs(5);
+    options.map_size(map_bytes).max_dbs(6);
     // SAFETY: heed's conditions for opening: the file lives on a local
     // filesystem (documented: no NFS for the data dir); this process opens the
     // path once (callers go through the OPEN_DAYS registry, and heed itself
@@ -183,7 +184,7 @@ impl DayEnv {
         };
         let (windows, recent, latest, applied, meta) = (
             db("windows")?,
-            db("recent")?,
+            [db("recent.0")?, db("recent.1")?],
             db("latest")?,
             db("applied")?,
             db("meta")?,
@@ -193,7 +194,7 @@ impl DayEnv {
             check_version(name, v)?;
         }
         if version != Some(FORMAT_VERSION) {
-            // New, or version 1 that now has its `recent` database.
+            // New, or version 1 that now has its `recent` databases.
             meta.put(&mut wtxn, b"format_version", FORMAT_VERSION)
                 .map_err(&err)?;
         }
@@ -229,7 +230,10 @@ impl DayEnv {
             env.open_database::<Bytes, Bytes>(&rtxn, Some(n))
                 .map_err(&err)
         };
-        let recent = db("recent")?;
+        let recent = match (db("recent.0")?, db("recent.1")?) {
+            (Some(a), Some(b)) => Some([a, b]),
+            _ => None,
+        };
         let (Some(windows), Some(latest), Some(applied), Some(meta)) =
             (db("windows")?, db("latest")?, db("applied")?, db("meta")?)
         else {
@@ -257,7 +261,7 @@ impl DayEnv {
         path: PathBuf,
         env: Env,
         read_only: bool,
-        recent: Option<Database<Bytes, Bytes>>,
+        recent: Option<[Database<Bytes, Bytes>; 2]>,
         dbs: [Database<Bytes, Bytes>; 4],
     ) -> Self {
         let [windows, latest, applied, meta] = dbs;
@@ -352,13 +356,34 @@ impl DayEnv {
         }
     }
 
-    /// Windows waiting in `recent` for compaction.
+    /// Which `recent` database batches write to, and how far a compaction
+    /// of the other has got.
+    pub fn recent_state(&self, txn: &RoTxn<'_>) -> Result<RecentState, StoreError> {
+        let err = lmdb(&self.name);
+        let active = match self.meta.get(txn, RECENT_ACTIVE).map_err(&err)? {
+            None | Some(b"0") => 0,
+            Some(b"1") => 1,
+            Some(_) => return Err(corrupt(&self.name, "meta recent_active")),
+        };
+        let merged_below = self
+            .meta
+            .get(txn, COMPACTED_BELOW)
+            .map_err(&err)?
+            .map(<[u8]>::to_vec);
+        Ok(RecentState {
+            active,
+            merged_below,
+        })
+    }
+
+    /// Windows in the active `recent` database.
     pub fn recent_windows(&self) -> Result<u64, StoreError> {
         let Some(recent) = self.recent else {
             return Ok(0);
         };
         self.read(|rtxn| {
-            let n = recent.len(rtxn).map_err(lmdb(&self.name))?;
+            let active = self.recent_state(rtxn)?.active;
+            let n = recent[active].len(rtxn).map_err(lmdb(&self.name))?;
             Ok(n)
         })
     }
@@ -391,6 +416,34 @@ impl DayEnv {
                 true
             }
             Err(_) => false,
+        }
+    }
+}
+
+/// `meta` key: `0` or `1`, the `recent` database batches write to.
+pub(super) const RECENT_ACTIVE: &[u8] = b"recent_active";
+
+/// `meta` key, present while a compaction runs: the window key up to which
+/// (exclusive) the frozen `recent` database has been merged into `windows`.
+pub(super) const COMPACTED_BELOW: &[u8] = b"compacted_below";
+
+/// See [`DayEnv::recent_state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RecentState {
+    /// Index of the `recent` database batches write to.
+    pub active: usize,
+    /// While a compaction runs: the other database's windows with keys below
+    /// this are in `windows` already, and readers skip them there.
+    pub merged_below: Option<Vec<u8>>,
+}
+
+impl RecentState {
+    /// The window keys of `recent` database `i` that readers take: from
+    /// this key on (all for the active one).
+    pub fn floor(&self, i: usize) -> &[u8] {
+        match &self.merged_below {
+            Some(k) if i != self.active => k,
+            _ => &[],
         }
     }
 }

@@ -44,12 +44,14 @@ proptest! {
         ),
         cuts in prop::collection::vec(1usize..700, 1..8),
         recent_max in 1u64..4000,
+        slice in 1u64..3000,
     ) {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(T0 + 60 * MIN);
         let config = StoreConfig {
             dir: dir.path().to_owned(),
             recent_max_windows: recent_max,
+            compaction_slice_windows: slice,
             ..StoreConfig::default()
         };
         let mut store = Store::open(config, std::sync::Arc::new(clock.clone())).unwrap();

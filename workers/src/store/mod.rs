@@ -5,12 +5,16 @@
 //!   bit flipped so negative times sort first): order preserving, one series
 //!   is a prefix and a time range a contiguous run → the 64-byte
 //!   [`Aggregate`](crate::window::Aggregate) of the window;
-//! - `recent`: the same windows keyed time first (resolution, start, series
-//!   0x00 field), where each batch writes them: a batch's windows are
-//!   neighbours there, so a commit rewrites a few pages instead of a page per
-//!   series. Once it holds `recent_max_windows`, the writer merges it into
-//!   `windows` in one transaction (compaction) and empties it. A window may
-//!   have parts in both; every read merges them;
+//! - `recent.0` and `recent.1`: the same windows keyed time first
+//!   (resolution, start, series 0x00 field), where each batch writes them to
+//!   the active one: a batch's windows are neighbours there, so a commit
+//!   rewrites a few pages instead of a page per series. Once the active one
+//!   holds `recent_max_windows`, the writer freezes it, makes the other one
+//!   active, and merges the frozen one into `windows` in slices of
+//!   `compaction_slice_windows`, one transaction each, between batches
+//!   (compaction); `meta` `recent_active` and `compacted_below` record where
+//!   it stands, so readers skip what is merged and a restart resumes. A
+//!   window may have parts in all three; every read merges them;
 //! - `latest`: series 0x00 field → time and value of the newest sample;
 //! - `applied`: stream 0x00 (seq >> 16) → roaring bitmap of the low 16 bits of
 //!   the JetStream sequences applied in this day. It is written in the same
@@ -49,7 +53,7 @@ pub use self::{
     error::StoreError,
     read::{open_read_only, LatestRow, StoreReader, WindowRow},
     stat::DayStat,
-    write::Store,
+    write::{CompactionStep, Store},
 };
 use crate::window::{Sample, NS_PER_DAY};
 

@@ -235,20 +235,26 @@ impl StoreReader {
                 // first, so the range is the query's, and the series pattern
                 // is a filter.
                 if let Some(recent) = day.recent {
+                    let state = day.recent_state(rtxn)?;
                     let (lo, hi) = (
                         recent_head(resolution_secs, from_ns),
                         recent_head(resolution_secs, to_ns),
                     );
                     let range = (Bound::Included(&lo[..]), Bound::Excluded(&hi[..]));
                     let mut k = Vec::new();
-                    for entry in recent.range(rtxn, &range).map_err(lmdb(&day.name))? {
-                        let (rk, v) = entry.map_err(lmdb(&day.name))?;
-                        k.clear();
-                        if !put_window_key_of_recent(&mut k, rk) {
-                            return Err(corrupt(&day.name, "recent window key"));
-                        }
-                        if k.starts_with(&prefix) {
-                            add(&k, v)?;
+                    for (i, db) in recent.into_iter().enumerate() {
+                        // In a database being compacted, what lies below
+                        // the floor is in `windows` already.
+                        let floor = state.floor(i);
+                        for entry in db.range(rtxn, &range).map_err(lmdb(&day.name))? {
+                            let (rk, v) = entry.map_err(lmdb(&day.name))?;
+                            k.clear();
+                            if !put_window_key_of_recent(&mut k, rk) {
+                                return Err(corrupt(&day.name, "recent window key"));
+                            }
+                            if k.starts_with(&prefix) && k.as_slice() >= floor {
+                                add(&k, v)?;
+                            }
                         }
                     }
                 }

@@ -50,7 +50,10 @@ impl StoreReader {
             let (databases, used_bytes, messages_applied) = day.read(|rtxn| {
                 let err = lmdb(&day.name);
                 let (mut databases, mut pages) = (Vec::new(), 0);
-                let recent = day.recent.map(|db| ("recent", db));
+                let recent = day
+                    .recent
+                    .into_iter()
+                    .flat_map(|[a, b]| [("recent.0", a), ("recent.1", b)]);
                 let dbs = [
                     ("windows", day.windows),
                     ("latest", day.latest),
@@ -95,15 +98,21 @@ impl StoreReader {
                 let name = day.name.as_str();
                 // `recent` is bounded by `recent_max_windows`: held in memory
                 // by window key, merged into the walk over `windows`.
-                let mut recent = BTreeMap::new();
-                if let Some(db) = day.recent {
-                    for entry in db.iter(rtxn).map_err(lmdb(name))? {
-                        let (rk, v) = entry.map_err(lmdb(name))?;
-                        let mut k = Vec::new();
-                        let agg = Aggregate::from_bytes(v)
-                            .filter(|_| put_window_key_of_recent(&mut k, rk))
-                            .ok_or_else(|| corrupt(name, "recent window"))?;
-                        recent.insert(k, agg);
+                let mut recent = BTreeMap::<Vec<u8>, Aggregate>::new();
+                if let Some(dbs) = day.recent {
+                    let state = day.recent_state(rtxn)?;
+                    for (i, db) in dbs.into_iter().enumerate() {
+                        for entry in db.iter(rtxn).map_err(lmdb(name))? {
+                            let (rk, v) = entry.map_err(lmdb(name))?;
+                            let mut k = Vec::new();
+                            let agg = Aggregate::from_bytes(v)
+                                .filter(|_| put_window_key_of_recent(&mut k, rk))
+                                .ok_or_else(|| corrupt(name, "recent window"))?;
+                            // Below the floor: merged into `windows` already.
+                            if k.as_slice() >= state.floor(i) {
+                                recent.entry(k).and_modify(|a| a.merge(&agg)).or_insert(agg);
+                            }
+                        }
                     }
                 }
                 let mut recent = recent.into_iter().peekable();

@@ -1,14 +1,14 @@
 //! The writable store: batched, idempotent applies, map growth, retention.
 
 use std::{
-    collections::{btree_map::Entry, BTreeMap},
+    collections::{btree_map::Entry, BTreeMap, HashMap},
     sync::Arc,
 };
 
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use super::{
-    batch::{apply_day, compact_day, Planned},
+    batch::{apply_day, compaction_step, resume_compaction, start_compaction, Compaction, Planned},
     codec::{check_names, check_stream},
     config::MAP_GRANULE,
     day::{open_for_write, Day, DayEnv},
@@ -27,6 +27,8 @@ pub struct Store {
     config: StoreConfig,
     clock: Arc<dyn Clock>,
     reader: StoreReader,
+    /// Compactions in progress, by day.
+    compactions: HashMap<String, Compaction>,
 }
 
 impl std::ops::Deref for Store {
@@ -43,6 +45,17 @@ impl std::fmt::Debug for Store {
             .field("days", &self.reader.days())
             .finish_non_exhaustive()
     }
+}
+
+/// What one [`Store::compact_due`] step did for a day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionStep {
+    /// The day, `YYYY-MM-DD`.
+    pub day: String,
+    /// Windows merged into `windows` by this step.
+    pub windows: usize,
+    /// Whether the day's compaction ended with it.
+    pub done: bool,
 }
 
 /// What lateness, the future limit and retention allow, fixed once per batch.
@@ -73,6 +86,7 @@ impl Store {
             reader: StoreReader::new(config.dir.clone()),
             config,
             clock,
+            compactions: HashMap::new(),
         };
         for name in day_dirs(&store.config.dir, true)? {
             store.day(&name)?;
@@ -128,7 +142,7 @@ impl Store {
             let day = self.day(&name)?;
             let out = loop {
                 match apply_day(&day, &self.config.resolutions_secs, batch, &plan) {
-                    Err(e) if e.is_map_full() => self.grow(&day)?,
+                    Err(e) if e.is_map_full() => grow(&self.config, &day)?,
                     other => break other?,
                 }
             };
@@ -139,27 +153,31 @@ impl Store {
         Ok(verdicts)
     }
 
-    /// Compacts every day whose `recent` database holds
-    /// `recent_max_windows` or more (see [`StoreConfig::recent_max_windows`]);
-    /// the days compacted and the windows moved. The writer calls it between
-    /// batches.
+    /// One step of compaction for every day that needs one: a day whose
+    /// active `recent` database holds `recent_max_windows` or more starts a
+    /// compaction (see [`StoreConfig::recent_max_windows`]), and a day with a
+    /// compaction in progress (also one a previous process left) merges its
+    /// next `compaction_slice_windows` windows. Returns per day the windows
+    /// merged and whether its compaction is done. The writer thread calls it
+    /// after every batch, so the batches in between wait for one slice at
+    /// most, never for a whole compaction.
     ///
     /// # Errors
-    /// [`StoreError`]; the failing day's windows stay in `recent`, where
-    /// readers find them, and the next call tries again.
-    pub fn compact_due(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+    /// [`StoreError`]; nothing of the failing slice is committed (its windows
+    /// stay where readers find them) and the next call redoes it.
+    pub fn compact_due(&mut self) -> Result<Vec<CompactionStep>, StoreError> {
         let mut done = Vec::new();
         let days: Vec<Day> = self.reader.days.values().cloned().collect();
         for day in days {
-            if day.recent_windows()? >= self.config.recent_max_windows {
-                done.push((day.name.clone(), self.compact(&day)?));
+            if let Some(step) = self.compaction_step(&day, false)? {
+                done.push(step);
             }
         }
         Ok(done)
     }
 
-    /// Compacts every day now, however few windows `recent` holds (a
-    /// benchmark's or test's end state, or before retiring a store).
+    /// Compacts every day to the end now, however few windows `recent`
+    /// holds (a benchmark's or test's end state); the windows merged.
     ///
     /// # Errors
     /// As [`Store::compact_due`].
@@ -167,16 +185,69 @@ impl Store {
         let days: Vec<Day> = self.reader.days.values().cloned().collect();
         let mut moved = 0;
         for day in days {
-            moved += self.compact(&day)?;
+            // An unfinished compaction first, then one of what is active.
+            for _ in 0..2 {
+                while let Some(step) = self.compaction_step(&day, true)? {
+                    moved += step.windows as u64;
+                    if step.done {
+                        break;
+                    }
+                }
+            }
         }
         Ok(moved)
     }
 
-    /// One day's compaction, growing a full map as [`Store::apply`] does.
-    fn compact(&self, day: &DayEnv) -> Result<u64, StoreError> {
+    /// The day's next compaction slice, starting or resuming a compaction
+    /// if there is none in this process (`force`: whatever `recent` holds).
+    fn compaction_step(
+        &mut self,
+        day: &DayEnv,
+        force: bool,
+    ) -> Result<Option<CompactionStep>, StoreError> {
+        if !self.compactions.contains_key(&day.name) {
+            let found = match resume_compaction(day)? {
+                Some(c) => Some(c),
+                None if force || day.recent_windows()? >= self.config.recent_max_windows => {
+                    self.retrying_map_full(day, start_compaction)?
+                }
+                None => None,
+            };
+            match found {
+                Some(c) => self.compactions.insert(day.name.clone(), c),
+                None => return Ok(None),
+            };
+        }
+        let slice = usize::try_from(self.config.compaction_slice_windows).unwrap_or(usize::MAX);
+        let Some(c) = self.compactions.get_mut(&day.name) else {
+            return Ok(None);
+        };
+        let windows = loop {
+            match compaction_step(day, c, slice) {
+                Err(e) if e.is_map_full() => grow(&self.config, day)?,
+                other => break other?,
+            }
+        };
+        let done = c.remaining() == 0;
+        if done {
+            self.compactions.remove(&day.name);
+        }
+        Ok(Some(CompactionStep {
+            day: day.name.clone(),
+            windows,
+            done,
+        }))
+    }
+
+    /// `f`, retried after growing the map while it fails for a full one.
+    fn retrying_map_full<T>(
+        &self,
+        day: &DayEnv,
+        f: impl Fn(&DayEnv) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         loop {
-            match compact_day(day) {
-                Err(e) if e.is_map_full() => self.grow(day)?,
+            match f(day) {
+                Err(e) if e.is_map_full() => grow(&self.config, day)?,
                 other => return other,
             }
         }
@@ -258,24 +329,6 @@ impl Store {
         Ok(day)
     }
 
-    /// Doubles the day's map, up to `max_map_bytes`.
-    fn grow(&self, day: &DayEnv) -> Result<(), StoreError> {
-        let (current, max) = (day.map_bytes(), self.config.max_map());
-        if current >= max {
-            return Err(StoreError::MapFull {
-                day: day.name.clone(),
-                map_bytes: current,
-            });
-        }
-        let next = current
-            .saturating_mul(2)
-            .div_ceil(MAP_GRANULE)
-            .saturating_mul(MAP_GRANULE)
-            .min(max);
-        tracing::info!(day = %day.name, from = current, to = next, "LMDB map full; growing it and retrying the day");
-        day.resize(next)
-    }
-
     /// Deletes day directories older than today minus `retention_days`,
     /// whole, closing their environments first; returns the days removed.
     ///
@@ -288,6 +341,7 @@ impl Store {
             if name >= first {
                 continue;
             }
+            self.compactions.remove(&name);
             if let Some(day) = self.reader.days.remove(&name) {
                 if !DayEnv::close(day) {
                     // Unlinked files stay valid for that reader until it drops them.
@@ -309,6 +363,24 @@ impl Store {
             DayEnv::close(day);
         }
     }
+}
+
+/// Doubles the day's map, up to `max_map_bytes`.
+fn grow(config: &StoreConfig, day: &DayEnv) -> Result<(), StoreError> {
+    let (current, max) = (day.map_bytes(), config.max_map());
+    if current >= max {
+        return Err(StoreError::MapFull {
+            day: day.name.clone(),
+            map_bytes: current,
+        });
+    }
+    let next = current
+        .saturating_mul(2)
+        .div_ceil(MAP_GRANULE)
+        .saturating_mul(MAP_GRANULE)
+        .min(max);
+    tracing::info!(day = %day.name, from = current, to = next, "LMDB map full; growing it and retrying the day");
+    day.resize(next)
 }
 
 /// Checks everything that would make a message fail its day's transaction.
