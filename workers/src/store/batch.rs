@@ -209,10 +209,7 @@ impl Pending {
     /// `recent`, time first.
     fn write(mut self, day: &DayEnv, txn: &mut RwTxn<'_>, applied: u64) -> Result<(), StoreError> {
         let err = lmdb(&day.name);
-        let recent = day
-            .recent
-            .ok_or_else(|| corrupt(&day.name, "no recent database in a day open for writing"))?;
-        let recent = recent[day.recent_state(txn)?.active];
+        let recent = day.recent_dbs()?[day.recent_state(txn)?.active];
         let keys = &self.keys;
         keys.sort_and_fold(&mut self.windows, |kept, next| kept.merge(next));
         keys.sort_and_fold(&mut self.latest, |kept, next| {
@@ -298,9 +295,7 @@ fn load_frozen(
     floor: &[u8],
 ) -> Result<Compaction, StoreError> {
     let err = lmdb(&day.name);
-    let db = day
-        .recent
-        .ok_or_else(|| corrupt(&day.name, "no recent database in a day open for writing"))?[frozen];
+    let db = day.recent_dbs()?[frozen];
     // Sized once: about 110 bytes a window (its key and aggregate), which is
     // what `recent_max_windows` documents.
     let n = usize::try_from(db.len(txn).map_err(&err)?).unwrap_or(0);
@@ -388,9 +383,7 @@ pub(super) fn compaction_step(
             .put(&mut w.txn, COMPACTED_BELOW, c.keys.get(*key))
             .map_err(&err)?,
         None => {
-            let frozen = day
-                .recent
-                .ok_or_else(|| corrupt(&day.name, "no recent database"))?[c.frozen];
+            let frozen = day.recent_dbs()?[c.frozen];
             frozen.clear(&mut w.txn).map_err(&err)?;
             day.meta.delete(&mut w.txn, COMPACTED_BELOW).map_err(&err)?;
         }

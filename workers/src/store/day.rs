@@ -376,6 +376,13 @@ impl DayEnv {
         })
     }
 
+    /// Both `recent` databases of a day this process writes to (every such
+    /// day has them: opening for writing creates them).
+    pub fn recent_dbs(&self) -> Result<[Database<Bytes, Bytes>; 2], StoreError> {
+        self.recent
+            .ok_or_else(|| corrupt(&self.name, "no recent database in a day open for writing"))
+    }
+
     /// Windows in the active `recent` database.
     pub fn recent_windows(&self) -> Result<u64, StoreError> {
         let Some(recent) = self.recent else {
