@@ -12,8 +12,8 @@
 //! - (r) the store's `recent_max_windows` (default 1,000,000, or
 //!   `WINDROW_BENCH_RECENT`): windows collect in `recent`, time first, and
 //!   are compacted into `windows` now and then;
-//! - (m) `recent_max_windows = 1`: every batch's windows are merged into the
-//!   series-ordered `windows` database right after the batch, which is the
+//! - (m) every batch's windows merged into the series-ordered `windows`
+//!   database right after the batch (`Store::compact_all`), which is the
 //!   page cost of the layout before `recent` existed (plus a second commit
 //!   per batch).
 //!
@@ -149,12 +149,9 @@ fn run(s: Settings, scenario: Scenario, round: usize) -> Outcome {
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("create the store directory");
     let clock = ManualClock::new(T0);
-    let recent_max_windows = match scenario {
-        Scenario::MergedEveryBatch => 1,
-        Scenario::Recent => s
-            .recent
-            .unwrap_or(StoreConfig::default().recent_max_windows),
-    };
+    let recent_max_windows = s
+        .recent
+        .unwrap_or(StoreConfig::default().recent_max_windows);
     let config = StoreConfig {
         dir: dir.path().to_owned(),
         recent_max_windows,
@@ -184,10 +181,22 @@ fn run(s: Settings, scenario: Scenario, round: usize) -> Outcome {
             clock.set(ts);
             store.apply(&batch).expect("apply a batch");
             let compacting = Instant::now();
-            let steps = store.compact_due().expect("compact");
-            if !steps.is_empty() {
+            let compacted = match scenario {
+                // What the writer thread does after each batch.
+                Scenario::Recent => store
+                    .compact_due()
+                    .expect("compact")
+                    .iter()
+                    .map(|step| (step.done, step.windows))
+                    .collect(),
+                // The whole batch into `windows` before the next one.
+                Scenario::MergedEveryBatch => {
+                    vec![(true, store.compact_all().expect("compact") as usize)]
+                }
+            };
+            if !compacted.is_empty() {
                 let secs = compacting.elapsed().as_secs_f64();
-                out.compactions += steps.iter().filter(|s| s.done).count();
+                out.compactions += compacted.iter().filter(|(done, _)| *done).count();
                 out.compaction_secs += secs;
                 out.longest_compaction_secs = out.longest_compaction_secs.max(secs);
             }

@@ -54,10 +54,21 @@ async fn wait_total(nats: &NatsServer, range: (i64, i64), nodes: usize, n: u64) 
 async fn three_core_workers_in_a_queue_group_match_independent_aggregates() {
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
+    // Small compactions, so that each worker compacts `recent` into
+    // `windows` several times while messages flow and queries read windows
+    // split between them.
+    let config = dir.path().join("compaction.toml");
+    std::fs::write(
+        &config,
+        "[worker.store]\nrecent_max_windows = 20000\ncompaction_slice_windows = 5000\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
     let mut workers = Vec::new();
     for i in 0..3 {
         let data = dir.path().join(format!("node-{i}"));
-        workers.push(Worker::start(&nats, &format!("node-{i}"), &data, &[]).await);
+        let extra = ["--config", config];
+        workers.push(Worker::start(&nats, &format!("node-{i}"), &data, &extra).await);
     }
     let base = now_ns() - 30 * 60 * 1_000_000_000;
     let readings = fleet_readings(10_000, 100, base);
@@ -76,6 +87,14 @@ async fn three_core_workers_in_a_queue_group_match_independent_aggregates() {
             0.0
         );
         shares.push(w.metric("windrow_worker_applied_messages_total", "").await);
+        // Over 100,000 windows per worker (11 one-second windows and a
+        // minute or two of each of 10,000 devices), 20,000 at a time.
+        let compactions = w.metric("windrow_worker_compactions_total", "").await;
+        assert!(compactions >= 3.0, "{compactions} compactions");
+        assert_eq!(
+            w.metric("windrow_worker_compaction_errors_total", "").await,
+            0.0
+        );
     }
     assert!(
         shares.iter().all(|s| *s > 0.0),

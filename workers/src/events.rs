@@ -23,6 +23,10 @@ pub struct Metrics {
     store_errors: Counter,
     batch_size: Histogram,
     commit_seconds: Histogram,
+    compacted_windows: Counter,
+    compactions: Counter,
+    compaction_errors: Counter,
+    compaction_slice_seconds: Histogram,
     /// Messages in the durable consumer not yet delivered (jetstream mode).
     pub consumer_pending: Gauge,
     /// Messages delivered and not yet acknowledged (jetstream mode).
@@ -45,6 +49,12 @@ impl Metrics {
             ]),
             commit_seconds: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
+            compacted_windows: Counter::default(),
+            compactions: Counter::default(),
+            compaction_errors: Counter::default(),
+            compaction_slice_seconds: Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
             consumer_pending: Gauge::default(),
             consumer_ack_pending: Gauge::default(),
@@ -93,6 +103,26 @@ impl Metrics {
             "windrow_worker_commit_latency_seconds",
             "Time to apply and commit one batch",
             m.commit_seconds.clone(),
+        );
+        registry.register(
+            "windrow_worker_compacted_windows",
+            "Windows merged from the time-ordered recent database into the series-ordered one",
+            m.compacted_windows.clone(),
+        );
+        registry.register(
+            "windrow_worker_compactions",
+            "Compactions of recent windows finished",
+            m.compactions.clone(),
+        );
+        registry.register(
+            "windrow_worker_compaction_errors",
+            "Compaction steps that failed (retried after the next batch; nothing is lost)",
+            m.compaction_errors.clone(),
+        );
+        registry.register(
+            "windrow_worker_compaction_slice_seconds",
+            "Time the LMDB writer spent on one compaction slice between two batches",
+            m.compaction_slice_seconds.clone(),
         );
         registry.register(
             "windrow_worker_consumer_pending_messages",
@@ -147,6 +177,24 @@ impl Metrics {
             messages = n,
             "gave up messages received before this process stood still: JetStream redelivers them (if it has not already), and applying them here too would count them twice"
         );
+    }
+
+    /// A compaction step merged `windows` in `seconds` (of the writer's
+    /// time, between two batches); `done` if it ended its compaction.
+    pub fn compacted(&self, day: &str, windows: usize, seconds: f64, done: bool) {
+        self.compacted_windows.inc_by(windows as u64);
+        self.compaction_slice_seconds.observe(seconds);
+        tracing::debug!(day, windows, seconds, "merged a slice of recent windows");
+        if done {
+            self.compactions.inc();
+            tracing::info!(day, "compaction of recent windows done");
+        }
+    }
+
+    /// A compaction step failed; the next batch's step tries again.
+    pub fn compaction_failed(&self, error: &dyn std::fmt::Display) {
+        self.compaction_errors.inc();
+        tracing::warn!(%error, "compaction failed; its windows stay in recent, where reads find them, and the next batch retries it");
     }
 
     /// A commit failed; the batch will be retried.

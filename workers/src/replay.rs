@@ -208,7 +208,10 @@ pub async fn replay(
         .nats
         .subscription_capacity
         .max(config.batch.saturating_add(64));
-    let (writer, writer_thread) = Writer::start(worker.store.clone(), Arc::new(SystemClock))?;
+    // Replay serves no /metrics: its counters go nowhere; its compactions log.
+    let metrics = Metrics::register(&mut Registry::default());
+    let (writer, writer_thread) =
+        Writer::start(worker.store.clone(), Arc::new(SystemClock), metrics.clone())?;
     let nats = windrow_jetstream::connect(&worker.nats, "windrow-replay", |_| async {}).await?;
     let js = jetstream::new(nats.clone());
     let filter = config.filter.clone().unwrap_or_else(|| worker.filter());
@@ -226,7 +229,7 @@ pub async fn replay(
         config: Arc::new(worker),
         writer: writer.clone(),
         nats: nats.clone(),
-        metrics: Metrics::register(&mut Registry::default()),
+        metrics,
         health: Health::new(),
         double_ack: false,
     });
@@ -840,7 +843,9 @@ pub async fn verify(
     expect_nodes: Option<usize>,
     timeout: Duration,
 ) -> Result<Verification, Error> {
-    let (writer, writer_thread) = Writer::start(worker.store.clone(), Arc::new(SystemClock))?;
+    let metrics = Metrics::register(&mut Registry::default());
+    let (writer, writer_thread) =
+        Writer::start(worker.store.clone(), Arc::new(SystemClock), metrics)?;
     let nats =
         windrow_jetstream::connect(&worker.nats, "windrow-replay-verify", |_| async {}).await?;
     let mut out = Verification::default();

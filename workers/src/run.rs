@@ -58,7 +58,7 @@ pub async fn run_with_clock(
     let ops_stop = CancellationToken::new();
     let ops_task = tokio::spawn(ops.serve(Arc::new(registry), health.clone(), ops_stop.clone()));
 
-    let (writer, writer_thread) = Writer::start(config.store.clone(), clock)?;
+    let (writer, writer_thread) = Writer::start(config.store.clone(), clock, metrics.clone())?;
     if let Ok(Ok(days)) = writer.enforce_retention().await {
         if !days.is_empty() {
             tracing::info!(?days, "deleted days beyond retention");

@@ -9,6 +9,7 @@ use std::{sync::Arc, thread};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    events::Metrics,
     pause::Fence,
     query::QueryRequest,
     store::{Clock, LatestRow, Message, Store, StoreConfig, StoreError, Verdict, WindowRow},
@@ -47,23 +48,16 @@ pub struct WriterGone;
 /// Compacts the days whose `recent` database is full enough, logging what
 /// it did. A failure leaves the windows in `recent`, where readers find them,
 /// and the next batch tries again.
-fn compact_due(store: &mut Store) {
+fn compact_due(store: &mut Store, metrics: &Metrics) {
     let started = std::time::Instant::now();
     match store.compact_due() {
         Ok(steps) => {
+            let seconds = started.elapsed().as_secs_f64();
             for step in steps {
-                tracing::debug!(
-                    day = step.day,
-                    windows = step.windows,
-                    ms = started.elapsed().as_millis() as u64,
-                    "merged a slice of recent windows into the series-ordered database"
-                );
-                if step.done {
-                    tracing::info!(day = step.day, "compaction of recent windows done");
-                }
+                metrics.compacted(&step.day, step.windows, seconds, step.done);
             }
         }
-        Err(e) => tracing::warn!(error = %e, "compaction failed; retrying after the next batch"),
+        Err(e) => metrics.compaction_failed(&e),
     }
 }
 
@@ -75,6 +69,7 @@ impl Writer {
     pub fn start(
         config: StoreConfig,
         clock: Arc<dyn Clock>,
+        metrics: Metrics,
     ) -> Result<(Writer, thread::JoinHandle<()>), StoreError> {
         let mut store = Store::open(config, clock)?;
         let (tx, mut rx) = mpsc::channel::<Command>(16);
@@ -95,7 +90,7 @@ impl Writer {
                             let _ = reply.send(applied);
                             // After the reply, so the batch's acknowledgements
                             // do not wait for it; the next batch does.
-                            compact_due(&mut store);
+                            compact_due(&mut store, &metrics);
                         }
                         Command::Query(q, reply) => {
                             let res = store

@@ -29,13 +29,14 @@ pub(super) struct Planned {
 }
 
 /// One day's part of a batch in one write transaction; committed only if
-/// something was applied.
+/// something was applied. Returns a verdict per planned message and the
+/// windows written to `recent`.
 pub(super) fn apply_day(
     day: &DayEnv,
     resolutions: &[u32],
     batch: &[Message],
     plan: &[Planned],
-) -> Result<Vec<Verdict>, StoreError> {
+) -> Result<(Vec<Verdict>, usize), StoreError> {
     let mut w = day.write_txn()?;
     let mut pending = Pending::with_capacity(plan.len(), resolutions.len());
     let mut out = Vec::with_capacity(plan.len());
@@ -58,11 +59,12 @@ pub(super) fn apply_day(
         out.push(Verdict::Applied);
     }
     let applied = out.iter().filter(|v| **v == Verdict::Applied).count() as u64;
+    let mut windows = 0;
     if applied > 0 {
-        pending.write(day, &mut w.txn, applied)?;
+        windows = pending.write(day, &mut w.txn, applied)?;
         w.commit(&day.name)?;
     }
-    Ok(out)
+    Ok((out, windows))
 }
 
 /// A day's changes, gathered in memory so each key is read and written once
@@ -207,7 +209,13 @@ impl Pending {
     /// Merges into what the day holds and puts everything, in key order
     /// through one cursor per database ([`upsert_sorted`]); windows go to
     /// `recent`, time first.
-    fn write(mut self, day: &DayEnv, txn: &mut RwTxn<'_>, applied: u64) -> Result<(), StoreError> {
+    /// Returns the windows written.
+    fn write(
+        mut self,
+        day: &DayEnv,
+        txn: &mut RwTxn<'_>,
+        applied: u64,
+    ) -> Result<usize, StoreError> {
         let err = lmdb(&day.name);
         let recent = day.recent_dbs()?[day.recent_state(txn)?.active];
         let keys = &self.keys;
@@ -243,7 +251,8 @@ impl Pending {
         let count = day.messages_applied(txn)?;
         day.meta
             .put(txn, b"messages_applied", &(count + applied).to_le_bytes())
-            .map_err(&err)
+            .map_err(&err)?;
+        Ok(self.windows.len())
     }
 }
 
@@ -287,8 +296,8 @@ impl Compaction {
 }
 
 /// Reads the windows of `recent` database `frozen` with window keys from
-/// `floor` on, sorted by window key.
-fn load_frozen(
+/// `floor` on, sorted by window key: the compaction to run.
+pub(super) fn load_frozen(
     day: &DayEnv,
     txn: &RoTxn<'_>,
     frozen: usize,
@@ -325,17 +334,20 @@ fn load_frozen(
 }
 
 /// Starts a compaction: in one transaction, freezes the active `recent`
-/// database and makes the other (empty) one active, and reads the frozen
-/// windows. `None` if the active one is empty.
-pub(super) fn start_compaction(day: &DayEnv) -> Result<Option<Compaction>, StoreError> {
+/// database and makes the other (empty) one active. Returns the frozen one,
+/// or `None` if the active one is empty. Its windows are read afterwards
+/// ([`load_frozen`]): nothing writes to it any more.
+pub(super) fn start_compaction(day: &DayEnv) -> Result<Option<usize>, StoreError> {
     let err = lmdb(&day.name);
     let mut w = day.write_txn()?;
     let state = day.recent_state(&w.txn)?;
     if state.merged_below.is_some() {
         return Err(corrupt(&day.name, "a compaction is already in progress"));
     }
-    let compaction = load_frozen(day, &w.txn, state.active, &[])?;
-    if compaction.windows.is_empty() {
+    if day.recent_dbs()?[state.active]
+        .is_empty(&w.txn)
+        .map_err(&err)?
+    {
         return Ok(None);
     }
     let active: &[u8] = if state.active == 0 { b"1" } else { b"0" };
@@ -346,17 +358,15 @@ pub(super) fn start_compaction(day: &DayEnv) -> Result<Option<Compaction>, Store
         .put(&mut w.txn, COMPACTED_BELOW, b"")
         .map_err(&err)?;
     w.commit(&day.name)?;
-    Ok(Some(compaction))
+    Ok(Some(state.active))
 }
 
-/// The compaction a previous process left unfinished, if any.
-pub(super) fn resume_compaction(day: &DayEnv) -> Result<Option<Compaction>, StoreError> {
+/// The compaction a previous process left unfinished, if any: the frozen
+/// database and how far its merge got.
+pub(super) fn unfinished_compaction(day: &DayEnv) -> Result<Option<(usize, Vec<u8>)>, StoreError> {
     day.read(|rtxn| {
         let state = day.recent_state(rtxn)?;
-        let Some(floor) = &state.merged_below else {
-            return Ok(None);
-        };
-        load_frozen(day, rtxn, 1 - state.active, floor).map(Some)
+        Ok(state.merged_below.map(|floor| (1 - state.active, floor)))
     })
 }
 

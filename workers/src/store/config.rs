@@ -34,8 +34,9 @@ pub struct StoreConfig {
     /// 110 bytes of memory per window while one runs. Default 1,000,000.
     pub recent_max_windows: u64,
     /// Windows a compaction merges per transaction, one such slice after
-    /// each batch: the longest the writer pauses for compaction between two
-    /// batches. Default 100,000.
+    /// each batch (or twice what the batches since the last slice wrote, if
+    /// more, so that compaction outpaces the writes): the longest the writer
+    /// pauses for compaction between two batches. Default 100,000.
     pub compaction_slice_windows: u64,
 }
 

@@ -8,12 +8,15 @@ use std::{
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use super::{
-    batch::{apply_day, compaction_step, resume_compaction, start_compaction, Compaction, Planned},
+    batch::{
+        apply_day, compaction_step, load_frozen, start_compaction, unfinished_compaction,
+        Compaction, Planned,
+    },
     codec::{check_names, check_stream},
     config::MAP_GRANULE,
     day::{open_for_write, Day, DayEnv},
     day_name, day_number,
-    error::{io, StoreError},
+    error::{corrupt, io, StoreError},
     read::{day_dirs, StoreReader},
     Clock, Message, StoreConfig, Verdict,
 };
@@ -28,7 +31,17 @@ pub struct Store {
     clock: Arc<dyn Clock>,
     reader: StoreReader,
     /// Compactions in progress, by day.
-    compactions: HashMap<String, Compaction>,
+    compactions: HashMap<String, Task>,
+    /// Windows written to `recent` since the last [`Store::compact_due`].
+    written: usize,
+}
+
+/// A compaction of one day in this process.
+enum Task {
+    /// Its frozen windows being read and sorted, on a thread of its own.
+    Loading(std::thread::JoinHandle<Result<Compaction, StoreError>>),
+    /// Being merged into `windows`, a slice after each batch.
+    Merging(Compaction),
 }
 
 impl std::ops::Deref for Store {
@@ -87,6 +100,7 @@ impl Store {
             config,
             clock,
             compactions: HashMap::new(),
+            written: 0,
         };
         for name in day_dirs(&store.config.dir, true)? {
             store.day(&name)?;
@@ -140,12 +154,13 @@ impl Store {
         }
         for (name, plan) in by_day.into_values() {
             let day = self.day(&name)?;
-            let out = loop {
+            let (out, written) = loop {
                 match apply_day(&day, &self.config.resolutions_secs, batch, &plan) {
                     Err(e) if e.is_map_full() => grow(&self.config, &day)?,
                     other => break other?,
                 }
             };
+            self.written = self.written.saturating_add(written);
             for (p, v) in plan.iter().zip(out) {
                 verdicts[p.index] = v;
             }
@@ -157,7 +172,9 @@ impl Store {
     /// active `recent` database holds `recent_max_windows` or more starts a
     /// compaction (see [`StoreConfig::recent_max_windows`]), and a day with a
     /// compaction in progress (also one a previous process left) merges its
-    /// next `compaction_slice_windows` windows. Returns per day the windows
+    /// next `compaction_slice_windows` windows, or twice what the batches
+    /// since the last call wrote to `recent` if that is more, so that
+    /// compaction always outpaces the writes. Returns per day the windows
     /// merged and whether its compaction is done. The writer thread calls it
     /// after every batch, so the batches in between wait for one slice at
     /// most, never for a whole compaction.
@@ -168,10 +185,18 @@ impl Store {
     pub fn compact_due(&mut self) -> Result<Vec<CompactionStep>, StoreError> {
         let mut done = Vec::new();
         let days: Vec<Day> = self.reader.days.values().cloned().collect();
+        let slice = usize::try_from(self.config.compaction_slice_windows)
+            .unwrap_or(usize::MAX)
+            .max(self.written.saturating_mul(2));
         for day in days {
-            if let Some(step) = self.compaction_step(&day, false)? {
+            if let Some(step) = self.compaction_step(&day, slice, false)? {
                 done.push(step);
             }
+        }
+        // Kept while a compaction's windows are still loading: its first
+        // slice must catch up with them.
+        if !done.is_empty() || self.compactions.is_empty() {
+            self.written = 0;
         }
         Ok(done)
     }
@@ -187,7 +212,7 @@ impl Store {
         for day in days {
             // An unfinished compaction first, then one of what is active.
             for _ in 0..2 {
-                while let Some(step) = self.compaction_step(&day, true)? {
+                while let Some(step) = self.compaction_step(&day, usize::MAX, true)? {
                     moved += step.windows as u64;
                     if step.done {
                         break;
@@ -199,44 +224,77 @@ impl Store {
     }
 
     /// The day's next compaction slice, starting or resuming a compaction
-    /// if there is none in this process (`force`: whatever `recent` holds).
+    /// if there is none in this process (`force`: whatever `recent` holds,
+    /// and without skipping a turn while the frozen windows load).
     fn compaction_step(
         &mut self,
-        day: &DayEnv,
+        day: &Day,
+        slice: usize,
         force: bool,
     ) -> Result<Option<CompactionStep>, StoreError> {
         if !self.compactions.contains_key(&day.name) {
-            let found = match resume_compaction(day)? {
-                Some(c) => Some(c),
-                None if force || day.recent_windows()? >= self.config.recent_max_windows => {
-                    self.retrying_map_full(day, start_compaction)?
-                }
+            let frozen = match unfinished_compaction(day)? {
+                Some(found) => Some(found),
+                None if force || day.recent_windows()? >= self.config.recent_max_windows => self
+                    .retrying_map_full(day, start_compaction)?
+                    .map(|frozen| (frozen, Vec::new())),
                 None => None,
             };
-            match found {
-                Some(c) => self.compactions.insert(day.name.clone(), c),
-                None => return Ok(None),
+            let Some((frozen, floor)) = frozen else {
+                return Ok(None);
             };
+            // Reading and sorting a million windows takes a few tenths of a
+            // second: on a thread of its own, batches go on meanwhile.
+            let loading = day.clone();
+            let handle = std::thread::Builder::new()
+                .name("lmdb-compaction".into())
+                .spawn(move || loading.read(|rtxn| load_frozen(&loading, rtxn, frozen, &floor)))
+                .map_err(|source| StoreError::Io {
+                    path: "lmdb-compaction thread".into(),
+                    source,
+                })?;
+            self.compactions
+                .insert(day.name.clone(), Task::Loading(handle));
         }
-        let slice = usize::try_from(self.config.compaction_slice_windows).unwrap_or(usize::MAX);
-        let Some(c) = self.compactions.get_mut(&day.name) else {
+        let Some(task) = self.compactions.remove(&day.name) else {
             return Ok(None);
         };
+        // Dropped on an error: the next call reloads what is left from the
+        // day, where `meta` says how far the merge got.
+        let mut c = match task {
+            Task::Loading(handle) if !force && !handle.is_finished() => {
+                self.compactions
+                    .insert(day.name.clone(), Task::Loading(handle));
+                return Ok(None);
+            }
+            Task::Loading(handle) => handle
+                .join()
+                .map_err(|_| corrupt(&day.name, "the compaction's loading thread panicked"))??,
+            Task::Merging(c) => c,
+        };
         let windows = loop {
-            match compaction_step(day, c, slice) {
+            match compaction_step(day, &mut c, slice) {
                 Err(e) if e.is_map_full() => grow(&self.config, day)?,
                 other => break other?,
             }
         };
         let done = c.remaining() == 0;
-        if done {
-            self.compactions.remove(&day.name);
+        if !done {
+            self.compactions.insert(day.name.clone(), Task::Merging(c));
         }
         Ok(Some(CompactionStep {
             day: day.name.clone(),
             windows,
             done,
         }))
+    }
+
+    /// Forgets the day's compaction, waiting for its loading thread (which
+    /// holds the day open) if it runs.
+    fn forget_compaction(&mut self, name: &str) {
+        if let Some(Task::Loading(handle)) = self.compactions.remove(name) {
+            let _ = handle.join();
+        }
     }
 
     /// `f`, retried after growing the map while it fails for a full one.
@@ -341,7 +399,7 @@ impl Store {
             if name >= first {
                 continue;
             }
-            self.compactions.remove(&name);
+            self.forget_compaction(&name);
             if let Some(day) = self.reader.days.remove(&name) {
                 if !DayEnv::close(day) {
                     // Unlinked files stay valid for that reader until it drops them.
@@ -358,7 +416,11 @@ impl Store {
 
     /// Closes every environment and waits until LMDB released them, so the
     /// same directory can be opened again in this process at once.
-    pub fn close(self) {
+    pub fn close(mut self) {
+        let loading: Vec<String> = self.compactions.keys().cloned().collect();
+        for name in loading {
+            self.forget_compaction(&name);
+        }
         for (_, day) in self.reader.days {
             DayEnv::close(day);
         }
