@@ -115,7 +115,7 @@ impl KeyArena {
 
     /// Sorts `entries` by key and folds the entries of each key into one.
     fn sort_and_fold<V>(&self, entries: &mut Vec<(KeyRef, V)>, fold: impl Fn(&mut V, &V)) {
-        entries.sort_unstable_by(|a, b| self.get(a.0).cmp(self.get(b.0)));
+        entries.sort_unstable_by(|a, b| byte_order(self.get(a.0), self.get(b.0)));
         entries.dedup_by(|next, kept| {
             let same = self.get(next.0) == self.get(kept.0);
             if same {
@@ -124,6 +124,27 @@ impl KeyArena {
             same
         });
     }
+}
+
+/// The byte order of two keys (what LMDB sorts by), compared eight bytes at a
+/// time. The keys of a batch are 20–40 bytes with long common prefixes (the
+/// same resolution and start, series names alike up to their last digits),
+/// and a `memcmp` call per comparison was a fifth of the writer's time.
+fn byte_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in a8.by_ref().zip(b8.by_ref()) {
+        let (x, y) = (
+            u64::from_be_bytes(x.try_into().unwrap_or_default()),
+            u64::from_be_bytes(y.try_into().unwrap_or_default()),
+        );
+        if x != y {
+            return x.cmp(&y);
+        }
+    }
+    // Equal so far: the rest of both (shorter than 8 bytes, or the longer
+    // key's remaining chunks) decides.
+    let done = a.len().min(b.len()) / 8 * 8;
+    a[done..].cmp(&b[done..])
 }
 
 impl Pending {
@@ -497,4 +518,28 @@ fn upsert_sorted<'k, E: Copy, V: AsRef<[u8]>>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::byte_order;
+
+    proptest! {
+        #[test]
+        fn byte_order_is_the_slices_order(
+            prefix in prop::collection::vec(any::<u8>(), 0..24),
+            a in prop::collection::vec(0u8..3, 0..20),
+            b in prop::collection::vec(0u8..3, 0..20),
+        ) {
+            // A shared prefix of any length, then tails of few distinct
+            // bytes: equal keys, prefixes of each other, and differences in
+            // and after the eight-byte chunks.
+            let (a, b) = ([&prefix[..], &a].concat(), [&prefix[..], &b].concat());
+            prop_assert_eq!(byte_order(&a, &b), a.cmp(&b));
+            prop_assert_eq!(byte_order(&b, &a), b.cmp(&a));
+            prop_assert_eq!(byte_order(&a, &a), std::cmp::Ordering::Equal);
+        }
+    }
 }
