@@ -49,12 +49,10 @@ pub struct WriterGone;
 /// it did. A failure leaves the windows in `recent`, where readers find them,
 /// and the next batch tries again.
 fn compact_due(store: &mut Store, metrics: &Metrics) {
-    let started = std::time::Instant::now();
     match store.compact_due() {
         Ok(steps) => {
-            let seconds = started.elapsed().as_secs_f64();
             for step in steps {
-                metrics.compacted(&step.day, step.windows, seconds, step.done);
+                metrics.compacted(&step.day, step.windows, step.seconds, step.done);
             }
         }
         Err(e) => metrics.compaction_failed(&e),

@@ -87,7 +87,9 @@ impl StoreReader {
     /// "series", "field", "resolution_secs", "start_ns", <aggregate fields>}`
     /// and `{"day", "db": "latest", "series", "field", "ts_ns", "value"}`);
     /// returns the lines written. Windows still in `recent` are merged in, in
-    /// key order: the dump is the same before and after a compaction.
+    /// key order: the dump is the same before and after a compaction (up to
+    /// the rounding of a window's floating-point `sum`, which depends on the
+    /// order its parts are added in).
     ///
     /// # Errors
     /// [`StoreError`] on a read failure or when `out` fails.

@@ -61,7 +61,7 @@ impl std::fmt::Debug for Store {
 }
 
 /// What one [`Store::compact_due`] step did for a day.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CompactionStep {
     /// The day, `YYYY-MM-DD`.
     pub day: String,
@@ -69,6 +69,8 @@ pub struct CompactionStep {
     pub windows: usize,
     /// Whether the day's compaction ended with it.
     pub done: bool,
+    /// The writer's time on this step, seconds.
+    pub seconds: f64,
 }
 
 /// What lateness, the future limit and retention allow, fixed once per batch.
@@ -188,15 +190,20 @@ impl Store {
         let slice = usize::try_from(self.config.compaction_slice_windows)
             .unwrap_or(usize::MAX)
             .max(self.written.saturating_mul(2));
+        // Kept while a compaction's windows load, so that its first slice
+        // catches up with what was written meanwhile; otherwise counted
+        // afresh, also after a failed step (which drops its task).
+        let loading = self
+            .compactions
+            .values()
+            .any(|t| matches!(t, Task::Loading(_)));
+        if !loading {
+            self.written = 0;
+        }
         for day in days {
             if let Some(step) = self.compaction_step(&day, slice, false)? {
                 done.push(step);
             }
-        }
-        // Kept while a compaction's windows are still loading: its first
-        // slice must catch up with them.
-        if !done.is_empty() || self.compactions.is_empty() {
-            self.written = 0;
         }
         Ok(done)
     }
@@ -259,6 +266,7 @@ impl Store {
         let Some(task) = self.compactions.remove(&day.name) else {
             return Ok(None);
         };
+        let started = std::time::Instant::now();
         // Dropped on an error: the next call reloads what is left from the
         // day, where `meta` says how far the merge got.
         let mut c = match task {
@@ -286,6 +294,7 @@ impl Store {
             day: day.name.clone(),
             windows,
             done,
+            seconds: started.elapsed().as_secs_f64(),
         }))
     }
 
