@@ -40,7 +40,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{cpu_model, env_usize, group, median};
+use support::{cpu_model, disk_bytes, env_usize, group, median};
 use windrow_workers::{
     store::{ManualClock, Message, Store, StoreConfig},
     window::Sample,
@@ -129,20 +129,6 @@ fn written_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 fn run(s: Settings, scenario: Scenario, round: usize) -> Outcome {
     let dir = tempfile::Builder::new()
         .prefix("windrow-bench-store-")
@@ -226,7 +212,7 @@ fn run(s: Settings, scenario: Scenario, round: usize) -> Outcome {
     }
     out.secs = started.elapsed().as_secs_f64();
     out.written_bytes = written_bytes().saturating_sub(written_before);
-    out.disk_bytes = dir_bytes(dir.path());
+    out.disk_bytes = disk_bytes(dir.path());
     store.close();
     out
 }

@@ -382,15 +382,6 @@ pub(super) fn start_compaction(day: &DayEnv) -> Result<Option<usize>, StoreError
     Ok(Some(state.active))
 }
 
-/// The compaction a previous process left unfinished, if any: the frozen
-/// database and how far its merge got.
-pub(super) fn unfinished_compaction(day: &DayEnv) -> Result<Option<(usize, Vec<u8>)>, StoreError> {
-    day.read(|rtxn| {
-        let state = day.recent_state(rtxn)?;
-        Ok(state.merged_below.map(|floor| (1 - state.active, floor)))
-    })
-}
-
 /// Merges up to `slice` more windows of `c` into `windows`, in one
 /// transaction that also records how far the merge got (or, with the last
 /// slice, empties the frozen database and ends the compaction). Returns the

@@ -107,7 +107,7 @@ pub struct WindowKey {
 }
 
 /// Bytes before the names in a [`put_recent_key`] key.
-pub const RECENT_HEAD: usize = 12;
+const RECENT_HEAD: usize = 12;
 
 /// Appends a `recent` key to `buf`: `resolution(u32 BE) start(u64 BE, sign bit
 /// flipped) series 0x00 field`, the window key's parts with time first.
@@ -140,7 +140,7 @@ pub fn recent_head(resolution_secs: u32, start_ns: i64) -> [u8; RECENT_HEAD] {
 
 /// The `recent` key's names part (`series 0x00 field`, what a window key
 /// starts with), if it is one.
-pub fn recent_names(k: &[u8]) -> Option<&[u8]> {
+fn recent_names(k: &[u8]) -> Option<&[u8]> {
     k.get(RECENT_HEAD..).filter(|n| n.contains(&SEP))
 }
 

@@ -383,15 +383,17 @@ impl DayEnv {
             .ok_or_else(|| corrupt(&self.name, "no recent database in a day open for writing"))
     }
 
-    /// Windows in the active `recent` database.
-    pub fn recent_windows(&self) -> Result<u64, StoreError> {
-        let Some(recent) = self.recent else {
-            return Ok(0);
-        };
+    /// [`DayEnv::recent_state`] and the windows in the active `recent`
+    /// database, read in one transaction (what the writer checks after each
+    /// batch to start or resume a compaction).
+    pub fn recent_status(&self) -> Result<(RecentState, u64), StoreError> {
         self.read(|rtxn| {
-            let active = self.recent_state(rtxn)?.active;
-            let n = recent[active].len(rtxn).map_err(lmdb(&self.name))?;
-            Ok(n)
+            let state = self.recent_state(rtxn)?;
+            let active = match self.recent {
+                Some(dbs) => dbs[state.active].len(rtxn).map_err(lmdb(&self.name))?,
+                None => 0,
+            };
+            Ok((state, active))
         })
     }
 

@@ -115,6 +115,37 @@ fn scan<'t>(
     }
 }
 
+/// Calls `f` with the window key and value of every window in the day's
+/// `recent` databases whose `recent` key lies in `range`, except what a
+/// compaction in progress has merged into `windows` already (below its floor
+/// in the frozen database).
+pub(super) fn for_each_recent(
+    day: &DayEnv,
+    rtxn: &RoTxn<'_>,
+    range: (Bound<&[u8]>, Bound<&[u8]>),
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let Some(recent) = day.recent else {
+        return Ok(());
+    };
+    let state = day.recent_state(rtxn)?;
+    let mut k = Vec::new();
+    for (i, db) in recent.into_iter().enumerate() {
+        let floor = state.floor(i);
+        for entry in db.range(rtxn, &range).map_err(lmdb(&day.name))? {
+            let (rk, v) = entry.map_err(lmdb(&day.name))?;
+            k.clear();
+            if !put_window_key_of_recent(&mut k, rk) {
+                return Err(corrupt(&day.name, "recent window key"));
+            }
+            if k.as_slice() >= floor {
+                f(&k, v)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether the day (which holds windows starting in it) can hold a window
 /// starting in `[from_ns, to_ns)`.
 fn overlaps(day: &DayEnv, from_ns: i64, to_ns: i64) -> bool {
@@ -234,31 +265,17 @@ impl StoreReader {
                 // Windows not yet compacted: `recent` is ordered by time
                 // first, so the range is the query's, and the series pattern
                 // is a filter.
-                if let Some(recent) = day.recent {
-                    let state = day.recent_state(rtxn)?;
-                    let (lo, hi) = (
-                        recent_head(resolution_secs, from_ns),
-                        recent_head(resolution_secs, to_ns),
-                    );
-                    let range = (Bound::Included(&lo[..]), Bound::Excluded(&hi[..]));
-                    let mut k = Vec::new();
-                    for (i, db) in recent.into_iter().enumerate() {
-                        // In a database being compacted, what lies below
-                        // the floor is in `windows` already.
-                        let floor = state.floor(i);
-                        for entry in db.range(rtxn, &range).map_err(lmdb(&day.name))? {
-                            let (rk, v) = entry.map_err(lmdb(&day.name))?;
-                            k.clear();
-                            if !put_window_key_of_recent(&mut k, rk) {
-                                return Err(corrupt(&day.name, "recent window key"));
-                            }
-                            if k.starts_with(&prefix) && k.as_slice() >= floor {
-                                add(&k, v)?;
-                            }
-                        }
+                let (lo, hi) = (
+                    recent_head(resolution_secs, from_ns),
+                    recent_head(resolution_secs, to_ns),
+                );
+                let range = (Bound::Included(&lo[..]), Bound::Excluded(&hi[..]));
+                for_each_recent(day, rtxn, range, |k, v| {
+                    if k.starts_with(&prefix) {
+                        add(k, v)?;
                     }
-                }
-                Ok(())
+                    Ok(())
+                })
             })?;
         }
         Ok(merged.into_values().collect())

@@ -4,16 +4,16 @@
 use std::{
     collections::BTreeMap,
     io::Write,
+    ops::Bound,
     path::{Path, PathBuf},
 };
 
 use serde::Serialize;
 
 use super::{
-    codec::{
-        parse_latest_key, parse_latest_value, parse_window_key, put_window_key_of_recent, WindowKey,
-    },
+    codec::{parse_latest_key, parse_latest_value, parse_window_key, WindowKey},
     error::{corrupt, io, lmdb, StoreError},
+    read::for_each_recent,
     LatestRow, StoreReader,
 };
 use crate::window::Aggregate;
@@ -101,22 +101,16 @@ impl StoreReader {
                 // `recent` is bounded by `recent_max_windows`: held in memory
                 // by window key, merged into the walk over `windows`.
                 let mut recent = BTreeMap::<Vec<u8>, Aggregate>::new();
-                if let Some(dbs) = day.recent {
-                    let state = day.recent_state(rtxn)?;
-                    for (i, db) in dbs.into_iter().enumerate() {
-                        for entry in db.iter(rtxn).map_err(lmdb(name))? {
-                            let (rk, v) = entry.map_err(lmdb(name))?;
-                            let mut k = Vec::new();
-                            let agg = Aggregate::from_bytes(v)
-                                .filter(|_| put_window_key_of_recent(&mut k, rk))
-                                .ok_or_else(|| corrupt(name, "recent window"))?;
-                            // Below the floor: merged into `windows` already.
-                            if k.as_slice() >= state.floor(i) {
-                                recent.entry(k).and_modify(|a| a.merge(&agg)).or_insert(agg);
-                            }
-                        }
-                    }
-                }
+                let all = (Bound::Unbounded, Bound::Unbounded);
+                for_each_recent(day, rtxn, all, |k, v| {
+                    let agg =
+                        Aggregate::from_bytes(v).ok_or_else(|| corrupt(name, "recent window"))?;
+                    recent
+                        .entry(k.to_vec())
+                        .and_modify(|a| a.merge(&agg))
+                        .or_insert(agg);
+                    Ok(())
+                })?;
                 let mut recent = recent.into_iter().peekable();
                 let mut line = |k: &[u8], agg: &Aggregate| -> Result<(), StoreError> {
                     let key = parse_window_key(k).ok_or_else(|| corrupt(name, "window key"))?;

@@ -8,10 +8,7 @@ use std::{
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use super::{
-    batch::{
-        apply_day, compaction_step, load_frozen, start_compaction, unfinished_compaction,
-        Compaction, Planned,
-    },
+    batch::{apply_day, compaction_step, load_frozen, start_compaction, Compaction, Planned},
     codec::{check_names, check_stream},
     config::MAP_GRANULE,
     day::{open_for_write, Day, DayEnv},
@@ -156,12 +153,10 @@ impl Store {
         }
         for (name, plan) in by_day.into_values() {
             let day = self.day(&name)?;
-            let (out, written) = loop {
-                match apply_day(&day, &self.config.resolutions_secs, batch, &plan) {
-                    Err(e) if e.is_map_full() => grow(&self.config, &day)?,
-                    other => break other?,
-                }
-            };
+            let resolutions = &self.config.resolutions_secs;
+            let (out, written) = retry_map_full(&self.config, &day, |day| {
+                apply_day(day, resolutions, batch, &plan)
+            })?;
             self.written = self.written.saturating_add(written);
             for (p, v) in plan.iter().zip(out) {
                 verdicts[p.index] = v;
@@ -240,11 +235,14 @@ impl Store {
         force: bool,
     ) -> Result<Option<CompactionStep>, StoreError> {
         if !self.compactions.contains_key(&day.name) {
-            let frozen = match unfinished_compaction(day)? {
-                Some(found) => Some(found),
-                None if force || day.recent_windows()? >= self.config.recent_max_windows => self
-                    .retrying_map_full(day, start_compaction)?
-                    .map(|frozen| (frozen, Vec::new())),
+            let (state, active) = day.recent_status()?;
+            let frozen = match state.merged_below {
+                // One a previous process left unfinished.
+                Some(floor) => Some((1 - state.active, floor)),
+                None if force || active >= self.config.recent_max_windows => {
+                    retry_map_full(&self.config, day, start_compaction)?
+                        .map(|frozen| (frozen, Vec::new()))
+                }
                 None => None,
             };
             let Some((frozen, floor)) = frozen else {
@@ -280,12 +278,7 @@ impl Store {
                 .map_err(|_| corrupt(&day.name, "the compaction's loading thread panicked"))??,
             Task::Merging(c) => c,
         };
-        let windows = loop {
-            match compaction_step(day, &mut c, slice) {
-                Err(e) if e.is_map_full() => grow(&self.config, day)?,
-                other => break other?,
-            }
-        };
+        let windows = retry_map_full(&self.config, day, |day| compaction_step(day, &mut c, slice))?;
         let done = c.remaining() == 0;
         if !done {
             self.compactions.insert(day.name.clone(), Task::Merging(c));
@@ -303,20 +296,6 @@ impl Store {
     fn forget_compaction(&mut self, name: &str) {
         if let Some(Task::Loading(handle)) = self.compactions.remove(name) {
             let _ = handle.join();
-        }
-    }
-
-    /// `f`, retried after growing the map while it fails for a full one.
-    fn retrying_map_full<T>(
-        &self,
-        day: &DayEnv,
-        f: impl Fn(&DayEnv) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        loop {
-            match f(day) {
-                Err(e) if e.is_map_full() => grow(&self.config, day)?,
-                other => return other,
-            }
         }
     }
 
@@ -432,6 +411,22 @@ impl Store {
         }
         for (_, day) in self.reader.days {
             DayEnv::close(day);
+        }
+    }
+}
+
+/// `f` on the day, retried after growing the map while it fails for a full
+/// one: nothing of a failed transaction was committed, so the retry starts
+/// from scratch and nothing is lost to growth.
+fn retry_map_full<T>(
+    config: &StoreConfig,
+    day: &DayEnv,
+    mut f: impl FnMut(&DayEnv) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    loop {
+        match f(day) {
+            Err(e) if e.is_map_full() => grow(config, day)?,
+            other => return other,
         }
     }
 }
