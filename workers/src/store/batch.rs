@@ -2,7 +2,7 @@
 //! values and applied bitmaps updated in memory, then written in one
 //! transaction.
 
-use std::ops::Bound;
+use std::{cmp::Ordering, ops::Bound};
 
 use heed::{types::Bytes, Database, PutFlags, RoTxn, RwTxn};
 use roaring::RoaringBitmap;
@@ -10,7 +10,7 @@ use roaring::RoaringBitmap;
 use super::{
     codec::{
         applied_key, applied_low, is_newer, latest_value, parse_latest_value, put_latest_key,
-        put_recent_key, put_window_key_of_recent,
+        put_recent_key, put_window_key_of_recent, recent_head, RECENT_HEAD,
     },
     day::{DayEnv, COMPACTED_BELOW, RECENT_ACTIVE},
     error::{corrupt, io, lmdb, StoreError},
@@ -38,7 +38,7 @@ pub(super) fn apply_day(
     plan: &[Planned],
 ) -> Result<(Vec<Verdict>, usize), StoreError> {
     let mut w = day.write_txn()?;
-    let mut pending = Pending::with_capacity(plan.len(), resolutions.len());
+    let mut pending = Pending::with_capacity(plan.len());
     let mut out = Vec::with_capacity(plan.len());
     for p in plan {
         let m = &batch[p.index];
@@ -55,13 +55,13 @@ pub(super) fn apply_day(
             chunk.bits.insert(applied_low(*seq));
             chunk.dirty = true;
         }
-        pending.add(m, resolutions);
+        pending.add(m);
         out.push(Verdict::Applied);
     }
     let applied = out.iter().filter(|v| **v == Verdict::Applied).count() as u64;
     let mut windows = 0;
     if applied > 0 {
-        windows = pending.write(day, &mut w.txn, applied)?;
+        windows = pending.write(day, resolutions, &mut w.txn, applied)?;
         w.commit(&day.name)?;
     }
     Ok((out, windows))
@@ -70,16 +70,27 @@ pub(super) fn apply_day(
 /// A day's changes, gathered in memory so each key is read and written once
 /// per commit, and written in key order (LMDB's cheapest).
 ///
-/// Keys live in one arena and the entries are sorted once at the end: a map
-/// keyed by an allocated key per sample spent more of the writer's time in
-/// the allocator and in rebalancing than LMDB spent on the puts.
+/// Each applied sample's names (`series 0x00 field`, the latest key) are
+/// encoded once, into one arena. At the end the samples are sorted by their
+/// names, once, and each distinct name gets a rank; a window is then the
+/// integer `(resolution, start, rank)`, and its sort compares integers. A
+/// sort of every window's and latest value's byte key (three per sample,
+/// each comparison two lookups in the arena) was a third of the writer's
+/// time. A map keyed by an allocated key per sample spent more of it in the
+/// allocator and in rebalancing than LMDB spent on the puts.
 struct Pending {
     /// The applied chunks touched, a handful per batch (one per 65,536
     /// sequences of a stream), so a scan finds them without hashing.
     chunks: Vec<Chunk>,
-    keys: KeyArena,
-    windows: Vec<(KeyRef, Aggregate)>,
-    latest: Vec<(KeyRef, (i64, f64))>,
+    names: KeyArena,
+    samples: Vec<Added>,
+}
+
+/// One applied sample.
+struct Added {
+    names: KeyRef,
+    ts_ns: i64,
+    value: f64,
 }
 
 struct Chunk {
@@ -113,16 +124,16 @@ impl KeyArena {
         &self.0[k.start..k.end]
     }
 
-    /// Sorts `entries` by key and folds the entries of each key into one.
-    fn sort_and_fold<V>(&self, entries: &mut Vec<(KeyRef, V)>, fold: impl Fn(&mut V, &V)) {
-        entries.sort_unstable_by(|a, b| byte_order(self.get(a.0), self.get(b.0)));
-        entries.dedup_by(|next, kept| {
-            let same = self.get(next.0) == self.get(kept.0);
-            if same {
-                fold(&mut kept.1, &next.1);
-            }
-            same
-        });
+    /// The first 16 bytes of `k`, zero-padded, as an integer: comparing two
+    /// of them orders the keys as their bytes do, or ties, and only a tie
+    /// needs the keys themselves (a zero byte of padding sorts like the end
+    /// of a key).
+    fn prefix(&self, k: KeyRef) -> u128 {
+        let key = self.get(k);
+        let mut p = [0u8; 16];
+        let n = key.len().min(16);
+        p[..n].copy_from_slice(&key[..n]);
+        u128::from_be_bytes(p)
     }
 }
 
@@ -130,7 +141,7 @@ impl KeyArena {
 /// time. The keys of a batch are 20–40 bytes with long common prefixes (the
 /// same resolution and start, series names alike up to their last digits),
 /// and a `memcmp` call per comparison was a fifth of the writer's time.
-fn byte_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+fn byte_order(a: &[u8], b: &[u8]) -> Ordering {
     let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
     for (x, y) in a8.by_ref().zip(b8.by_ref()) {
         let (x, y) = (
@@ -141,26 +152,44 @@ fn byte_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
             return x.cmp(&y);
         }
     }
-    // Equal so far: the rest of both (shorter than 8 bytes, or the longer
-    // key's remaining chunks) decides.
+    // Equal so far: the next eight bytes of both, zero-padded, and then the
+    // length decide. The shorter key has fewer than eight left, so if they
+    // tie it is a prefix of the longer one, which sorts after it. (A slice
+    // comparison here was a `memcmp` call per comparison again.)
     let done = a.len().min(b.len()) / 8 * 8;
-    a[done..].cmp(&b[done..])
+    let padded = |rest: &[u8]| {
+        let mut x = [0u8; 8];
+        for (to, from) in x.iter_mut().zip(rest) {
+            *to = *from;
+        }
+        u64::from_be_bytes(x)
+    };
+    padded(&a[done..])
+        .cmp(&padded(&b[done..]))
+        .then(a.len().cmp(&b.len()))
+}
+
+/// A window of a batch as one integer: its `recent` key's head
+/// ([`recent_head`]: resolution and start, 12 bytes) and the rank of its
+/// names among the batch's (4 bytes), big-endian, so that the integers sort
+/// as the `recent` keys do.
+fn window_slot(head: &[u8; RECENT_HEAD], rank: u32) -> u128 {
+    let mut b = [0u8; 16];
+    b[..RECENT_HEAD].copy_from_slice(head);
+    b[RECENT_HEAD..].copy_from_slice(&rank.to_be_bytes());
+    u128::from_be_bytes(b)
 }
 
 impl Pending {
-    /// Room for `messages` of one sample each, so a batch's keys and entries
-    /// are not copied again and again as they grow.
-    fn with_capacity(messages: usize, resolutions: usize) -> Self {
-        /// A typical key: series, field, resolution and start.
-        const KEY_BYTES: usize = 40;
-        let windows = messages.saturating_mul(resolutions);
+    /// Room for `messages` of one sample each, so a batch's names and
+    /// samples are not copied again and again as they grow.
+    fn with_capacity(messages: usize) -> Self {
+        /// Typical names: series and field.
+        const NAME_BYTES: usize = 28;
         Self {
             chunks: Vec::new(),
-            keys: KeyArena(Vec::with_capacity(
-                windows.saturating_add(messages).saturating_mul(KEY_BYTES),
-            )),
-            windows: Vec::with_capacity(windows),
-            latest: Vec::with_capacity(messages),
+            names: KeyArena(Vec::with_capacity(messages.saturating_mul(NAME_BYTES))),
+            samples: Vec::with_capacity(messages),
         }
     }
 
@@ -212,18 +241,14 @@ impl Pending {
         Ok(self.chunks.len() - 1)
     }
 
-    fn add(&mut self, m: &Message, resolutions: &[u32]) {
+    fn add(&mut self, m: &Message) {
         for s in &m.samples {
-            let one = Aggregate::of(s.ts_ns, s.value);
-            for &res in resolutions {
-                let start = window_start(s.ts_ns, i64::from(res) * NS_PER_SEC);
-                let key = self
-                    .keys
-                    .push(|k| put_recent_key(k, &s.series, &s.field, res, start));
-                self.windows.push((key, one));
-            }
-            let key = self.keys.push(|k| put_latest_key(k, &s.series, &s.field));
-            self.latest.push((key, (s.ts_ns, s.value)));
+            let names = self.names.push(|k| put_latest_key(k, &s.series, &s.field));
+            self.samples.push(Added {
+                names,
+                ts_ns: s.ts_ns,
+                value: s.value,
+            });
         }
     }
 
@@ -232,36 +257,108 @@ impl Pending {
     /// `recent`, time first.
     /// Returns the windows written.
     fn write(
-        mut self,
+        self,
         day: &DayEnv,
+        resolutions: &[u32],
         txn: &mut RwTxn<'_>,
         applied: u64,
     ) -> Result<usize, StoreError> {
         let err = lmdb(&day.name);
         let recent = day.recent_dbs()?[day.recent_state(txn)?.active];
-        let keys = &self.keys;
-        keys.sort_and_fold(&mut self.windows, |kept, next| kept.merge(next));
-        keys.sort_and_fold(&mut self.latest, |kept, next| {
-            if is_newer(*next, *kept) {
-                *kept = *next;
-            }
+        let Pending {
+            chunks,
+            names,
+            samples,
+        } = self;
+        // The samples in the order of their names; each distinct name's
+        // rank, and the newest sample of each (the latest value).
+        let mut by_name: Vec<(u128, u32)> = samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (names.prefix(s.names), i as u32))
+            .collect();
+        by_name.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| {
+                    let (x, y) = (samples[a.1 as usize].names, samples[b.1 as usize].names);
+                    byte_order(names.get(x), names.get(y))
+                })
+                .then(a.1.cmp(&b.1))
         });
-        let windows = self
-            .windows
-            .iter()
-            .map(|(key, delta)| (keys.get(*key), delta));
-        merge_windows(day, recent, txn, windows)?;
-        let latest = self
-            .latest
-            .iter()
-            .map(|(key, sample)| (keys.get(*key), sample));
+        let mut rank_of = vec![0u32; samples.len()];
+        let mut ranked: Vec<KeyRef> = Vec::new();
+        let mut latest: Vec<(KeyRef, (i64, f64))> = Vec::new();
+        for &(_, i) in &by_name {
+            let s = &samples[i as usize];
+            let newest = (s.ts_ns, s.value);
+            match latest.last_mut() {
+                Some((kept, value)) if names.get(*kept) == names.get(s.names) => {
+                    if is_newer(newest, *value) {
+                        *value = newest;
+                    }
+                }
+                _ => {
+                    ranked.push(s.names);
+                    latest.push((s.names, newest));
+                }
+            }
+            rank_of[i as usize] = (ranked.len() - 1) as u32;
+        }
+        // Each sample's window at each resolution, sorted as `recent` keys;
+        // equal slots (a series' samples in one window) are folded. The
+        // sample index in the sort makes the fold's order, and so a float
+        // sum's last bits, the same for the same batch.
+        let mut slots: Vec<(u128, u32)> = Vec::with_capacity(samples.len() * resolutions.len());
+        for (i, s) in samples.iter().enumerate() {
+            for &res in resolutions {
+                let start = window_start(s.ts_ns, i64::from(res) * NS_PER_SEC);
+                slots.push((window_slot(&recent_head(res, start), rank_of[i]), i as u32));
+            }
+        }
+        slots.sort_unstable();
+        let mut keys = KeyArena(Vec::with_capacity(slots.len() * (RECENT_HEAD + 28)));
+        let mut windows: Vec<(KeyRef, Aggregate)> = Vec::with_capacity(slots.len());
+        let mut last_slot = None;
+        for &(slot, i) in &slots {
+            let s = &samples[i as usize];
+            let one = Aggregate::of(s.ts_ns, s.value);
+            if last_slot == Some(slot) {
+                if let Some((_, agg)) = windows.last_mut() {
+                    agg.merge(&one);
+                }
+                continue;
+            }
+            last_slot = Some(slot);
+            let bytes = slot.to_be_bytes();
+            let mut head = [0u8; RECENT_HEAD];
+            head.copy_from_slice(&bytes[..RECENT_HEAD]);
+            let rank = u32::from_be_bytes(bytes[RECENT_HEAD..].try_into().unwrap_or_default());
+            let key = keys.push(|k| {
+                put_recent_key(k, &head, names.get(ranked[rank as usize]));
+            });
+            windows.push((key, one));
+        }
+        merge_windows(
+            day,
+            recent,
+            txn,
+            windows.iter().map(|(key, delta)| (keys.get(*key), delta)),
+        )?;
         let fresh = |sample: &(i64, f64)| latest_value(sample.0, sample.1);
-        upsert_sorted(day, day.latest, txn, latest, fresh, |sample, old| {
-            let old = parse_latest_value(old).ok_or_else(|| corrupt(&day.name, "latest value"))?;
-            Ok(is_newer(*sample, old).then(|| latest_value(sample.0, sample.1)))
-        })?;
+        upsert_sorted(
+            day,
+            day.latest,
+            txn,
+            latest.iter().map(|(key, sample)| (names.get(*key), sample)),
+            fresh,
+            |sample, old| {
+                let old =
+                    parse_latest_value(old).ok_or_else(|| corrupt(&day.name, "latest value"))?;
+                Ok(is_newer(*sample, old).then(|| latest_value(sample.0, sample.1)))
+            },
+        )?;
         let mut buf = Vec::new();
-        for chunk in self.chunks.iter_mut().filter(|c| c.dirty) {
+        for mut chunk in chunks.into_iter().filter(|c| c.dirty) {
             // Run containers: a chunk of sequential sequences is a few bytes.
             chunk.bits.optimize();
             buf.clear();
@@ -273,7 +370,7 @@ impl Pending {
         day.meta
             .put(txn, b"messages_applied", &(count + applied).to_le_bytes())
             .map_err(&err)?;
-        Ok(self.windows.len())
+        Ok(windows.len())
     }
 }
 
@@ -344,8 +441,13 @@ pub(super) fn load_frozen(
             windows.push((key, agg));
         }
     }
-    // Distinct `recent` keys are distinct window keys: nothing to fold.
-    keys.sort_and_fold(&mut windows, |kept, next| kept.merge(next));
+    // Distinct `recent` keys are distinct window keys: nothing to fold. Read
+    // in `recent` order, the windows are one ascending run of window keys
+    // per resolution and start (a minute of one-second windows is 60 runs):
+    // a stable sort finds the runs and merges them, where a quicksort
+    // compared every key about log2(n) times (a twentieth of a core-mode
+    // worker's time went to that sort).
+    windows.sort_by(|a, b| byte_order(keys.get(a.0), keys.get(b.0)));
     Ok(Compaction {
         keys,
         windows,
@@ -462,10 +564,14 @@ fn upsert_sorted<'k, E: Copy, V: AsRef<[u8]>>(
                 }
                 steps += 1;
                 match cursor.next().transpose().map_err(&err)? {
-                    Some((found, _)) if found < key => continue,
-                    Some((found, old)) if found == key => break Some(old),
-                    // Past the key, or at the end of the database: `key` is new.
-                    _ => break None,
+                    Some((found, old)) => match byte_order(found, key) {
+                        Ordering::Less => continue,
+                        Ordering::Equal => break Some(old),
+                        // Past the key: `key` is new.
+                        Ordering::Greater => break None,
+                    },
+                    // At the end of the database: `key` is new.
+                    None => break None,
                 }
             };
             let Some((key, entry)) = entries.next() else {
@@ -515,7 +621,7 @@ fn upsert_sorted<'k, E: Copy, V: AsRef<[u8]>>(
 mod tests {
     use proptest::prelude::*;
 
-    use super::byte_order;
+    use super::{byte_order, KeyArena};
 
     proptest! {
         #[test]
@@ -531,6 +637,22 @@ mod tests {
             prop_assert_eq!(byte_order(&a, &b), a.cmp(&b));
             prop_assert_eq!(byte_order(&b, &a), b.cmp(&a));
             prop_assert_eq!(byte_order(&a, &a), std::cmp::Ordering::Equal);
+        }
+
+        #[test]
+        fn prefixes_order_as_the_keys_or_tie(
+            prefix in prop::collection::vec(any::<u8>(), 0..24),
+            a in prop::collection::vec(0u8..3, 0..20),
+            b in prop::collection::vec(0u8..3, 0..20),
+        ) {
+            let (a, b) = ([&prefix[..], &a].concat(), [&prefix[..], &b].concat());
+            let mut arena = KeyArena(Vec::new());
+            let ka = arena.push(|k| k.extend_from_slice(&a));
+            let kb = arena.push(|k| k.extend_from_slice(&b));
+            let by_prefix = arena.prefix(ka).cmp(&arena.prefix(kb));
+            if by_prefix != std::cmp::Ordering::Equal {
+                prop_assert_eq!(by_prefix, a.cmp(&b));
+            }
         }
     }
 }

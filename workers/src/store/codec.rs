@@ -107,10 +107,13 @@ pub struct WindowKey {
 }
 
 /// Bytes before the names in a [`put_recent_key`] key.
-const RECENT_HEAD: usize = 12;
+pub const RECENT_HEAD: usize = 12;
 
 /// Appends a `recent` key to `buf`: `resolution(u32 BE) start(u64 BE, sign bit
-/// flipped) series 0x00 field`, the window key's parts with time first.
+/// flipped) series 0x00 field`, the window key's parts with time first, from
+/// the window's [`recent_head`] and its series and field already encoded as
+/// a [`put_latest_key`] key (a batch encodes each sample's names once, for
+/// every resolution and for the latest value).
 ///
 /// A batch's windows are written to `recent` in this order: one batch's
 /// windows lie next to each other (the current seconds and minutes of every
@@ -118,15 +121,9 @@ const RECENT_HEAD: usize = 12;
 /// series-first order of `windows`, every series a batch touches dirties a
 /// page of its own once it has a page of windows: measured, 11 KiB written
 /// per message after a quarter of an hour of 20,000 series (BENCHMARKS.md).
-pub fn put_recent_key(
-    buf: &mut Vec<u8>,
-    series: &str,
-    field: &str,
-    resolution_secs: u32,
-    start_ns: i64,
-) {
-    buf.extend_from_slice(&recent_head(resolution_secs, start_ns));
-    put_latest_key(buf, series, field);
+pub fn put_recent_key(buf: &mut Vec<u8>, head: &[u8; RECENT_HEAD], latest: &[u8]) {
+    buf.extend_from_slice(head);
+    buf.extend_from_slice(latest);
 }
 
 /// The first [`RECENT_HEAD`] bytes of a `recent` key: where a resolution's
@@ -264,8 +261,10 @@ mod tests {
             other in "[a-z0-9/ .]{0,20}"
         ) {
             let recent = |series: &str, ts| {
+                let mut latest = Vec::new();
+                put_latest_key(&mut latest, series, &field);
                 let mut k = Vec::new();
-                put_recent_key(&mut k, series, &field, res, ts);
+                put_recent_key(&mut k, &recent_head(res, ts), &latest);
                 k
             };
             let mut w = Vec::new();

@@ -24,10 +24,14 @@ const FIELDS: [&str; 3] = ["t", "te", "temp"];
 
 /// Series names of different lengths (some prefixes of others, e.g. `dev/3`
 /// and `dev/30`), so that keys of one device are interleaved with others' in
-/// key order and pages fill unevenly.
+/// key order and pages fill unevenly; some longer than 16 bytes and alike in
+/// their first 16, which the writer's sort cannot order by its integer
+/// prefixes alone.
 fn series(i: usize) -> String {
     if i.is_multiple_of(3) {
         format!("dev/{i}")
+    } else if i % 3 == 1 && i % 2 == 1 {
+        format!("site-01/line-02/{i}")
     } else {
         format!("d{}", "x".repeat(i % 7)) + &i.to_string()
     }
