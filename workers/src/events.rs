@@ -194,7 +194,7 @@ impl Metrics {
     /// A compaction step failed; the next batch's step tries again.
     pub fn compaction_failed(&self, error: &dyn std::fmt::Display) {
         self.compaction_errors.inc();
-        tracing::warn!(%error, "compaction failed; its windows stay in recent, where reads find them, and the next batch retries it");
+        tracing::warn!(%error, "compaction failed; its windows stay in recent, where reads find them, and the writer retries it after the next batch or when idle");
     }
 
     /// A commit failed; the batch will be retried.

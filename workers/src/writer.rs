@@ -4,7 +4,11 @@
 //! so the [`Store`] lives on one dedicated thread fed by a channel; async tasks
 //! send it work and await the answer.
 
-use std::{sync::Arc, thread};
+use std::{
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,7 +36,16 @@ enum Command {
     Apply(Arc<Vec<Message>>, Option<Fence>, oneshot::Sender<Applied>),
     Query(QueryRequest, oneshot::Sender<QueryResult>),
     Retention(oneshot::Sender<Result<Vec<String>, StoreError>>),
+    /// Sent every [`IDLE`]: when no batch came for that long, a compaction
+    /// in progress takes its next slice anyway.
+    Idle,
 }
+
+/// How long the writer waits for a batch before it goes on compacting
+/// without one. Compaction otherwise advances only after batches: when
+/// traffic stops, a loaded compaction would hold its windows in memory (about
+/// 110 bytes each) and leave readers scanning `recent` until the next batch.
+const IDLE: Duration = Duration::from_millis(200);
 
 /// Handle to the writer thread; cloning shares it.
 #[derive(Clone)]
@@ -71,11 +84,30 @@ impl Writer {
     ) -> Result<(Writer, thread::JoinHandle<()>), StoreError> {
         let mut store = Store::open(config, clock)?;
         let (tx, mut rx) = mpsc::channel::<Command>(16);
+        // The ticks stop when the writer's last handle is dropped: the ticker
+        // holds only a weak one, so that the channel can close.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let ticks = tx.downgrade();
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(IDLE).await;
+                    let Some(tx) = ticks.upgrade() else { return };
+                    // Never waits: a full channel means the writer is busy.
+                    let _ = tx.try_send(Command::Idle);
+                }
+            });
+        }
         let handle = thread::Builder::new()
             .name("lmdb-writer".into())
             .spawn(move || {
+                let mut last_batch = Instant::now();
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
+                        Command::Idle => {
+                            if last_batch.elapsed() >= IDLE {
+                                compact_due(&mut store, &metrics);
+                            }
+                        }
                         Command::Apply(batch, fence, reply) => {
                             // Checked here, as late as can be: a batch
                             // waits in the channel while the one before
@@ -89,6 +121,7 @@ impl Writer {
                             // After the reply, so the batch's acknowledgements
                             // do not wait for it; the next batch does.
                             compact_due(&mut store, &metrics);
+                            last_batch = Instant::now();
                         }
                         Command::Query(q, reply) => {
                             let res = store
@@ -156,5 +189,73 @@ impl Writer {
             .await
             .map_err(|_| WriterGone)?;
         rx.await.map_err(|_| WriterGone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prometheus_client::{encoding::text::encode, registry::Registry};
+
+    use super::*;
+    use crate::{store::ManualClock, window::Sample};
+
+    /// 2025-11-25T00:00:00Z.
+    const T0: i64 = 1_764_028_800_000_000_000;
+
+    /// One batch fills `recent` past its threshold and nothing follows: the
+    /// compaction it starts still runs to its end, slice by slice, on the
+    /// writer's idle ticks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compaction_goes_on_when_no_batch_comes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = StoreConfig {
+            dir: dir.path().to_owned(),
+            recent_max_windows: 10,
+            compaction_slice_windows: 50,
+            ..StoreConfig::default()
+        };
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let (writer, thread) =
+            Writer::start(config, Arc::new(ManualClock::new(T0)), metrics).expect("writer");
+        // 200 series at two resolutions: 400 windows, eight slices.
+        let batch = (0..200)
+            .map(|i| Message {
+                stream_seq: None,
+                received_ns: None,
+                samples: vec![Sample {
+                    series: format!("d{i}").into(),
+                    field: "v".into(),
+                    ts_ns: T0,
+                    value: 1.0,
+                }],
+            })
+            .collect();
+        let applied = writer.apply(Arc::new(batch), None).await.expect("writer");
+        assert!(matches!(applied, Applied::Done(Ok(_))));
+        let metric = |name: &str| {
+            let mut text = String::new();
+            encode(&mut text, &registry).expect("metrics text");
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while metric("windrow_worker_compactions_total") == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no compaction finished without batches ({} windows merged)",
+                metric("windrow_worker_compacted_windows_total")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(metric("windrow_worker_compacted_windows_total"), 400);
+        drop(writer);
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("join")
+            .expect("the writer thread ends once its handles are dropped");
     }
 }

@@ -12,6 +12,7 @@
 //!   holds `recent_max_windows`, the writer freezes it, makes the other one
 //!   active, and merges the frozen one into `windows` in slices of
 //!   `compaction_slice_windows`, one transaction each, between batches
+//!   or when no batch comes
 //!   (compaction); `meta` `recent_active` and `compacted_below` record where
 //!   it stands, so readers skip what is merged and a restart resumes. A
 //!   window may have parts in all three; every read merges them;

@@ -37,7 +37,7 @@ pub struct Store {
 enum Task {
     /// Its frozen windows being read and sorted, on a thread of its own.
     Loading(std::thread::JoinHandle<Result<Compaction, StoreError>>),
-    /// Being merged into `windows`, a slice after each batch.
+    /// Being merged into `windows`, a slice after each batch (or when idle).
     Merging(Compaction),
 }
 
@@ -174,7 +174,8 @@ impl Store {
     /// compaction always outpaces the writes. Returns per day the windows
     /// merged and whether its compaction is done. The writer thread calls it
     /// after every batch, so the batches in between wait for one slice at
-    /// most, never for a whole compaction.
+    /// most, never for a whole compaction, and when no batch came for a
+    /// while, so that a compaction also ends when traffic stops.
     ///
     /// # Errors
     /// [`StoreError`]; nothing of the failing slice is committed (its windows
