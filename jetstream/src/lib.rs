@@ -7,9 +7,11 @@
 //! - [`subject`]: the lossless MQTT topic ⇄ NATS subject codec.
 //! - [`headers`]: the header names windrow puts on every message.
 //! - [`connection`]: NATS connection options (auth, TLS) and connecting with them.
+//! - [`delivery`]: a JetStream message's stream sequence and time, from its reply subject.
 //! - [`error`]: this crate's error type.
 
 pub mod connection;
+pub mod delivery;
 pub mod error;
 pub mod headers;
 pub mod streams;

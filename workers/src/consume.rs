@@ -18,7 +18,7 @@ use opentelemetry::propagation::Extractor;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use windrow_jetstream::{decode_subject, headers};
+use windrow_jetstream::{decode_subject, delivery::parse_delivery, headers};
 use windrow_ops::Health;
 
 use crate::{
@@ -105,16 +105,16 @@ impl Incoming {
 /// Where and when the stream stored `m`, and what its consumer still had
 /// for this client, from the reply subject's metadata.
 fn stored(m: &jetstream::Message, identity: &Arc<str>) -> (Option<Stored>, Option<u64>) {
-    match m.info() {
-        Ok(info) => (
+    match m.reply.as_deref().and_then(parse_delivery) {
+        Some(d) => (
             Some(Stored {
                 stream: identity.clone(),
-                seq: info.stream_sequence,
-                at_ns: i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+                seq: d.stream_seq,
+                at_ns: d.stored_ns,
             }),
-            Some(info.pending),
+            Some(d.pending),
         ),
-        Err(_) => (None, None),
+        None => (None, None),
     }
 }
 
@@ -748,6 +748,60 @@ mod tests {
         // No limit on the server.
         assert_eq!(limits(-1, 20_000).batch, 20_000);
         assert_eq!(limits(0, 20_000).batch, 20_000);
+    }
+
+    /// The stream sequence, time and pending count read from real
+    /// deliveries' reply subjects are what async-nats reads from them.
+    #[tokio::test]
+    async fn a_delivery_is_read_from_its_reply_subject_as_async_nats_reads_it() {
+        use async_nats::jetstream::consumer::{pull, AckPolicy};
+        use futures::StreamExt;
+        use windrow_harness::{clients::create_stream, NatsServer};
+
+        let nats = NatsServer::start().await;
+        create_stream(&nats.url(), "DELIV", &["deliv.>"], Duration::from_secs(60)).await;
+        let js = jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+        for i in 0..5 {
+            js.publish(format!("deliv.d{i}"), "1".into())
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
+        }
+        let consumer = js
+            .get_stream("DELIV")
+            .await
+            .expect("stream")
+            .create_consumer(pull::Config {
+                durable_name: Some("deliv".into()),
+                ack_policy: AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let mut messages = consumer
+            .fetch()
+            .max_messages(5)
+            .messages()
+            .await
+            .expect("fetch");
+        let identity: Arc<str> = "DELIV@0".into();
+        for _ in 0..5 {
+            let m = messages
+                .next()
+                .await
+                .expect("a message")
+                .expect("delivered");
+            let info = m.info().expect("async-nats reads the reply subject");
+            let want = (
+                info.stream_sequence,
+                i64::try_from(info.published.unix_timestamp_nanos()).expect("i64 ns"),
+                Some(info.pending),
+            );
+            let incoming = Incoming::jetstream(m, &identity);
+            let stored = incoming.stored.expect("stored");
+            assert_eq!((stored.seq, stored.at_ns, incoming.pending), want);
+        }
     }
 
     #[test]
