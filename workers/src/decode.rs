@@ -349,17 +349,21 @@ fn series_key(
         key.push('/');
     }
     for field in fields {
-        // Writing to a String cannot fail.
-        let _ = match last(entries, field).ok_or_else(|| missing(field))? {
-            Scalar::Str(s) => write!(key, "{s}/"),
-            Scalar::Num(n) => write!(key, "{n}/"),
+        match last(entries, field).ok_or_else(|| missing(field))? {
+            // Pushed, not formatted: this runs for nearly every message.
+            Scalar::Str(s) => key.push_str(s),
+            // Writing to a string cannot fail.
+            Scalar::Num(n) => {
+                let _ = write!(key, "{n}");
+            }
             Scalar::Other(found) => {
                 return Err(DecodeError::BadSeriesField {
                     field: field.clone(),
                     found,
                 })
             }
-        };
+        }
+        key.push('/');
     }
     key.pop(); // the separator after the last part
     checked(key)

@@ -625,27 +625,19 @@ mod tests {
 
     proptest! {
         #[test]
-        fn byte_order_is_the_slices_order(
+        fn byte_order_is_the_slices_order_and_prefixes_agree(
             prefix in prop::collection::vec(any::<u8>(), 0..24),
             a in prop::collection::vec(0u8..3, 0..20),
             b in prop::collection::vec(0u8..3, 0..20),
         ) {
             // A shared prefix of any length, then tails of few distinct
             // bytes: equal keys, prefixes of each other, and differences in
-            // and after the eight-byte chunks.
+            // and after the eight-byte chunks and the 16-byte prefixes.
             let (a, b) = ([&prefix[..], &a].concat(), [&prefix[..], &b].concat());
             prop_assert_eq!(byte_order(&a, &b), a.cmp(&b));
             prop_assert_eq!(byte_order(&b, &a), b.cmp(&a));
             prop_assert_eq!(byte_order(&a, &a), std::cmp::Ordering::Equal);
-        }
-
-        #[test]
-        fn prefixes_order_as_the_keys_or_tie(
-            prefix in prop::collection::vec(any::<u8>(), 0..24),
-            a in prop::collection::vec(0u8..3, 0..20),
-            b in prop::collection::vec(0u8..3, 0..20),
-        ) {
-            let (a, b) = ([&prefix[..], &a].concat(), [&prefix[..], &b].concat());
+            // The integer prefixes order the keys as their bytes do, or tie.
             let mut arena = KeyArena(Vec::new());
             let ka = arena.push(|k| k.extend_from_slice(&a));
             let kb = arena.push(|k| k.extend_from_slice(&b));
