@@ -1,8 +1,11 @@
-//! The single LMDB writer thread.
+//! The single LMDB writer thread, and the query plane's readers beside it.
 //!
 //! LMDB allows one writer, and heed transactions must not cross an `.await`,
 //! so the [`Store`] lives on one dedicated thread fed by a channel; async tasks
-//! send it work and await the answer.
+//! send it work and await the answer. Queries do not go through it: they
+//! read on blocking threads of their own ([`SharedReader`]), since a query
+//! for one series over a long range can read up to a few million `recent`
+//! windows, and on the writer thread every batch waited for it.
 
 use std::{
     sync::Arc,
@@ -16,7 +19,9 @@ use crate::{
     events::Metrics,
     pause::Fence,
     query::QueryRequest,
-    store::{Clock, LatestRow, Message, Store, StoreConfig, StoreError, Verdict, WindowRow},
+    store::{
+        Clock, LatestRow, Message, SharedReader, Store, StoreConfig, StoreError, Verdict, WindowRow,
+    },
 };
 
 /// A node's answer to a query: its windows and latest values.
@@ -34,11 +39,14 @@ pub(crate) enum Applied {
 /// Work for the writer thread.
 enum Command {
     Apply(Arc<Vec<Message>>, Option<Fence>, oneshot::Sender<Applied>),
-    Query(QueryRequest, oneshot::Sender<QueryResult>),
     Retention(oneshot::Sender<Result<Vec<String>, StoreError>>),
     /// Sent every [`IDLE`]: when no batch came for that long, a compaction
     /// in progress takes its next slice anyway.
     Idle,
+    /// Holds the writer until the sender is dropped (tests: a writer busy
+    /// for as long as they need).
+    #[cfg(test)]
+    Hold(std::sync::mpsc::Receiver<()>),
 }
 
 /// How long the writer waits for a batch before it goes on compacting
@@ -47,10 +55,11 @@ enum Command {
 /// 110 bytes each) and leave readers scanning `recent` until the next batch.
 const IDLE: Duration = Duration::from_millis(200);
 
-/// Handle to the writer thread; cloning shares it.
+/// Handle to the writer thread and the store's readers; cloning shares it.
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Command>,
+    reader: SharedReader,
 }
 
 /// The writer thread stopped (the store panicked or was closed).
@@ -83,6 +92,7 @@ impl Writer {
         metrics: Metrics,
     ) -> Result<(Writer, thread::JoinHandle<()>), StoreError> {
         let mut store = Store::open(config, clock)?;
+        let reader = store.shared_reader();
         let (tx, mut rx) = mpsc::channel::<Command>(16);
         // The ticks stop when the writer's last handle is dropped: the ticker
         // holds only a weak one, so that the channel can close.
@@ -123,24 +133,9 @@ impl Writer {
                             compact_due(&mut store, &metrics);
                             last_batch = Instant::now();
                         }
-                        Command::Query(q, reply) => {
-                            let res = store
-                                .windows(
-                                    &q.series,
-                                    q.field.as_deref(),
-                                    q.resolution_secs,
-                                    q.from_ns,
-                                    q.to_ns,
-                                )
-                                .and_then(|w| {
-                                    let latest = if q.latest {
-                                        store.latest(&q.series)?
-                                    } else {
-                                        Vec::new()
-                                    };
-                                    Ok((w, latest))
-                                });
-                            let _ = reply.send(res);
+                        #[cfg(test)]
+                        Command::Hold(until) => {
+                            let _ = until.recv();
                         }
                         Command::Retention(reply) => {
                             let _ = reply.send(store.enforce_retention());
@@ -153,7 +148,7 @@ impl Writer {
                 path: "lmdb-writer thread".into(),
                 source,
             })?;
-        Ok((Writer { tx }, handle))
+        Ok((Writer { tx, reader }, handle))
     }
 
     /// Applies and commits a batch, unless `fence` no longer holds when the
@@ -171,14 +166,31 @@ impl Writer {
         rx.await.map_err(|_| WriterGone)
     }
 
-    /// Answers a query from this node's store.
+    /// Answers a query from this node's store, on a blocking thread beside
+    /// the writer: what is committed when each day's read begins.
     pub async fn query(&self, q: QueryRequest) -> Result<QueryResult, WriterGone> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Query(q, tx))
-            .await
-            .map_err(|_| WriterGone)?;
-        rx.await.map_err(|_| WriterGone)
+        if self.tx.is_closed() {
+            return Err(WriterGone);
+        }
+        let store = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = store.snapshot();
+            let windows = store.windows(
+                &q.series,
+                q.field.as_deref(),
+                q.resolution_secs,
+                q.from_ns,
+                q.to_ns,
+            )?;
+            let latest = if q.latest {
+                store.latest(&q.series)?
+            } else {
+                Vec::new()
+            };
+            Ok((windows, latest))
+        })
+        .await
+        .map_err(|_| WriterGone)
     }
 
     /// Deletes days beyond retention.
@@ -199,10 +211,78 @@ mod tests {
     use prometheus_client::{encoding::text::encode, registry::Registry};
 
     use super::*;
-    use crate::{store::ManualClock, window::Sample};
+    use crate::{query::QueryRequest, store::ManualClock, window::Sample};
 
     /// 2025-11-25T00:00:00Z.
     const T0: i64 = 1_764_028_800_000_000_000;
+
+    /// A query is answered while the writer is busy (held here for as long
+    /// as the test needs), from what was committed, and sees a day the
+    /// writer opened after the query side was set up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queries_are_answered_while_the_writer_is_busy() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = StoreConfig {
+            dir: dir.path().to_owned(),
+            ..StoreConfig::default()
+        };
+        let clock = ManualClock::new(T0);
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let (writer, thread) =
+            Writer::start(config, Arc::new(clock.clone()), metrics).expect("writer");
+        let message = |series: &str, ts_ns| Message {
+            stream_seq: None,
+            received_ns: None,
+            samples: vec![Sample {
+                series: series.into(),
+                field: "v".into(),
+                ts_ns,
+                value: 2.5,
+            }],
+        };
+        // One message today, then one on the next day (a day opened now).
+        let applied = writer
+            .apply(Arc::new(vec![message("d1", T0)]), None)
+            .await
+            .expect("writer");
+        assert!(matches!(applied, Applied::Done(Ok(_))));
+        let next_day = T0 + 86_400 * 1_000_000_000;
+        clock.set(next_day);
+        let applied = writer
+            .apply(Arc::new(vec![message("d2", next_day)]), None)
+            .await
+            .expect("writer");
+        assert!(matches!(applied, Applied::Done(Ok(_))));
+        let (release, held) = std::sync::mpsc::channel();
+        writer
+            .tx
+            .send(Command::Hold(held))
+            .await
+            .expect("the writer takes the hold");
+        let query = QueryRequest {
+            series: "*".into(),
+            field: None,
+            resolution_secs: 60,
+            from_ns: T0 - 86_400 * 1_000_000_000,
+            to_ns: next_day + 86_400 * 1_000_000_000,
+            latest: true,
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(10), writer.query(query))
+            .await
+            .expect("answered while the writer is held")
+            .expect("writer")
+            .expect("read");
+        let series: Vec<&str> = answer.0.iter().map(|w| w.series.as_str()).collect();
+        assert_eq!(series, ["d1", "d2"]);
+        assert_eq!(answer.1.len(), 2, "the latest value of each series");
+        drop(release);
+        drop(writer);
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("join")
+            .expect("the writer thread ends once its handles are dropped");
+    }
 
     /// One batch fills `recent` past its threshold and nothing follows: the
     /// compaction it starts still runs to its end, slice by slice, on the

@@ -52,7 +52,7 @@ use time::{format_description::well_known::Iso8601, Date, OffsetDateTime};
 pub use self::{
     config::StoreConfig,
     error::StoreError,
-    read::{open_read_only, LatestRow, StoreReader, WindowRow},
+    read::{open_read_only, LatestRow, SharedReader, StoreReader, WindowRow},
     stat::DayStat,
     write::{CompactionStep, Store},
 };

@@ -1,10 +1,12 @@
 //! Reading the store: queries over windows and latest values, shared by the writer's
-//! [`Store`](super::Store) (through `Deref`) and by [`open_read_only`].
+//! [`Store`](super::Store) (through `Deref`), by the query plane's
+//! [`SharedReader`] and by [`open_read_only`].
 
 use std::{
     collections::BTreeMap,
     ops::Bound,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use heed::{types::Bytes, Database, RoTxn};
@@ -62,6 +64,35 @@ impl std::fmt::Debug for StoreReader {
             .field("dir", &self.dir)
             .field("days", &self.days())
             .finish()
+    }
+}
+
+/// Reads a store from threads other than its writer's ([`Store::shared_reader`](super::Store::shared_reader)):
+/// the query plane's answers come from here, so that a query, however much it
+/// reads, never holds up the batches.
+#[derive(Clone)]
+pub struct SharedReader {
+    dir: PathBuf,
+    days: Arc<Mutex<BTreeMap<String, Day>>>,
+}
+
+impl SharedReader {
+    pub(super) fn new(dir: PathBuf, days: Arc<Mutex<BTreeMap<String, Day>>>) -> Self {
+        Self { dir, days }
+    }
+
+    /// A reader of the days open now, sharing the writer's environments.
+    /// While it is held, a day deleted by retention stays readable to it.
+    pub fn snapshot(&self) -> StoreReader {
+        let days = self
+            .days
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        StoreReader {
+            dir: self.dir.clone(),
+            days,
+        }
     }
 }
 

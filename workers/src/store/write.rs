@@ -2,7 +2,7 @@
 
 use std::{
     collections::{btree_map::Entry, BTreeMap, HashMap},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
@@ -14,7 +14,7 @@ use super::{
     day::{open_for_write, Day, DayEnv},
     day_name, day_number,
     error::{corrupt, io, StoreError},
-    read::{day_dirs, StoreReader},
+    read::{day_dirs, SharedReader, StoreReader},
     Clock, Message, StoreConfig, Verdict,
 };
 use crate::window::{NS_PER_DAY, NS_PER_SEC};
@@ -31,6 +31,9 @@ pub struct Store {
     compactions: HashMap<String, Task>,
     /// Windows written to `recent` since the last [`Store::compact_due`].
     written: usize,
+    /// The open days as [`SharedReader`]s on other threads see them: set
+    /// when a day opens, and a day is taken out before it is deleted.
+    published: Arc<Mutex<BTreeMap<String, Day>>>,
 }
 
 /// A compaction of one day in this process.
@@ -100,11 +103,28 @@ impl Store {
             clock,
             compactions: HashMap::new(),
             written: 0,
+            published: Arc::default(),
         };
         for name in day_dirs(&store.config.dir, true)? {
             store.day(&name)?;
         }
         Ok(store)
+    }
+
+    /// A handle that reads this store from other threads while this one
+    /// writes: LMDB readers never wait for the writer, nor it for them (a
+    /// map resize waits for the read transactions open at that moment).
+    /// Each read sees the days open when it starts.
+    pub fn shared_reader(&self) -> SharedReader {
+        SharedReader::new(self.config.dir.clone(), self.published.clone())
+    }
+
+    /// Shows other threads' readers the days open now.
+    fn publish(&self) {
+        *self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = self.reader.days.clone();
     }
 
     /// The settings.
@@ -373,6 +393,7 @@ impl Store {
         )?;
         tracing::info!(day = name, map_bytes = day.map_bytes(), "opened a day");
         self.reader.days.insert(name.to_owned(), day.clone());
+        self.publish();
         Ok(day)
     }
 
@@ -389,7 +410,10 @@ impl Store {
                 continue;
             }
             self.forget_compaction(&name);
-            if let Some(day) = self.reader.days.remove(&name) {
+            let day = self.reader.days.remove(&name);
+            // Before closing: a published handle would keep the day open.
+            self.publish();
+            if let Some(day) = day {
                 if !DayEnv::close(day) {
                     // Unlinked files stay valid for that reader until it drops them.
                     tracing::warn!(day = %name, "a reader in this process still has the day open; deleting it anyway");
@@ -410,6 +434,10 @@ impl Store {
         for name in loading {
             self.forget_compaction(&name);
         }
+        self.published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         for (_, day) in self.reader.days {
             DayEnv::close(day);
         }
