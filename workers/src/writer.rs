@@ -8,7 +8,10 @@
 //! windows, and on the writer thread every batch waited for it.
 
 use std::{
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -95,15 +98,24 @@ impl Writer {
         let reader = store.shared_reader();
         let (tx, mut rx) = mpsc::channel::<Command>(16);
         // The ticks stop when the writer's last handle is dropped: the ticker
-        // holds only a weak one, so that the channel can close.
+        // holds only a weak one, so that the channel can close. At most one
+        // tick is queued at a time: ticks piled up behind a slow slice would
+        // each run a slice, and a batch behind them would wait for all.
+        // (Without a runtime, as in a benchmark driving the writer from a
+        // plain thread, there are no ticks: compaction then advances after
+        // batches only.)
+        let tick_queued = Arc::new(AtomicBool::new(false));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let ticks = tx.downgrade();
+            let queued = tick_queued.clone();
             runtime.spawn(async move {
                 loop {
                     tokio::time::sleep(IDLE).await;
                     let Some(tx) = ticks.upgrade() else { return };
                     // Never waits: a full channel means the writer is busy.
-                    let _ = tx.try_send(Command::Idle);
+                    if !queued.swap(true, Ordering::AcqRel) && tx.try_send(Command::Idle).is_err() {
+                        queued.store(false, Ordering::Release);
+                    }
                 }
             });
         }
@@ -114,7 +126,9 @@ impl Writer {
                 while let Some(cmd) = rx.blocking_recv() {
                     match cmd {
                         Command::Idle => {
-                            if last_batch.elapsed() >= IDLE {
+                            tick_queued.store(false, Ordering::Release);
+                            // Only when nothing else waits: a batch comes first.
+                            if last_batch.elapsed() >= IDLE && rx.is_empty() {
                                 compact_due(&mut store, &metrics);
                             }
                         }

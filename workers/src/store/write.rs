@@ -428,7 +428,9 @@ impl Store {
     }
 
     /// Closes every environment and waits until LMDB released them, so the
-    /// same directory can be opened again in this process at once.
+    /// same directory can be opened again in this process at once; a day a
+    /// query of this process still reads ([`Store::shared_reader`]) closes
+    /// when that query is done.
     pub fn close(mut self) {
         let loading: Vec<String> = self.compactions.keys().cloned().collect();
         for name in loading {
@@ -438,8 +440,10 @@ impl Store {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
-        for (_, day) in self.reader.days {
-            DayEnv::close(day);
+        for (name, day) in self.reader.days {
+            if !DayEnv::close(day) {
+                tracing::warn!(day = %name, "a reader in this process still has the day open; it closes when that reader is done");
+            }
         }
     }
 }
