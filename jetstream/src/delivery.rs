@@ -34,11 +34,8 @@ pub fn parse_delivery(reply: &str) -> Option<Delivery> {
     // The first ten tokens are all either form uses.
     let mut tokens = [""; 10];
     let mut n = 0;
-    for token in rest.splitn(11, '.') {
-        if n == tokens.len() {
-            break;
-        }
-        tokens[n] = token;
+    for (slot, token) in tokens.iter_mut().zip(rest.split('.')) {
+        *slot = token;
         n += 1;
     }
     // Where `<stream>` is: the tokens before it are the domain and hash.

@@ -72,7 +72,7 @@ pub struct WriterGone;
 
 /// Compacts the days whose `recent` database is full enough, logging what
 /// it did. A failure leaves the windows in `recent`, where readers find them,
-/// and the next batch tries again.
+/// and the next batch or idle tick tries again.
 fn compact_due(store: &mut Store, metrics: &Metrics) {
     match store.compact_due() {
         Ok(steps) => {
@@ -225,10 +225,13 @@ mod tests {
     use prometheus_client::{encoding::text::encode, registry::Registry};
 
     use super::*;
-    use crate::{query::QueryRequest, store::ManualClock, window::Sample};
-
-    /// 2025-11-25T00:00:00Z.
-    const T0: i64 = 1_764_028_800_000_000_000;
+    use crate::{
+        query::QueryRequest,
+        store::{
+            tests::{msg, T0},
+            ManualClock,
+        },
+    };
 
     /// A query is answered while the writer is busy (held here for as long
     /// as the test needs), from what was committed, and sees a day the
@@ -245,16 +248,7 @@ mod tests {
         let metrics = Metrics::register(&mut registry);
         let (writer, thread) =
             Writer::start(config, Arc::new(clock.clone()), metrics).expect("writer");
-        let message = |series: &str, ts_ns| Message {
-            stream_seq: None,
-            received_ns: None,
-            samples: vec![Sample {
-                series: series.into(),
-                field: "v".into(),
-                ts_ns,
-                value: 2.5,
-            }],
-        };
+        let message = |series: &str, ts_ns| msg(None, series, ts_ns, 2.5);
         // One message today, then one on the next day (a day opened now).
         let applied = writer
             .apply(Arc::new(vec![message("d1", T0)]), None)
@@ -316,16 +310,7 @@ mod tests {
             Writer::start(config, Arc::new(ManualClock::new(T0)), metrics).expect("writer");
         // 200 series at two resolutions: 400 windows, eight slices.
         let batch = (0..200)
-            .map(|i| Message {
-                stream_seq: None,
-                received_ns: None,
-                samples: vec![Sample {
-                    series: format!("d{i}").into(),
-                    field: "v".into(),
-                    ts_ns: T0,
-                    value: 1.0,
-                }],
-            })
+            .map(|i| msg(None, &format!("d{i}"), T0, 1.0))
             .collect();
         let applied = writer.apply(Arc::new(batch), None).await.expect("writer");
         assert!(matches!(applied, Applied::Done(Ok(_))));

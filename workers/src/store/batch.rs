@@ -169,6 +169,9 @@ fn byte_order(a: &[u8], b: &[u8]) -> Ordering {
         .then(a.len().cmp(&b.len()))
 }
 
+/// The bytes of typical names (series and field), to size a batch's arenas.
+const NAME_BYTES: usize = 28;
+
 /// A window of a batch as one integer: its `recent` key's head
 /// ([`recent_head`]: resolution and start, 12 bytes) and the rank of its
 /// names among the batch's (4 bytes), big-endian, so that the integers sort
@@ -184,8 +187,6 @@ impl Pending {
     /// Room for `messages` of one sample each, so a batch's names and
     /// samples are not copied again and again as they grow.
     fn with_capacity(messages: usize) -> Self {
-        /// Typical names: series and field.
-        const NAME_BYTES: usize = 28;
         Self {
             chunks: Vec::new(),
             names: KeyArena(Vec::with_capacity(messages.saturating_mul(NAME_BYTES))),
@@ -285,8 +286,8 @@ impl Pending {
                 })
                 .then(a.1.cmp(&b.1))
         });
+        // One entry per distinct name, in order: its index is the name's rank.
         let mut rank_of = vec![0u32; samples.len()];
-        let mut ranked: Vec<KeyRef> = Vec::new();
         let mut latest: Vec<(KeyRef, (i64, f64))> = Vec::new();
         for &(_, i) in &by_name {
             let s = &samples[i as usize];
@@ -297,12 +298,9 @@ impl Pending {
                         *value = newest;
                     }
                 }
-                _ => {
-                    ranked.push(s.names);
-                    latest.push((s.names, newest));
-                }
+                _ => latest.push((s.names, newest)),
             }
-            rank_of[i as usize] = (ranked.len() - 1) as u32;
+            rank_of[i as usize] = (latest.len() - 1) as u32;
         }
         // Each sample's window at each resolution, sorted as `recent` keys;
         // equal slots (a series' samples in one window) are folded. The
@@ -316,7 +314,7 @@ impl Pending {
             }
         }
         slots.sort_unstable();
-        let mut keys = KeyArena(Vec::with_capacity(slots.len() * (RECENT_HEAD + 28)));
+        let mut keys = KeyArena(Vec::with_capacity(slots.len() * (RECENT_HEAD + NAME_BYTES)));
         let mut windows: Vec<(KeyRef, Aggregate)> = Vec::with_capacity(slots.len());
         let mut last_slot = None;
         for &(slot, i) in &slots {
@@ -334,7 +332,7 @@ impl Pending {
             head.copy_from_slice(&bytes[..RECENT_HEAD]);
             let rank = u32::from_be_bytes(bytes[RECENT_HEAD..].try_into().unwrap_or_default());
             let key = keys.push(|k| {
-                put_recent_key(k, &head, names.get(ranked[rank as usize]));
+                put_recent_key(k, &head, names.get(latest[rank as usize].0));
             });
             windows.push((key, one));
         }

@@ -160,7 +160,7 @@ pub fn day_start_ns(name: &str) -> Option<i64> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 #[cfg(test)]
 mod merge_tests;

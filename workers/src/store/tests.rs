@@ -6,11 +6,11 @@ use super::*;
 use crate::window::{NS_PER_DAY, NS_PER_SEC};
 
 /// 2025-11-25T00:00:00Z.
-pub(super) const T0: i64 = 1_764_028_800 * NS_PER_SEC;
+pub(crate) const T0: i64 = 1_764_028_800 * NS_PER_SEC;
 pub(super) const MIN: i64 = 60 * NS_PER_SEC;
 const ALL: (i64, i64) = (i64::MIN, i64::MAX);
 
-pub(super) fn msg(seq: Option<u64>, series: &str, ts_ns: i64, value: f64) -> Message {
+pub(crate) fn msg(seq: Option<u64>, series: &str, ts_ns: i64, value: f64) -> Message {
     Message {
         stream_seq: seq.map(|s| ("S".into(), s)),
         received_ns: None,
