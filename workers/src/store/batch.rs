@@ -14,7 +14,7 @@ use super::{
     },
     day::{DayEnv, COMPACTED_BELOW, RECENT_ACTIVE},
     error::{corrupt, io, lmdb, StoreError},
-    Message, Verdict,
+    rollup, Message, Verdict,
 };
 use crate::window::{window_start, Aggregate, NS_PER_SEC};
 
@@ -61,7 +61,8 @@ pub(super) fn apply_day(
     let applied = out.iter().filter(|v| **v == Verdict::Applied).count() as u64;
     let mut windows = 0;
     if applied > 0 {
-        windows = pending.write(day, resolutions, &mut w.txn, applied)?;
+        let written = rollup::written(resolutions, &day.rollups);
+        windows = pending.write(day, &written, &mut w.txn, applied)?;
         w.commit(&day.name)?;
     }
     Ok((out, windows))
@@ -411,8 +412,9 @@ impl Compaction {
     }
 }
 
-/// Reads the windows of `recent` database `frozen` with window keys from
-/// `floor` on, sorted by window key: the compaction to run.
+/// Reads the windows of `recent` database `frozen`, and the coarse windows
+/// the day rolls up from them ([`rollup`]), with window keys from `floor`
+/// on, sorted and folded by window key: the compaction to run.
 pub(super) fn load_frozen(
     day: &DayEnv,
     txn: &RoTxn<'_>,
@@ -422,30 +424,61 @@ pub(super) fn load_frozen(
     let err = lmdb(&day.name);
     let db = day.recent_dbs()?[frozen];
     // Sized once: about 110 bytes a window (its key and aggregate), which is
-    // what `recent_max_windows` documents.
+    // what `recent_max_windows` documents, and as much again for the
+    // windows rolled up from them.
     let n = usize::try_from(db.len(txn).map_err(&err)?).unwrap_or(0);
-    let mut keys = KeyArena(Vec::with_capacity(n.saturating_mul(32)));
-    let mut windows = Vec::with_capacity(n);
+    let rolled = n.saturating_mul(day.rollups.len());
+    let mut keys = KeyArena(Vec::with_capacity(
+        n.saturating_add(rolled).saturating_mul(32),
+    ));
+    let mut windows = Vec::with_capacity(n.saturating_add(rolled));
+    // Merged before a restart interrupted the compaction: left out (and
+    // its bytes given back, unless a kept key follows them).
+    let mut keep = |keys: &mut KeyArena, key: KeyRef, agg: Aggregate| {
+        if keys.get(key) < floor {
+            if key.end == keys.0.len() {
+                keys.0.truncate(key.start);
+            }
+        } else {
+            windows.push((key, agg));
+        }
+    };
     for entry in db.iter(txn).map_err(&err)? {
         let (k, v) = entry.map_err(&err)?;
         let mut valid = false;
         let key = keys.push(|buf| valid = put_window_key_of_recent(buf, k));
         let agg = Aggregate::from_bytes(v).filter(|_| valid);
         let agg = agg.ok_or_else(|| corrupt(&day.name, "recent window"))?;
-        if keys.get(key) < floor {
-            // Merged before a restart interrupted the compaction.
-            keys.0.truncate(key.start);
-        } else {
-            windows.push((key, agg));
+        for r in &day.rollups {
+            let start = keys.0.len();
+            keys.0.extend_from_within(key.start..key.end);
+            let coarse = KeyRef {
+                start,
+                end: keys.0.len(),
+            };
+            if rollup::roll_up_key(&mut keys.0[start..], *r) {
+                keep(&mut keys, coarse, agg);
+            } else {
+                keys.0.truncate(start);
+            }
         }
+        keep(&mut keys, key, agg);
     }
-    // Distinct `recent` keys are distinct window keys: nothing to fold. Read
-    // in `recent` order, the windows are one ascending run of window keys
-    // per resolution and start (a minute of one-second windows is 60 runs):
-    // a stable sort finds the runs and merges them, where a quicksort
-    // compared every key about log2(n) times (a twentieth of a core-mode
-    // worker's time went to that sort).
+    // Read in `recent` order, the windows are one ascending run of window
+    // keys per resolution and start (a minute of one-second windows is 60
+    // runs), and so are those rolled up from each: a stable sort finds the
+    // runs and merges them, where a quicksort compared every key about
+    // log2(n) times (a twentieth of a core-mode worker's time went to that
+    // sort). Distinct `recent` keys are distinct window keys, but the fine
+    // windows of one coarse window all roll up into it: folded.
     windows.sort_by(|a, b| byte_order(keys.get(a.0), keys.get(b.0)));
+    windows.dedup_by(|later, kept| {
+        let same = keys.get(later.0) == keys.get(kept.0);
+        if same {
+            kept.1.merge(&later.1);
+        }
+        same
+    });
     Ok(Compaction {
         keys,
         windows,

@@ -31,7 +31,9 @@ pub struct StoreConfig {
     /// collects before the writer merges them into `windows` (by series).
     /// Larger: fewer pages rewritten per message when a batch touches many
     /// series, but longer compactions (the writer pauses for them) and about
-    /// 110 bytes of memory per window while one runs. Default 1,000,000.
+    /// 110 bytes of memory per window while one runs, and as much again per
+    /// coarser resolution rolled up from it (220 with the default
+    /// resolutions, whose `recent` holds only the seconds). Default 1,000,000.
     pub recent_max_windows: u64,
     /// Windows a compaction merges per transaction, one such slice after
     /// each batch (or twice what the batches since the last slice wrote, if

@@ -20,18 +20,24 @@ use heed::{
     RwTxn, WithTls,
 };
 
-use super::error::{corrupt, io, lmdb, StoreError};
+use super::{
+    error::{corrupt, io, lmdb, StoreError},
+    rollup::{self, Rollup},
+};
 
-/// The `meta` value of `format_version` this build writes.
+/// The `meta` value of `format_version` this build writes into a new day.
 ///
-/// Version 2 added the `recent` databases. This build also reads version 1
-/// (a day without them) and upgrades it when it opens it for writing;
-/// builds that read only version 1 refuse a version 2 day instead of
-/// answering without its recent windows.
-const FORMAT_VERSION: &[u8] = b"2";
+/// Version 2 added the `recent` databases, version 3 the `rollups` (coarse
+/// windows derived from fine ones, see [`super::rollup`]). This build also
+/// reads versions 1 and 2 and writes to them as they were written (a
+/// version 1 day gets its `recent` databases and becomes version 2; neither
+/// gets rollups, since its `recent` windows were written at every
+/// resolution). Older builds refuse a newer day instead of answering without
+/// its recent or rolled-up windows.
+const FORMAT_VERSION: &[u8] = b"3";
 
 /// The versions this build reads.
-const READABLE_VERSIONS: [&[u8]; 2] = [b"1", b"2"];
+const READABLE_VERSIONS: [&[u8]; 3] = [b"1", b"2", b"3"];
 
 /// A day environment, shared by the writer and readers of this process.
 pub(super) type Day = Arc<DayEnv>;
@@ -64,6 +70,9 @@ pub(super) struct DayEnv {
     pub latest: Database<Bytes, Bytes>,
     pub applied: Database<Bytes, Bytes>,
     pub meta: Database<Bytes, Bytes>,
+    /// The coarse resolutions this day derives from fine ones (fixed when
+    /// the day was created; none in days of format version 1 and 2).
+    pub rollups: Vec<Rollup>,
 }
 
 /// Opens an environment; the only `unsafe` of opening.
@@ -85,19 +94,27 @@ fn open_env(path: &Path, map_bytes: usize, read_only: bool) -> heed::Result<Env>
     }
 }
 
+/// What a day records when it is created.
+pub(super) struct Birth<'a> {
+    /// RFC 3339, `meta` `created_at`.
+    pub created_at: &'a str,
+    /// The day's rollups ([`rollup::plan`] of the resolutions written).
+    pub rollups: &'a [Rollup],
+}
+
 /// Opens (creating if needed) the day `name` under `dir` for writing, with
-/// `map_bytes` as the initial map; a new day records `created_at` in `meta`.
+/// `map_bytes` as the initial map; a new day records `birth` in `meta`.
 /// Returns the environment this process already has open, if any.
 pub(super) fn open_for_write(
     dir: &Path,
     name: &str,
     map_bytes: usize,
-    created_at: &str,
+    birth: &Birth<'_>,
 ) -> Result<Day, StoreError> {
     let path = dir.join(name);
     std::fs::create_dir_all(&path).map_err(io(&path))?;
     let day = registered(&path, name, true, |path| {
-        DayEnv::create(path, name, map_bytes, created_at).map(Some)
+        DayEnv::create(path, name, map_bytes, birth).map(Some)
     })?;
     // `create` always returns a day; `None` only comes from read-only opens.
     day.ok_or_else(|| corrupt(name, "environment vanished while opening"))
@@ -164,7 +181,7 @@ impl DayEnv {
         path: PathBuf,
         name: &str,
         map_bytes: usize,
-        created_at: &str,
+        birth: &Birth<'_>,
     ) -> Result<Day, StoreError> {
         let existing = std::fs::metadata(path.join("data.mdb"))
             .map(|m| m.len())
@@ -189,19 +206,22 @@ impl DayEnv {
             db("applied")?,
             db("meta")?,
         );
-        let version = meta.get(&wtxn, b"format_version").map_err(&err)?;
-        if let Some(v) = version {
-            check_version(name, v)?;
-        }
-        if version != Some(FORMAT_VERSION) {
-            // New, or version 1 that now has its `recent` databases.
-            meta.put(&mut wtxn, b"format_version", FORMAT_VERSION)
-                .map_err(&err)?;
+        match meta.get(&wtxn, b"format_version").map_err(&err)? {
+            None => {
+                meta.put(&mut wtxn, b"format_version", FORMAT_VERSION)
+                    .map_err(&err)?;
+                meta.put(&mut wtxn, rollup::META_KEY, &rollup::encode(birth.rollups))
+                    .map_err(&err)?;
+            }
+            // Version 1 now has its `recent` databases.
+            Some(b"1") => meta.put(&mut wtxn, b"format_version", b"2").map_err(&err)?,
+            Some(v) => check_version(name, v)?,
         }
         if meta.get(&wtxn, b"created_at").map_err(&err)?.is_none() {
-            meta.put(&mut wtxn, b"created_at", created_at.as_bytes())
+            meta.put(&mut wtxn, b"created_at", birth.created_at.as_bytes())
                 .map_err(&err)?;
         }
+        let rollups = read_rollups(name, meta, &wtxn)?;
         wtxn.commit().map_err(&err)?;
         Ok(Arc::new(DayEnv::new(
             name,
@@ -210,6 +230,7 @@ impl DayEnv {
             false,
             Some(recent),
             [windows, latest, applied, meta],
+            rollups,
         )))
     }
 
@@ -243,6 +264,7 @@ impl DayEnv {
         if let Some(v) = meta.get(&rtxn, b"format_version").map_err(&err)? {
             check_version(name, v)?;
         }
+        let rollups = read_rollups(name, meta, &rtxn)?;
         // Commit, not drop: aborting the transaction that opened the handles
         // closes them, and later reads fail with EINVAL.
         rtxn.commit().map_err(&err)?;
@@ -253,6 +275,7 @@ impl DayEnv {
             true,
             recent,
             [windows, latest, applied, meta],
+            rollups,
         ))))
     }
 
@@ -263,6 +286,7 @@ impl DayEnv {
         read_only: bool,
         recent: Option<[Database<Bytes, Bytes>; 2]>,
         dbs: [Database<Bytes, Bytes>; 4],
+        rollups: Vec<Rollup>,
     ) -> Self {
         let [windows, latest, applied, meta] = dbs;
         DayEnv {
@@ -276,6 +300,7 @@ impl DayEnv {
             latest,
             applied,
             meta,
+            rollups,
         }
     }
 
@@ -479,6 +504,23 @@ fn check_version(day: &str, v: &[u8]) -> Result<(), StoreError> {
     let found = String::from_utf8_lossy(v);
     Err(corrupt(
         day,
-        format!("meta format_version {found:?} (this build reads 1 and 2)"),
+        format!("meta format_version {found:?} (this build reads 1, 2 and 3)"),
     ))
+}
+
+/// The day's `meta` `rollups` (none if absent: days before them).
+fn read_rollups(
+    day: &str,
+    meta: Database<Bytes, Bytes>,
+    txn: &RoTxn<'_>,
+) -> Result<Vec<Rollup>, StoreError> {
+    match meta.get(txn, rollup::META_KEY).map_err(lmdb(day))? {
+        None => Ok(Vec::new()),
+        Some(bytes) => rollup::decode(bytes).ok_or_else(|| {
+            corrupt(
+                day,
+                format!("meta rollups {:?}", String::from_utf8_lossy(bytes)),
+            )
+        }),
+    }
 }

@@ -15,15 +15,20 @@
 //!   or when no batch comes
 //!   (compaction); `meta` `recent_active` and `compacted_below` record where
 //!   it stands, so readers skip what is merged and a restart resumes. A
-//!   window may have parts in all three; every read merges them;
+//!   window may have parts in all three; every read merges them. Batches
+//!   write only the finest resolution of those the day rolls up
+//!   (module `rollup`): its coarser windows (default: the minutes) are merged
+//!   from the fine ones by compaction, and rolled up on reading `recent`;
 //! - `latest`: series 0x00 field → time and value of the newest sample;
 //! - `applied`: stream 0x00 (seq >> 16) → roaring bitmap of the low 16 bits of
 //!   the JetStream sequences applied in this day. It is written in the same
 //!   transaction as the windows the messages changed, which is what makes
 //!   applying idempotent: a redelivery after a crash between commit and ack
 //!   finds its sequence and changes nothing;
-//! - `meta`: `format_version` (2; version 1, without `recent`, is read and
-//!   upgraded when opened for writing), `created_at`, `messages_applied`.
+//! - `meta`: `format_version` (3; version 1, without `recent`, is read and
+//!   upgraded to 2 when opened for writing; 1 and 2 have no rollups),
+//!   `created_at`, `rollups` (e.g. `60:1`: the minutes are rolled up from
+//!   the seconds; fixed when the day is created), `messages_applied`.
 //!
 //! Why a day per environment: retention deletes a whole directory (no per-key
 //! deletes, no free-page churn, the file shrinks at once), a day's map grows
@@ -39,6 +44,7 @@ mod config;
 mod day;
 mod error;
 mod read;
+mod rollup;
 mod stat;
 mod write;
 

@@ -21,6 +21,7 @@ use super::{
     day::{open_for_read, Day, DayEnv},
     day_start_ns,
     error::{corrupt, io, lmdb, StoreError},
+    rollup::{self, Rollup},
 };
 use crate::window::{Aggregate, NS_PER_DAY};
 
@@ -150,10 +151,16 @@ fn scan<'t>(
 /// `recent` databases whose `recent` key lies in `range`, except what a
 /// compaction in progress has merged into `windows` already (below its floor
 /// in the frozen database).
+///
+/// With `roll_up`, only the windows of its fine resolution are taken, each
+/// under the key of the coarse window it rolls up into (the floor applies
+/// to that key: a compaction merges a fine window and its coarse window in
+/// different slices).
 pub(super) fn for_each_recent(
     day: &DayEnv,
     rtxn: &RoTxn<'_>,
     range: (Bound<&[u8]>, Bound<&[u8]>),
+    roll_up: Option<Rollup>,
     mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let Some(recent) = day.recent else {
@@ -168,6 +175,9 @@ pub(super) fn for_each_recent(
             k.clear();
             if !put_window_key_of_recent(&mut k, rk) {
                 return Err(corrupt(&day.name, "recent window key"));
+            }
+            if roll_up.is_some_and(|r| !rollup::roll_up_key(&mut k, r)) {
+                continue;
             }
             if k.as_slice() >= floor {
                 f(&k, v)?;
@@ -295,18 +305,30 @@ impl StoreReader {
                 }
                 // Windows not yet compacted: `recent` is ordered by time
                 // first, so the range is the query's, and the series pattern
-                // is a filter.
-                let (lo, hi) = (
-                    recent_head(resolution_secs, from_ns),
-                    recent_head(resolution_secs, to_ns),
-                );
-                let range = (Bound::Included(&lo[..]), Bound::Excluded(&hi[..]));
-                for_each_recent(day, rtxn, range, |k, v| {
-                    if k.starts_with(&prefix) {
-                        add(k, v)?;
-                    }
-                    Ok(())
-                })
+                // is a filter. A rolled-up resolution's windows there are its
+                // fine resolution's, rolled up as they are read (and any
+                // written directly before the day's rule changed, see
+                // `rollup::written`).
+                let direct = [(resolution_secs, from_ns, to_ns, None)];
+                let rolled = day
+                    .rollups
+                    .iter()
+                    .filter(|r| r.coarse == resolution_secs)
+                    .map(|r| {
+                        let (lo, hi) = rollup::fine_range(*r, from_ns, to_ns);
+                        (r.fine, lo, hi, Some(*r))
+                    });
+                for (res, lo, hi, roll_up) in direct.into_iter().chain(rolled) {
+                    let (lo, hi) = (recent_head(res, lo), recent_head(res, hi));
+                    let range = (Bound::Included(&lo[..]), Bound::Excluded(&hi[..]));
+                    for_each_recent(day, rtxn, range, roll_up, |k, v| {
+                        if k.starts_with(&prefix) {
+                            add(k, v)?;
+                        }
+                        Ok(())
+                    })?;
+                }
+                Ok(())
             })?;
         }
         Ok(merged.into_values().collect())

@@ -98,20 +98,21 @@ fn windows_wait_in_recent_and_compaction_changes_no_answer() {
     for s in [&mut compacted, &mut plain] {
         s.apply(&batch(0)).unwrap();
     }
-    // 90 one-second windows and 2 minute windows of each series, all still
-    // in `recent`.
+    // 90 one-second windows, all still in `recent`; the 2 minute windows of
+    // each series are rolled up from them.
     assert_eq!(
         (
             entries(&compacted, "recent"),
             entries(&compacted, "windows")
         ),
-        (96, 0)
+        (90, 0)
     );
     let before = answers(&compacted);
     assert_eq!(before.0[0].len(), 90);
     assert_eq!(before.0[1].iter().map(|w| w.agg.count).sum::<u64>(), 90);
     assert_eq!(before.2.lines().count(), 96 + 3, "{}", before.2);
 
+    // Into `windows`: the seconds, and the minutes rolled up from them.
     assert_eq!(compacted.compact_all().unwrap(), 96);
     assert_eq!(
         (
@@ -129,7 +130,7 @@ fn windows_wait_in_recent_and_compaction_changes_no_answer() {
         s.apply(&batch(1)).unwrap();
         s.apply(&batch(2)).unwrap();
     }
-    assert_eq!(entries(&compacted, "recent"), 96);
+    assert_eq!(entries(&compacted, "recent"), 90);
     let split = answers(&compacted);
     assert_eq!(split, answers(&plain), "split windows are merged on read");
     assert_eq!(split.0[1].iter().map(|w| w.agg.count).sum::<u64>(), 270);
@@ -149,13 +150,17 @@ fn compaction_runs_once_recent_holds_recent_max_windows() {
     };
     let mut s = Store::open(config, Arc::new(clock.clone())).unwrap();
     s.apply(&batch(0)).unwrap();
-    assert!(s.compact_due().unwrap().is_empty(), "96 < 100");
+    assert!(s.compact_due().unwrap().is_empty(), "90 < 100");
     s.apply(&[msg(None, "c", T0 + 20 * MIN, 1.0)]).unwrap();
-    s.apply(&[msg(None, "c", T0 + 21 * MIN, 1.0)]).unwrap();
+    let ten_more: Vec<Message> = (1..10)
+        .map(|i| msg(None, "c", T0 + 20 * MIN + i * NS_PER_SEC, 1.0))
+        .collect();
+    s.apply(&ten_more).unwrap();
     let day = day_name(T0).unwrap();
     let step = next_step(&mut s);
-    assert_eq!((step.day, step.windows, step.done), (day, 100, true));
-    assert_eq!((entries(&s, "recent"), entries(&s, "windows")), (0, 100));
+    // 100 seconds, and 7 minutes rolled up from them.
+    assert_eq!((step.day, step.windows, step.done), (day, 107, true));
+    assert_eq!((entries(&s, "recent"), entries(&s, "windows")), (0, 107));
 }
 
 /// What a day written by a version 1 build holds: four databases, no
@@ -229,8 +234,55 @@ fn a_version_1_day_is_read_and_upgraded_when_written() {
         })
         .unwrap();
     assert_eq!(version.as_deref(), Some(&b"2"[..]));
+    assert_eq!(
+        entries(&s, "recent"),
+        2,
+        "a day from before rollups gets every resolution written"
+    );
     assert_eq!(s.compact_all().unwrap(), 2);
     assert_eq!(all(&s, "a", 60), minute);
+}
+
+/// A day keeps the rollups it was created with. Restarted without the fine
+/// resolution, the worker writes the coarse one directly, beside what is
+/// rolled up from the fine windows already there; with both again, it rolls
+/// up again. Every sample counts once, before and after a compaction.
+#[test]
+fn a_day_keeps_its_rollups_and_other_resolutions_later_count_each_sample_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0 + 60 * MIN);
+    let open = |resolutions_secs: Vec<u32>| {
+        let config = StoreConfig {
+            dir: dir.path().to_owned(),
+            resolutions_secs,
+            ..StoreConfig::default()
+        };
+        Store::open(config, Arc::new(clock.clone())).unwrap()
+    };
+    let counts = |s: &Store, res| all(s, "*", res).iter().map(|w| w.agg.count).sum::<u64>();
+    let mut s = open(vec![1, 60]);
+    s.apply(&batch(0)).unwrap();
+    assert_eq!(entries(&s, "recent"), 90, "seconds only");
+    s.close();
+
+    let mut s = open(vec![60]);
+    s.apply(&batch(1)).unwrap();
+    assert_eq!(
+        entries(&s, "recent"),
+        96,
+        "and six minutes written directly"
+    );
+    assert_eq!((counts(&s, 1), counts(&s, 60)), (90, 180));
+    s.close();
+
+    let mut s = open(vec![1, 60]);
+    s.apply(&batch(2)).unwrap();
+    assert_eq!(entries(&s, "recent"), 96, "the seconds merge into theirs");
+    assert_eq!((counts(&s, 1), counts(&s, 60)), (180, 270));
+    let before = answers(&s);
+    s.compact_all().unwrap();
+    assert_eq!(answers(&s), before);
+    assert_eq!((counts(&s, 1), counts(&s, 60)), (180, 270));
 }
 
 #[test]
@@ -241,7 +293,7 @@ fn a_day_of_an_unknown_version_is_refused_with_the_versions_read() {
     s.apply(&[msg(None, "a", T0 + MIN, 1.0)]).unwrap();
     let day = s.days.values().next().unwrap().clone();
     let mut w = day.write_txn().unwrap();
-    day.meta.put(&mut w.txn, b"format_version", b"3").unwrap();
+    day.meta.put(&mut w.txn, b"format_version", b"4").unwrap();
     w.commit(&day.name).unwrap();
     drop(day);
     s.close();
@@ -255,7 +307,7 @@ fn a_day_of_an_unknown_version_is_refused_with_the_versions_read() {
     .unwrap_err();
     assert!(
         err.to_string()
-            .contains("format_version \"3\" (this build reads 1 and 2)"),
+            .contains("format_version \"4\" (this build reads 1, 2 and 3)"),
         "{err}"
     );
 }
@@ -275,8 +327,8 @@ fn a_compaction_in_slices_answers_the_same_at_every_step_and_resumes_after_a_res
     let messages: Vec<Message> = (0..4).flat_map(batch).collect();
     let mut chunks = messages.chunks(10);
     let (mut slices, mut compactions) = (0, 0);
-    // Batches of 10 messages write at most 16 windows, so a compaction of
-    // 90 or more takes several slices with batches in between, which land
+    // Batches of 10 messages write at most 10 windows, so a compaction of
+    // 90 or more (and the minutes rolled up from them) takes several slices with batches in between, which land
     // in the active database while the frozen one is half merged.
     let mut apply = |sliced: &mut Store, plain: &mut Store| -> Option<bool> {
         let chunk = chunks.next()?;

@@ -101,16 +101,20 @@ impl StoreReader {
                 // `recent` is bounded by `recent_max_windows`: held in memory
                 // by window key, merged into the walk over `windows`.
                 let mut recent = BTreeMap::<Vec<u8>, Aggregate>::new();
+                // Also the windows the day rolls up from them.
                 let all = (Bound::Unbounded, Bound::Unbounded);
-                for_each_recent(day, rtxn, all, |k, v| {
-                    let agg =
-                        Aggregate::from_bytes(v).ok_or_else(|| corrupt(name, "recent window"))?;
-                    recent
-                        .entry(k.to_vec())
-                        .and_modify(|a| a.merge(&agg))
-                        .or_insert(agg);
-                    Ok(())
-                })?;
+                let roll_ups = std::iter::once(None).chain(day.rollups.iter().copied().map(Some));
+                for roll_up in roll_ups {
+                    for_each_recent(day, rtxn, all, roll_up, |k, v| {
+                        let agg = Aggregate::from_bytes(v)
+                            .ok_or_else(|| corrupt(name, "recent window"))?;
+                        recent
+                            .entry(k.to_vec())
+                            .and_modify(|a| a.merge(&agg))
+                            .or_insert(agg);
+                        Ok(())
+                    })?;
+                }
                 let mut recent = recent.into_iter().peekable();
                 let mut line = |k: &[u8], agg: &Aggregate| -> Result<(), StoreError> {
                     let key = parse_window_key(k).ok_or_else(|| corrupt(name, "window key"))?;

@@ -11,11 +11,11 @@ use super::{
     batch::{apply_day, compaction_step, load_frozen, start_compaction, Compaction, Planned},
     codec::{check_names, check_stream},
     config::MAP_GRANULE,
-    day::{open_for_write, Day, DayEnv},
+    day::{open_for_write, Birth, Day, DayEnv},
     day_name, day_number,
     error::{corrupt, io, StoreError},
     read::{day_dirs, SharedReader, StoreReader},
-    Clock, Message, StoreConfig, Verdict,
+    rollup, Clock, Message, StoreConfig, Verdict,
 };
 use crate::window::{NS_PER_DAY, NS_PER_SEC};
 
@@ -385,12 +385,11 @@ impl Store {
             .ok()
             .and_then(|t| t.format(&Rfc3339).ok())
             .unwrap_or_default();
-        let day = open_for_write(
-            &self.config.dir,
-            name,
-            self.config.initial_map(),
-            &created_at,
-        )?;
+        let birth = Birth {
+            created_at: &created_at,
+            rollups: &rollup::plan(&self.config.resolutions_secs),
+        };
+        let day = open_for_write(&self.config.dir, name, self.config.initial_map(), &birth)?;
         tracing::info!(day = name, map_bytes = day.map_bytes(), "opened a day");
         self.reader.days.insert(name.to_owned(), day.clone());
         self.publish();
