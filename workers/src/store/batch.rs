@@ -566,6 +566,7 @@ const WALK: usize = 16;
 /// in place, or inserts a new key where it stands; LMDB then searches only
 /// the cursor's page, unless the key falls at the page's edge. A key further
 /// away than [`WALK`] entries gets a fresh cursor, placed by one search.
+/// Once the walk reaches the end of the database, the rest are appended.
 ///
 /// heed 0.22 has no way to move an open cursor to a key, so walking forward
 /// (its range iterator) is how the cursor is reused.
@@ -580,6 +581,9 @@ fn upsert_sorted<'k, E: Copy, V: AsRef<[u8]>>(
 ) -> Result<(), StoreError> {
     let err = lmdb(&day.name);
     let mut entries = entries.peekable();
+    // Past the database's last key: every entry from here on is new and
+    // goes after everything stored.
+    let mut at_end = false;
     while let Some(&(first, _)) = entries.peek() {
         let mut cursor = db
             .range_mut(txn, &(Bound::Included(first), Bound::Unbounded))
@@ -589,6 +593,9 @@ fn upsert_sorted<'k, E: Copy, V: AsRef<[u8]>>(
         'walk: while let Some(&(key, _)) = entries.peek() {
             let mut steps = 0;
             let stored = loop {
+                if at_end {
+                    break None;
+                }
                 if steps == WALK {
                     // Too far: the next cursor is placed at `key` by a search.
                     break 'walk;
@@ -602,7 +609,10 @@ fn upsert_sorted<'k, E: Copy, V: AsRef<[u8]>>(
                         Ordering::Greater => break None,
                     },
                     // At the end of the database: `key` is new.
-                    None => break None,
+                    None => {
+                        at_end = true;
+                        break None;
+                    }
                 }
             };
             let Some((key, entry)) = entries.next() else {
@@ -631,16 +641,23 @@ fn upsert_sorted<'k, E: Copy, V: AsRef<[u8]>>(
                 // next step sees the entry it stood on again.
                 None => {
                     let value = fresh(entry);
+                    // At the end, an append: LMDB then skips the search for
+                    // the key (it only checks that it sorts after the last),
+                    // and a full last page splits by starting a new one
+                    // instead of moving half of its entries (so pages filled
+                    // in order stay full). Most of a batch's `recent` windows
+                    // are appended: their seconds are newer than any stored.
+                    let flags = if at_end {
+                        PutFlags::APPEND
+                    } else {
+                        PutFlags::empty()
+                    };
                     // SAFETY: as above; a plain cursor put, which places
-                    // `key` itself and leaves the cursor on it.
-                    unsafe {
-                        cursor.put_current_with_options::<Bytes>(
-                            PutFlags::empty(),
-                            key,
-                            value.as_ref(),
-                        )
-                    }
-                    .map_err(&err)?;
+                    // `key` itself and leaves the cursor on it. An append
+                    // of a key that does not sort last fails (MDB_KEYEXIST);
+                    // it cannot happen, the keys come in ascending order.
+                    unsafe { cursor.put_current_with_options::<Bytes>(flags, key, value.as_ref()) }
+                        .map_err(&err)?;
                 }
             }
         }
