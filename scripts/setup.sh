@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what windrow needs on a Debian/Ubuntu machine, only where missing:
-# a C compiler, Rust (rustup), nats-server and mosquitto (with its clients),
+# a C compiler and make, Rust (rustup), nats-server and mosquitto (with its clients),
 # python3-venv (for scripts/chart-check).
 # Sourced by scripts/test and scripts/run.
 set -euo pipefail
@@ -21,7 +21,8 @@ windrow_apt_install() {
 
 windrow_setup() {
   local pkgs=()
-  command -v cc >/dev/null 2>&1 || pkgs+=(build-essential)
+  # cc for rusqlite's bundled SQLite, make too for jemalloc (the allocator).
+  { command -v cc && command -v make; } >/dev/null 2>&1 || pkgs+=(build-essential)
   command -v curl >/dev/null 2>&1 || pkgs+=(curl ca-certificates)
   # Debian installs the servers in /usr/sbin, which is not on every user's PATH.
   export PATH="$PATH:/usr/sbin:/usr/local/sbin"
