@@ -443,34 +443,41 @@ pub(super) fn load_frozen(
             windows.push((key, agg));
         }
     };
+    let mut coarse = Vec::with_capacity(day.rollups.len());
     for entry in db.iter(txn).map_err(&err)? {
         let (k, v) = entry.map_err(&err)?;
         let mut valid = false;
         let key = keys.push(|buf| valid = put_window_key_of_recent(buf, k));
         let agg = Aggregate::from_bytes(v).filter(|_| valid);
         let agg = agg.ok_or_else(|| corrupt(&day.name, "recent window"))?;
+        coarse.clear();
         for r in &day.rollups {
             let start = keys.0.len();
             keys.0.extend_from_within(key.start..key.end);
-            let coarse = KeyRef {
-                start,
-                end: keys.0.len(),
-            };
             if rollup::roll_up_key(&mut keys.0[start..], *r) {
-                keep(&mut keys, coarse, agg);
+                coarse.push(KeyRef {
+                    start,
+                    end: keys.0.len(),
+                });
             } else {
                 keys.0.truncate(start);
             }
         }
+        // The window first, then its coarse windows: in key order (same
+        // series and field, coarser resolution), which keeps the runs below.
         keep(&mut keys, key, agg);
+        for c in &coarse {
+            keep(&mut keys, *c, agg);
+        }
     }
     // Read in `recent` order, the windows are one ascending run of window
     // keys per resolution and start (a minute of one-second windows is 60
-    // runs), and so are those rolled up from each: a stable sort finds the
-    // runs and merges them, where a quicksort compared every key about
-    // log2(n) times (a twentieth of a core-mode worker's time went to that
-    // sort). Distinct `recent` keys are distinct window keys, but the fine
-    // windows of one coarse window all roll up into it: folded.
+    // runs), each window followed by its coarse windows, which sort between
+    // it and the next series' window: a stable sort finds the runs and
+    // merges them, where a quicksort compared every key about log2(n) times
+    // (a twentieth of a core-mode worker's time went to that sort).
+    // Distinct `recent` keys are distinct window keys, but the fine windows
+    // of one coarse window all roll up into it: folded.
     windows.sort_by(|a, b| byte_order(keys.get(a.0), keys.get(b.0)));
     windows.dedup_by(|later, kept| {
         let same = keys.get(later.0) == keys.get(kept.0);

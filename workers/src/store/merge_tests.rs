@@ -49,6 +49,15 @@ proptest! {
         cuts in prop::collection::vec(1usize..700, 1..8),
         recent_max in 1u64..4000,
         slice in 1u64..3000,
+        resolutions in prop_oneof![
+            Just(vec![1u32, 60]),
+            // Two rollups; a fine resolution other than a second; one that
+            // is not a multiple of the finest (written directly); none.
+            Just(vec![3600, 1, 60]),
+            Just(vec![10, 60]),
+            Just(vec![2, 60, 25]),
+            Just(vec![60]),
+        ],
     ) {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(T0 + 60 * MIN);
@@ -56,6 +65,7 @@ proptest! {
             dir: dir.path().to_owned(),
             recent_max_windows: recent_max,
             compaction_slice_windows: slice,
+            resolutions_secs: resolutions.clone(),
             ..StoreConfig::default()
         };
         let mut store = Store::open(config, std::sync::Arc::new(clock.clone())).unwrap();
@@ -90,7 +100,7 @@ proptest! {
             rest = after;
         }
 
-        for res in [1u32, 60] {
+        for res in resolutions {
             let mut want: BTreeMap<(String, String, i64), Model> = BTreeMap::new();
             let width = i64::from(res) * NS_PER_SEC;
             for s in messages.iter().flat_map(|m| &m.samples) {
@@ -125,7 +135,11 @@ proptest! {
             let part = model(store.windows("*", None, res, from, to).unwrap());
             let mut want_part = want.clone();
             want_part.retain(|(_, _, start), _| (from..to).contains(start));
-            prop_assert_eq!(part, want_part, "windows of {} s in a range", res);
+            prop_assert_eq!(part, want_part.clone(), "windows of {} s in a range", res);
+            // One series and field: `windows` is read as a key range.
+            let one = model(store.windows(&series(3), Some("t"), res, from, to).unwrap());
+            want_part.retain(|(s, f, _), _| *s == series(3) && f == "t");
+            prop_assert_eq!(one, want_part, "one series' windows of {} s in a range", res);
             prop_assert_eq!(model(all(&store, "*", res)), want, "windows of {} s", res);
         }
 

@@ -75,14 +75,18 @@ pub(super) fn encode(rollups: &[Rollup]) -> Vec<u8> {
         .into_bytes()
 }
 
-/// Inverse of [`encode`]; `None` if `bytes` is not its output for valid
-/// rollups.
+/// Inverse of [`encode`]; `None` if `bytes` is not its output for rollups
+/// [`plan`] can make: one fine resolution, each coarse one a multiple of it
+/// and named once, in order (two rules for one coarse resolution would count
+/// its samples twice, and a chain would miss those of a coarse resolution
+/// that is itself rolled up and so never written).
 pub(super) fn decode(bytes: &[u8]) -> Option<Vec<Rollup>> {
     let text = std::str::from_utf8(bytes).ok()?;
     if text.is_empty() {
         return Some(Vec::new());
     }
-    text.split(',')
+    let rollups = text
+        .split(',')
         .map(|pair| {
             let (coarse, fine) = pair.split_once(':')?;
             let r = Rollup {
@@ -91,7 +95,11 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Vec<Rollup>> {
             };
             (r.fine > 0 && r.coarse > r.fine && r.coarse.is_multiple_of(r.fine)).then_some(r)
         })
-        .collect()
+        .collect::<Option<Vec<_>>>()?;
+    let fine = rollups.first()?.fine;
+    let planned = rollups.iter().all(|r| r.fine == fine)
+        && rollups.windows(2).all(|w| w[0].coarse < w[1].coarse);
+    planned.then_some(rollups)
 }
 
 /// Turns a window key of resolution `r.fine` into the key of the coarse
@@ -148,7 +156,19 @@ mod tests {
             assert_eq!(decode(&encode(&rollups)), Some(rollups));
         }
         assert_eq!(encode(&[R, r(3600, 1)]), b"60:1,3600:1");
-        for bad in ["60", "60:", "1:60", "60:0", "61:2", "60:1,", "x:1"] {
+        for bad in [
+            "60",
+            "60:",
+            "1:60",
+            "60:0",
+            "61:2",
+            "60:1,",
+            "x:1",
+            "60:1,60:1",
+            "3600:1,60:1",
+            "60:1,3600:60",
+            "60:1,120:2",
+        ] {
             assert_eq!(decode(bad.as_bytes()), None, "{bad}");
         }
     }

@@ -203,9 +203,13 @@ impl Store {
     pub fn compact_due(&mut self) -> Result<Vec<CompactionStep>, StoreError> {
         let mut done = Vec::new();
         let days: Vec<Day> = self.reader.days.values().cloned().collect();
+        // A window written to `recent` becomes up to one more window to
+        // merge per rollup (its coarse windows), so twice what was written
+        // counts each of those too.
+        let rollups = days.iter().map(|d| d.rollups.len()).max().unwrap_or(0);
         let slice = usize::try_from(self.config.compaction_slice_windows)
             .unwrap_or(usize::MAX)
-            .max(self.written.saturating_mul(2));
+            .max(self.written.saturating_mul(2 * (1 + rollups)));
         // Kept while a compaction's windows load, so that its first slice
         // catches up with what was written meanwhile; otherwise counted
         // afresh, also after a failed step (which drops its task).
