@@ -551,8 +551,17 @@ async fn a_worker_store_its_user_cannot_write_fails_the_pod_run() {
     envs.push(("CHART_CHECK_RUN", "defaults".into()));
     let run = chart_check_blocking(chart, envs).await;
     assert_eq!(run.code, Some(1), "{run:?}");
+    // The worker serves /healthz before it opens its store, so the startup
+    // probe may or may not pass in between: the exit is reported under
+    // whichever probe was waiting.
+    assert!(
+        run.output
+            .lines()
+            .any(|l| l.contains("worker (windrow-worker-0): ")
+                && l.contains("probe: the process exited with code 1 before it was ready")),
+        "expected the worker's exit before it was ready: {run:?}"
+    );
     for text in [
-        "worker (windrow-worker-0): startup probe: the process exited with code 1 before it was ready",
         "volumes/data/data: Permission denied",
         "ran 2 pod(s): bridge ready, drained; worker FAILED",
     ] {
