@@ -11,7 +11,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    codec::{parse_latest_key, parse_latest_value, parse_window_key, WindowKey},
+    codec::{parse_latest_key, parse_latest_value, parse_window_key, recent_head, WindowKey},
     error::{corrupt, io, lmdb, StoreError},
     read::for_each_recent,
     LatestRow, StoreReader,
@@ -101,11 +101,17 @@ impl StoreReader {
                 // `recent` is bounded by `recent_max_windows`: held in memory
                 // by window key, merged into the walk over `windows`.
                 let mut recent = BTreeMap::<Vec<u8>, Aggregate>::new();
-                // Also the windows the day rolls up from them.
-                let all = (Bound::Unbounded, Bound::Unbounded);
+                // Also the windows the day rolls up from them: a scan of
+                // each fine resolution's part of `recent` per rollup.
                 let roll_ups = std::iter::once(None).chain(day.rollups.iter().copied().map(Some));
                 for roll_up in roll_ups {
-                    for_each_recent(day, rtxn, all, roll_up, |k, v| {
+                    let heads = roll_up
+                        .map(|r| (recent_head(r.fine, i64::MIN), recent_head(r.fine, i64::MAX)));
+                    let range = match &heads {
+                        Some((lo, hi)) => (Bound::Included(&lo[..]), Bound::Excluded(&hi[..])),
+                        None => (Bound::Unbounded, Bound::Unbounded),
+                    };
+                    for_each_recent(day, rtxn, range, roll_up, |k, v| {
                         let agg = Aggregate::from_bytes(v)
                             .ok_or_else(|| corrupt(name, "recent window"))?;
                         recent
