@@ -162,6 +162,15 @@ pub fn window_key_tail(k: &[u8]) -> Option<(u32, i64)> {
     Some((res, start))
 }
 
+/// Sets the resolution and start of a window key of at least their twelve
+/// bytes, in place (the names stay).
+pub fn set_window_key_tail(k: &mut [u8], resolution_secs: u32, start_ns: i64) {
+    if let Some(at) = k.len().checked_sub(RECENT_HEAD) {
+        // The same twelve bytes as a `recent` key's head.
+        k[at..].copy_from_slice(&recent_head(resolution_secs, start_ns));
+    }
+}
+
 /// Decodes [`window_key`]; `None` if it is not one.
 pub fn parse_window_key(k: &[u8]) -> Option<WindowKey> {
     let (resolution_secs, start_ns) = window_key_tail(k)?;

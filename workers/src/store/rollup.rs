@@ -114,8 +114,7 @@ pub(super) fn roll_up_key(key: &mut [u8], r: Rollup) -> bool {
         return false;
     }
     let coarse = window_start(start, i64::from(r.coarse) * NS_PER_SEC);
-    let at = key.len() - super::codec::RECENT_HEAD;
-    key[at..].copy_from_slice(&super::codec::recent_head(r.coarse, coarse));
+    super::codec::set_window_key_tail(key, r.coarse, coarse);
     true
 }
 
