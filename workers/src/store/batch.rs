@@ -10,13 +10,13 @@ use roaring::RoaringBitmap;
 use super::{
     codec::{
         applied_key, applied_low, is_newer, latest_value, parse_latest_value, put_latest_key,
-        put_recent_key, put_window_key_of_recent, recent_head, RECENT_HEAD,
+        put_recent_key, put_window_key_of_names, recent_head, recent_parts, RECENT_HEAD,
     },
     day::{DayEnv, COMPACTED_BELOW, RECENT_ACTIVE},
     error::{corrupt, io, lmdb, StoreError},
     rollup, Message, Verdict,
 };
-use crate::window::{window_start, Aggregate, NS_PER_SEC};
+use crate::window::{window_start, Aggregate, AGGREGATE_BYTES, NS_PER_SEC};
 
 /// What to do with one message of a day's part of a batch.
 #[derive(Debug, Clone, Copy)]
@@ -415,6 +415,18 @@ impl Compaction {
 /// Reads the windows of `recent` database `frozen`, and the coarse windows
 /// the day rolls up from them ([`rollup`]), with window keys from `floor`
 /// on, sorted and folded by window key: the compaction to run.
+///
+/// `recent` holds its windows time first (resolution, start, names), as one
+/// run of ascending names per resolution and start; `windows` wants them
+/// names first. Since one name's windows are in the same order either way,
+/// a stable sort of the windows by their names alone makes the window-key
+/// order, and it merges the runs it finds rather than comparing every key
+/// about log2(n) times. What it moves is an index and the names' first
+/// eight bytes (which decide most comparisons without reading the names),
+/// not the windows. One name's windows, together then, are rolled up and
+/// folded by themselves: a fine window and its coarse windows are never
+/// sorted as a whole (sorting every window with a copy per rollup, and
+/// moving the aggregates, was a sixth of a core-mode worker's time).
 pub(super) fn load_frozen(
     day: &DayEnv,
     txn: &RoTxn<'_>,
@@ -423,75 +435,106 @@ pub(super) fn load_frozen(
 ) -> Result<Compaction, StoreError> {
     let err = lmdb(&day.name);
     let db = day.recent_dbs()?[frozen];
-    // Sized once: about 110 bytes a window (its key and aggregate), which is
-    // what `recent_max_windows` documents, and as much again for the
-    // windows rolled up from them.
     let n = usize::try_from(db.len(txn).map_err(&err)?).unwrap_or(0);
+    // Borrowed from the map, which the read transaction keeps in place.
+    let mut read: Vec<Frozen<'_>> = Vec::with_capacity(n);
+    for entry in db.iter(txn).map_err(&err)? {
+        let (k, v) = entry.map_err(&err)?;
+        let parts = recent_parts(k).filter(|_| v.len() == AGGREGATE_BYTES);
+        let (res, start_ns, names) = parts.ok_or_else(|| corrupt(&day.name, "recent window"))?;
+        read.push(Frozen {
+            names,
+            res,
+            start_ns,
+            agg: v,
+        });
+    }
+    let mut order: Vec<(u64, u32)> = read
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (prefix8(f.names), i as u32))
+        .collect();
+    order.sort_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| byte_order(read[a.1 as usize].names, read[b.1 as usize].names))
+    });
+    // About 110 bytes a window (its key and aggregate), which is what
+    // `recent_max_windows` documents, and as much again for the windows
+    // rolled up from them.
     let rolled = n.saturating_mul(day.rollups.len());
     let mut keys = KeyArena(Vec::with_capacity(
         n.saturating_add(rolled).saturating_mul(32),
     ));
-    let mut windows = Vec::with_capacity(n.saturating_add(rolled));
-    // Merged before a restart interrupted the compaction: left out (and
-    // its bytes given back, unless a kept key follows them).
-    let mut keep = |keys: &mut KeyArena, key: KeyRef, agg: Aggregate| {
-        if keys.get(key) < floor {
-            if key.end == keys.0.len() {
+    let mut windows: Vec<(KeyRef, Aggregate)> = Vec::with_capacity(n.saturating_add(rolled));
+    // One name's windows and their coarse windows: (resolution, start, aggregate).
+    let mut group: Vec<(u32, i64, Aggregate)> = Vec::new();
+    let mut at = 0;
+    while let Some(&(_, first)) = order.get(at) {
+        let names = read[first as usize].names;
+        group.clear();
+        for &(_, i) in order[at..]
+            .iter()
+            .take_while(|(_, i)| read[*i as usize].names == names)
+        {
+            let f = &read[i as usize];
+            let agg =
+                Aggregate::from_bytes(f.agg).ok_or_else(|| corrupt(&day.name, "recent window"))?;
+            group.push((f.res, f.start_ns, agg));
+            for r in &day.rollups {
+                if let Some(start) = rollup::roll_up(*r, f.res, f.start_ns) {
+                    group.push((r.coarse, start, agg));
+                }
+            }
+            at += 1;
+        }
+        // Stable: a coarse window folds its fine windows in time order.
+        group.sort_by_key(|&(res, start, _)| (res, start));
+        let mut last = None;
+        // The window last met lies below the floor: merged before a
+        // restart interrupted the compaction, so left out.
+        let mut merged = false;
+        for &(res, start, agg) in &group {
+            if last == Some((res, start)) {
+                if let (false, Some((_, kept))) = (merged, windows.last_mut()) {
+                    kept.merge(&agg);
+                }
+                continue;
+            }
+            last = Some((res, start));
+            let key = keys.push(|k| put_window_key_of_names(k, names, res, start));
+            merged = keys.get(key) < floor;
+            if merged {
                 keys.0.truncate(key.start);
-            }
-        } else {
-            windows.push((key, agg));
-        }
-    };
-    let mut coarse = Vec::with_capacity(day.rollups.len());
-    for entry in db.iter(txn).map_err(&err)? {
-        let (k, v) = entry.map_err(&err)?;
-        let mut valid = false;
-        let key = keys.push(|buf| valid = put_window_key_of_recent(buf, k));
-        let agg = Aggregate::from_bytes(v).filter(|_| valid);
-        let agg = agg.ok_or_else(|| corrupt(&day.name, "recent window"))?;
-        coarse.clear();
-        for r in &day.rollups {
-            let start = keys.0.len();
-            keys.0.extend_from_within(key.start..key.end);
-            if rollup::roll_up_key(&mut keys.0[start..], *r) {
-                coarse.push(KeyRef {
-                    start,
-                    end: keys.0.len(),
-                });
             } else {
-                keys.0.truncate(start);
+                windows.push((key, agg));
             }
-        }
-        // The window first, then its coarse windows: in key order (same
-        // series and field, coarser resolution), which keeps the runs below.
-        keep(&mut keys, key, agg);
-        for c in &coarse {
-            keep(&mut keys, *c, agg);
         }
     }
-    // Read in `recent` order, the windows are one ascending run of window
-    // keys per resolution and start (a minute of one-second windows is 60
-    // runs), each window followed by its coarse windows, which sort between
-    // it and the next series' window: a stable sort finds the runs and
-    // merges them, where a quicksort compared every key about log2(n) times
-    // (a twentieth of a core-mode worker's time went to that sort).
-    // Distinct `recent` keys are distinct window keys, but the fine windows
-    // of one coarse window all roll up into it: folded.
-    windows.sort_by(|a, b| byte_order(keys.get(a.0), keys.get(b.0)));
-    windows.dedup_by(|later, kept| {
-        let same = keys.get(later.0) == keys.get(kept.0);
-        if same {
-            kept.1.merge(&later.1);
-        }
-        same
-    });
     Ok(Compaction {
         keys,
         windows,
         next: 0,
         frozen,
     })
+}
+
+/// A window of a frozen `recent` database, as read ([`load_frozen`]).
+struct Frozen<'t> {
+    names: &'t [u8],
+    res: u32,
+    start_ns: i64,
+    /// Its aggregate, encoded.
+    agg: &'t [u8],
+}
+
+/// The first eight bytes of `key`, zero-padded, as an integer: comparing two
+/// of them orders the keys as their bytes do, or ties (see
+/// [`KeyArena::prefix`]).
+fn prefix8(key: &[u8]) -> u64 {
+    let mut p = [0u8; 8];
+    let n = key.len().min(8);
+    p[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(p)
 }
 
 /// Starts a compaction: in one transaction, freezes the active `recent`

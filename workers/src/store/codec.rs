@@ -144,13 +144,33 @@ fn recent_names(k: &[u8]) -> Option<&[u8]> {
 /// Appends the [`window_key`] of a `recent` key to `buf`; `false` (and
 /// nothing appended) if `k` is not a `recent` key.
 pub fn put_window_key_of_recent(buf: &mut Vec<u8>, k: &[u8]) -> bool {
-    let Some(names) = recent_names(k) else {
+    let Some((resolution_secs, start_ns, names)) = recent_parts(k) else {
         return false;
     };
+    put_window_key_of_names(buf, names, resolution_secs, start_ns);
+    true
+}
+
+/// A `recent` key's resolution, start and names (`series 0x00 field`), if
+/// it is one.
+pub fn recent_parts(k: &[u8]) -> Option<(u32, i64, &[u8])> {
+    let names = recent_names(k)?;
+    let res = u32::from_be_bytes(k[..4].try_into().ok()?);
+    let start = unordered(u64::from_be_bytes(k[4..RECENT_HEAD].try_into().ok()?));
+    Some((res, start, names))
+}
+
+/// Appends a [`window_key`] to `buf` from its names already encoded as a
+/// [`put_latest_key`] key.
+pub fn put_window_key_of_names(
+    buf: &mut Vec<u8>,
+    names: &[u8],
+    resolution_secs: u32,
+    start_ns: i64,
+) {
     buf.extend_from_slice(names);
     buf.push(SEP);
-    buf.extend_from_slice(&k[..RECENT_HEAD]);
-    true
+    buf.extend_from_slice(&recent_head(resolution_secs, start_ns));
 }
 
 /// Resolution and start of a window key without decoding the names (for

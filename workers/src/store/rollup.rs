@@ -110,12 +110,17 @@ pub(super) fn roll_up_key(key: &mut [u8], r: Rollup) -> bool {
     let Some((res, start)) = super::codec::window_key_tail(key) else {
         return false;
     };
-    if res != r.fine {
+    let Some(coarse) = roll_up(r, res, start) else {
         return false;
-    }
-    let coarse = window_start(start, i64::from(r.coarse) * NS_PER_SEC);
+    };
     super::codec::set_window_key_tail(key, r.coarse, coarse);
     true
+}
+
+/// The start of the coarse window of `r` that the window of resolution
+/// `res` starting at `start_ns` lies in; `None` if `res` is not `r.fine`.
+pub(super) fn roll_up(r: Rollup, res: u32, start_ns: i64) -> Option<i64> {
+    (res == r.fine).then(|| window_start(start_ns, i64::from(r.coarse) * NS_PER_SEC))
 }
 
 /// The starts of the fine windows that roll up into the coarse windows
