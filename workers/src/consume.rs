@@ -827,6 +827,49 @@ mod tests {
         }
     }
 
+    /// A stream over a tokio channel, as async-nats' subscriber is: its
+    /// receives count against the task's budget.
+    fn channel() -> (
+        tokio::sync::mpsc::UnboundedSender<u32>,
+        impl futures::Stream<Item = u32> + Unpin,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        (tx, futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
+
+    /// On tokio's paused clock: time passes only where `next_before` waits.
+    #[tokio::test(start_paused = true)]
+    async fn next_before_takes_what_is_buffered_without_waiting_and_waits_only_until_the_deadline()
+    {
+        let (tx, mut stream) = channel();
+        let deadline = Instant::now() + Duration::from_millis(100);
+        // More than a task's budget: running out of it is not taken for empty.
+        for i in 0..10_000 {
+            tx.send(i).expect("open");
+        }
+        let started = Instant::now();
+        for i in 0..10_000 {
+            assert_eq!(next_before(&mut stream, deadline).await, Some(Some(i)));
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // Empty: what arrives during the gathering pause or after it.
+        let sender = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            sender.send(7).expect("open");
+        });
+        assert_eq!(next_before(&mut stream, deadline).await, Some(Some(7)));
+        assert_eq!(started.elapsed(), Duration::from_millis(10));
+        // Nothing before the deadline.
+        assert_eq!(next_before(&mut stream, deadline).await, None);
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        // The end of the stream, at once.
+        drop(tx);
+        let later = Instant::now() + Duration::from_millis(100);
+        assert_eq!(next_before(&mut stream, later).await, Some(None));
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+    }
+
     #[test]
     fn the_ack_wait_is_the_consumers_or_the_servers_default() {
         let of = |ns| ConsumerLimits::of(&consumer(1000, ns), 10, "batch").ack_wait;
