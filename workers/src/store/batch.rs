@@ -449,14 +449,14 @@ pub(super) fn load_frozen(
             agg: v,
         });
     }
-    let mut order: Vec<(u64, u32)> = read
+    let mut order: Vec<(u64, usize)> = read
         .iter()
         .enumerate()
-        .map(|(i, f)| (prefix8(f.names), i as u32))
+        .map(|(i, f)| (prefix8(f.names), i))
         .collect();
     order.sort_by(|a, b| {
         a.0.cmp(&b.0)
-            .then_with(|| byte_order(read[a.1 as usize].names, read[b.1 as usize].names))
+            .then_with(|| byte_order(read[a.1].names, read[b.1].names))
     });
     // About 110 bytes a window (its key and aggregate), which is what
     // `recent_max_windows` documents, and as much again for the windows
@@ -470,13 +470,13 @@ pub(super) fn load_frozen(
     let mut group: Vec<(u32, i64, Aggregate)> = Vec::new();
     let mut at = 0;
     while let Some(&(_, first)) = order.get(at) {
-        let names = read[first as usize].names;
+        let names = read[first].names;
         group.clear();
         for &(_, i) in order[at..]
             .iter()
-            .take_while(|(_, i)| read[*i as usize].names == names)
+            .take_while(|(_, i)| read[*i].names == names)
         {
-            let f = &read[i as usize];
+            let f = &read[i];
             let agg =
                 Aggregate::from_bytes(f.agg).ok_or_else(|| corrupt(&day.name, "recent window"))?;
             group.push((f.res, f.start_ns, agg));
