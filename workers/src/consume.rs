@@ -851,7 +851,7 @@ mod tests {
             assert_eq!(next_before(&mut stream, deadline).await, Some(Some(i)));
         }
         assert_eq!(started.elapsed(), Duration::ZERO);
-        // Empty: what arrives during the gathering pause or after it.
+        // Empty: what arrives after the gathering pause, as it arrives.
         let sender = tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(10)).await;
