@@ -16,7 +16,7 @@ use super::{
     error::{corrupt, io, lmdb, StoreError},
     rollup, Message, Verdict,
 };
-use crate::window::{window_start, Aggregate, AGGREGATE_BYTES, NS_PER_SEC};
+use crate::window::{window_start, Aggregate, NS_PER_SEC};
 
 /// What to do with one message of a day's part of a batch.
 #[derive(Debug, Clone, Copy)]
@@ -158,15 +158,8 @@ fn byte_order(a: &[u8], b: &[u8]) -> Ordering {
     // tie it is a prefix of the longer one, which sorts after it. (A slice
     // comparison here was a `memcmp` call per comparison again.)
     let done = a.len().min(b.len()) / 8 * 8;
-    let padded = |rest: &[u8]| {
-        let mut x = [0u8; 8];
-        for (to, from) in x.iter_mut().zip(rest) {
-            *to = *from;
-        }
-        u64::from_be_bytes(x)
-    };
-    padded(&a[done..])
-        .cmp(&padded(&b[done..]))
+    prefix8(&a[done..])
+        .cmp(&prefix8(&b[done..]))
         .then(a.len().cmp(&b.len()))
 }
 
@@ -440,8 +433,8 @@ pub(super) fn load_frozen(
     let mut read: Vec<Frozen<'_>> = Vec::with_capacity(n);
     for entry in db.iter(txn).map_err(&err)? {
         let (k, v) = entry.map_err(&err)?;
-        let parts = recent_parts(k).filter(|_| v.len() == AGGREGATE_BYTES);
-        let (res, start_ns, names) = parts.ok_or_else(|| corrupt(&day.name, "recent window"))?;
+        let parts = recent_parts(k).ok_or_else(|| corrupt(&day.name, "recent window"))?;
+        let (res, start_ns, names) = parts;
         read.push(Frozen {
             names,
             res,
@@ -530,10 +523,13 @@ struct Frozen<'t> {
 /// The first eight bytes of `key`, zero-padded, as an integer: comparing two
 /// of them orders the keys as their bytes do, or ties (see
 /// [`KeyArena::prefix`]).
+/// (Copied byte by byte: a copy of a variable length is a `memcpy` call,
+/// and [`byte_order`] runs this in every comparison that ties.)
 fn prefix8(key: &[u8]) -> u64 {
     let mut p = [0u8; 8];
-    let n = key.len().min(8);
-    p[..n].copy_from_slice(&key[..n]);
+    for (to, from) in p.iter_mut().zip(key) {
+        *to = *from;
+    }
     u64::from_be_bytes(p)
 }
 

@@ -88,9 +88,7 @@ pub fn put_window_key(
     start_ns: i64,
 ) {
     put_latest_key(buf, series, field);
-    buf.push(SEP);
-    buf.extend_from_slice(&resolution_secs.to_be_bytes());
-    buf.extend_from_slice(&ordered(start_ns).to_be_bytes());
+    put_window_tail(buf, resolution_secs, start_ns);
 }
 
 /// A decoded [`window_key`].
@@ -140,27 +138,30 @@ pub fn recent_head(resolution_secs: u32, start_ns: i64) -> [u8; RECENT_HEAD] {
 /// through. (A compaction orders windows by their names alone, which
 /// agrees with their window keys' order only then.)
 fn recent_names(k: &[u8]) -> Option<&[u8]> {
-    k.get(RECENT_HEAD..)
-        .filter(|n| n.iter().filter(|b| **b == SEP).count() == 1)
-}
-
-/// Appends the [`window_key`] of a `recent` key to `buf`; `false` (and
-/// nothing appended) if `k` is not a `recent` key.
-pub fn put_window_key_of_recent(buf: &mut Vec<u8>, k: &[u8]) -> bool {
-    let Some((resolution_secs, start_ns, names)) = recent_parts(k) else {
-        return false;
-    };
-    put_window_key_of_names(buf, names, resolution_secs, start_ns);
-    true
+    let names = k.get(RECENT_HEAD..)?;
+    let cut = names.iter().position(|b| *b == SEP)?;
+    (!names[cut + 1..].contains(&SEP)).then_some(names)
 }
 
 /// A `recent` key's resolution, start and names (`series 0x00 field`), if
 /// it is one.
 pub fn recent_parts(k: &[u8]) -> Option<(u32, i64, &[u8])> {
     let names = recent_names(k)?;
-    let res = u32::from_be_bytes(k[..4].try_into().ok()?);
-    let start = unordered(u64::from_be_bytes(k[4..RECENT_HEAD].try_into().ok()?));
+    let (res, start) = parse_head(&k[..RECENT_HEAD])?;
     Some((res, start, names))
+}
+
+/// Decodes [`recent_head`]: resolution and start.
+fn parse_head(h: &[u8]) -> Option<(u32, i64)> {
+    let res = u32::from_be_bytes(h.get(..4)?.try_into().ok()?);
+    let start = unordered(u64::from_be_bytes(h.get(4..RECENT_HEAD)?.try_into().ok()?));
+    Some((res, start))
+}
+
+/// Appends what follows a window key's names: 0x00 and its [`recent_head`].
+fn put_window_tail(buf: &mut Vec<u8>, resolution_secs: u32, start_ns: i64) {
+    buf.push(SEP);
+    buf.extend_from_slice(&recent_head(resolution_secs, start_ns));
 }
 
 /// Appends a [`window_key`] to `buf` from its names already encoded as a
@@ -172,26 +173,13 @@ pub fn put_window_key_of_names(
     start_ns: i64,
 ) {
     buf.extend_from_slice(names);
-    buf.push(SEP);
-    buf.extend_from_slice(&recent_head(resolution_secs, start_ns));
+    put_window_tail(buf, resolution_secs, start_ns);
 }
 
 /// Resolution and start of a window key without decoding the names (for
 /// filtering before allocating).
 pub fn window_key_tail(k: &[u8]) -> Option<(u32, i64)> {
-    let tail = k.len().checked_sub(12).map(|at| &k[at..])?;
-    let res = u32::from_be_bytes(tail[..4].try_into().ok()?);
-    let start = unordered(u64::from_be_bytes(tail[4..].try_into().ok()?));
-    Some((res, start))
-}
-
-/// Sets the resolution and start of a window key of at least their twelve
-/// bytes, in place (the names stay).
-pub fn set_window_key_tail(k: &mut [u8], resolution_secs: u32, start_ns: i64) {
-    if let Some(at) = k.len().checked_sub(RECENT_HEAD) {
-        // The same twelve bytes as a `recent` key's head.
-        k[at..].copy_from_slice(&recent_head(resolution_secs, start_ns));
-    }
+    parse_head(&k[k.len().checked_sub(RECENT_HEAD)?..])
 }
 
 /// Decodes [`window_key`]; `None` if it is not one.
@@ -300,14 +288,19 @@ mod tests {
                 k
             };
             let mut w = Vec::new();
-            prop_assert!(put_window_key_of_recent(&mut w, &recent(&series, a)));
+            let key = recent(&series, a);
+            let parts = recent_parts(&key);
+            prop_assert!(parts.is_some());
+            if let Some((r, t, names)) = parts {
+                put_window_key_of_names(&mut w, names, r, t);
+            }
             prop_assert_eq!(w, window_key(&series, &field, res, a));
             // Time first, whatever the series.
             if a != b {
                 prop_assert_eq!(recent(&series, a) < recent(&other, b), a < b);
             }
             prop_assert!(recent(&series, a).starts_with(&recent_head(res, a)));
-            prop_assert!(!put_window_key_of_recent(&mut Vec::new(), &recent_head(res, a)));
+            prop_assert!(recent_parts(&recent_head(res, a)).is_none());
             // Names of one series and one field, nothing else.
             let mut two = recent(&series, a);
             two.push(SEP);

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     codec::{
         parse_latest_key, parse_latest_value, parse_window_key, pattern_prefix,
-        put_window_key_of_recent, recent_head, window_key, window_key_tail, WindowKey, SEP,
+        put_window_key_of_names, recent_head, recent_parts, window_key, window_key_tail, WindowKey,
+        SEP,
     },
     day::{open_for_read, Day, DayEnv},
     day_start_ns,
@@ -172,13 +173,17 @@ pub(super) fn for_each_recent(
         let floor = state.floor(i);
         for entry in db.range(rtxn, &range).map_err(lmdb(&day.name))? {
             let (rk, v) = entry.map_err(lmdb(&day.name))?;
+            let parts = recent_parts(rk).ok_or_else(|| corrupt(&day.name, "recent window key"))?;
+            let (res, start, names) = parts;
+            let (res, start) = match roll_up {
+                None => (res, start),
+                Some(r) => match rollup::roll_up(r, res, start) {
+                    Some(coarse) => (r.coarse, coarse),
+                    None => continue,
+                },
+            };
             k.clear();
-            if !put_window_key_of_recent(&mut k, rk) {
-                return Err(corrupt(&day.name, "recent window key"));
-            }
-            if roll_up.is_some_and(|r| !rollup::roll_up_key(&mut k, r)) {
-                continue;
-            }
+            put_window_key_of_names(&mut k, names, res, start);
             if k.as_slice() >= floor {
                 f(&k, v)?;
             }
@@ -272,6 +277,15 @@ impl StoreReader {
                     let (res, start) =
                         window_key_tail(k).ok_or_else(|| corrupt(&day.name, "window key"))?;
                     if res != resolution_secs || start < from_ns || start >= to_ns {
+                        return Ok(());
+                    }
+                    // A window met before (the fine windows of one coarse
+                    // window, rolled up from `recent`) was parsed and its
+                    // field checked then: only merged now.
+                    if let Some(row) = merged.get_mut(k) {
+                        let agg = Aggregate::from_bytes(v)
+                            .ok_or_else(|| corrupt(&day.name, "window aggregate"))?;
+                        row.agg.merge(&agg);
                         return Ok(());
                     }
                     let key =

@@ -102,21 +102,6 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Vec<Rollup>> {
     planned.then_some(rollups)
 }
 
-/// Turns a window key of resolution `r.fine` into the key of the coarse
-/// window it lies in, in place (the resolution and start are the key's last
-/// twelve bytes); `false`, and `key` unchanged, if it is not a window key of
-/// that resolution.
-pub(super) fn roll_up_key(key: &mut [u8], r: Rollup) -> bool {
-    let Some((res, start)) = super::codec::window_key_tail(key) else {
-        return false;
-    };
-    let Some(coarse) = roll_up(r, res, start) else {
-        return false;
-    };
-    super::codec::set_window_key_tail(key, r.coarse, coarse);
-    true
-}
-
 /// The start of the coarse window of `r` that the window of resolution
 /// `res` starting at `start_ns` lies in; `None` if `res` is not `r.fine`.
 pub(super) fn roll_up(r: Rollup, res: u32, start_ns: i64) -> Option<i64> {
@@ -137,7 +122,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::store::codec::{parse_window_key, window_key};
+    use crate::store::codec::WindowKey;
 
     const R: Rollup = Rollup {
         coarse: 60,
@@ -178,7 +163,7 @@ mod tests {
     }
 
     proptest! {
-        /// A rolled-up key is the coarse window's key, and the fine range
+        /// A rolled-up window is the coarse window, and the fine range
         /// selects exactly the fine windows whose coarse window starts in
         /// the queried range.
         #[test]
@@ -188,16 +173,16 @@ mod tests {
             len in 0i64..10_000_000,
         ) {
             let ns = |s: i64| s * NS_PER_SEC;
-            let mut key = window_key("dev/1", "t", 1, ns(start));
-            prop_assert!(roll_up_key(&mut key, R));
-            let coarse = parse_window_key(&key).unwrap();
-            prop_assert_eq!(coarse.resolution_secs, 60);
-            prop_assert_eq!(coarse.start_ns, ns(start.div_euclid(60) * 60));
-            prop_assert_eq!(&coarse.series, "dev/1");
-            // Not a window of the fine resolution: left alone.
-            let mut other = window_key("dev/1", "t", 10, ns(start));
-            prop_assert!(!roll_up_key(&mut other, R));
-            prop_assert_eq!(other, window_key("dev/1", "t", 10, ns(start)));
+            let coarse_start = roll_up(R, 1, ns(start));
+            prop_assert_eq!(coarse_start, Some(ns(start.div_euclid(60) * 60)));
+            let coarse = WindowKey {
+                series: "dev/1".into(),
+                field: "t".into(),
+                resolution_secs: R.coarse,
+                start_ns: coarse_start.unwrap(),
+            };
+            // Not a window of the fine resolution: not rolled up.
+            prop_assert_eq!(roll_up(R, 10, ns(start)), None);
 
             let (from, to) = (ns(from) + 1, ns(from + len));
             let (lo, hi) = fine_range(R, from, to);
