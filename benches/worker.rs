@@ -41,6 +41,8 @@
 //! `WINDROW_BENCH_RUNS` (default 3), `WINDROW_BENCH_BATCH` (worker
 //! `--batch-max-messages`, default 20,000, the worker's default),
 //! `WINDROW_BENCH_WAIT_MS` (`--batch-max-wait-ms`, default 100),
+//! `WINDROW_BENCH_THREADS` (the worker's `--threads`; default: the worker's
+//! default, 1),
 //! `WINDROW_BENCH_ONLY` (`core` or `jetstream`: skip the other half),
 //! `WINDROW_BENCH_PIN=1` (the publisher and nats-server on half the CPUs, the
 //! consumer being measured on the other half; see `support/pinning.rs`).
@@ -113,6 +115,8 @@ struct Settings {
     runs: usize,
     batch: usize,
     wait_ms: u64,
+    /// The worker's `--threads`; `None`: its default.
+    threads: Option<usize>,
     pace_percent: usize,
     core: bool,
     jetstream: bool,
@@ -132,6 +136,7 @@ impl Settings {
             runs: env_usize("WINDROW_BENCH_RUNS").unwrap_or(3),
             batch: env_usize("WINDROW_BENCH_BATCH").unwrap_or(20_000),
             wait_ms: env_usize("WINDROW_BENCH_WAIT_MS").unwrap_or(100) as u64,
+            threads: env_usize("WINDROW_BENCH_THREADS"),
             pace_percent: env_usize("WINDROW_BENCH_PACE_PERCENT").unwrap_or(80),
             core,
             jetstream,
@@ -442,6 +447,8 @@ impl Worker {
             .tempdir()
             .expect("create the worker's data dir");
         let http_port = free_port();
+        let threads = s.threads.map(|t| t.to_string());
+        let threads_args = threads.as_deref().map(|t| ["--threads", t]);
         let args: Vec<String> = [
             "worker",
             "--nats-url",
@@ -462,6 +469,7 @@ impl Worker {
             &s.wait_ms.to_string(),
         ]
         .iter()
+        .chain(threads_args.iter().flatten())
         .map(|a| (*a).to_owned())
         .collect();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -1179,12 +1187,13 @@ fn report(s: &Settings, results: &[Vec<Outcome>]) -> String {
     let _ = writeln!(
         md,
         "`cargo bench --bench worker`: N = {} messages per scenario over {} series, {} runs; worker \
-         `--batch-max-messages {}` `--batch-max-wait-ms {}`, `--series-field device`, otherwise defaults.\n",
+         `--batch-max-messages {}` `--batch-max-wait-ms {}`{}, `--series-field device`, otherwise defaults.\n",
         group(s.n as i64),
         group(s.series as i64),
         s.runs,
         group(s.batch as i64),
-        s.wait_ms
+        s.wait_ms,
+        s.threads.map(|t| format!(" `--threads {t}`")).unwrap_or_default()
     );
     let _ = writeln!(
         md,

@@ -280,6 +280,9 @@ pub struct WorkerArgs {
     /// Do not publish dead-letter messages [worker.dead_letter = false].
     #[arg(long)]
     pub no_dead_letter: bool,
+    /// Threads of the async runtime: 1 runs the NATS client and the batching loop on one thread [worker.threads; default 1].
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Run `windrow streams apply` (no --recreate) before starting.
     #[arg(long)]
     pub ensure_streams: bool,

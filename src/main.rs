@@ -14,7 +14,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cli::{BridgeArgs, Cli, Command, ConfigCommand, ExportCommand, StreamsCommand},
+    cli::{BridgeArgs, Cli, Command, ConfigCommand, ExportCommand, StreamsCommand, WorkerArgs},
     settings::Settings,
     telemetry::LogFormat,
 };
@@ -42,24 +42,52 @@ fn main() -> ExitCode {
         // The bridge sizes its runtime from its configuration, so that is read
         // (and refused, with exit code 2) before the runtime starts.
         Command::Bridge(args) => match bridge::config(&settings, &args) {
-            Ok(config) => match runtime(Some(config.threads)) {
+            Ok(config) => match runtime(Threads::Workers(config.threads)) {
                 Ok(rt) => rt.block_on(run_bridge(config, &settings, &args, cli.log_format)),
                 Err(code) => code,
             },
             Err(code) => code,
         },
-        command => match runtime(None) {
+        // So does the worker.
+        Command::Worker(args) => match worker::config(&settings, &args) {
+            Ok(config) => {
+                let threads = match config.threads {
+                    1 => Threads::One,
+                    n => Threads::Workers(n),
+                };
+                match runtime(threads) {
+                    Ok(rt) => rt.block_on(run_worker(config, &settings, &args, cli.log_format)),
+                    Err(code) => code,
+                }
+            }
+            Err(code) => code,
+        },
+        command => match runtime(Threads::PerCore) {
             Ok(rt) => rt.block_on(dispatch(command, &settings, cli.log_format)),
             Err(code) => code,
         },
     }
 }
 
-/// A multi-thread runtime with `threads` workers (default: one per core).
-fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+/// The threads of a role's async runtime.
+enum Threads {
+    /// A multi-thread runtime with a worker thread per core.
+    PerCore,
+    /// A multi-thread runtime with this many worker threads; the role's own
+    /// future runs on the main thread beside them.
+    Workers(usize),
+    /// Everything on the main thread (a current-thread runtime); blocking
+    /// work still goes to tokio's blocking pool.
+    One,
+}
+
+fn runtime(threads: Threads) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::PerCore | Threads::Workers(_) => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all();
-    if let Some(n) = threads {
+    if let Threads::Workers(n) = threads {
         builder.worker_threads(n);
     }
     builder.build().map_err(|e| {
@@ -110,33 +138,6 @@ async fn dispatch(command: Command, settings: &Settings, log_format: LogFormat) 
                 Err(e) => config_error(&e),
             }
         }
-        Command::Worker(args) => {
-            let mut config: windrow_workers::Config = match settings.role("worker") {
-                Ok(c) => c,
-                Err(e) => return config_error(&e),
-            };
-            worker::apply(&mut config, &args);
-            if let Err(e) = config.validate() {
-                return config_error(&e);
-            }
-            let telemetry = match telemetry::init(log_format, "windrow-worker") {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            if args.ensure_streams {
-                if let Err((is_config, e)) = streams::ensure(settings, &config.nats).await {
-                    tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
-                    telemetry.shutdown();
-                    return exit_code(Err((is_config, e.context("--ensure-streams"))));
-                }
-            }
-            let res = windrow_workers::run(config, shutdown_on_signal()).await;
-            telemetry.shutdown();
-            exit_code(res.map_err(|e| (e.is_config(), anyhow::Error::from(e))))
-        }
         Command::Query(args) => {
             let config: windrow_workers::Config = match settings.role("worker") {
                 Ok(c) => c,
@@ -177,8 +178,36 @@ async fn dispatch(command: Command, settings: &Settings, log_format: LogFormat) 
                 ExitCode::FAILURE
             }
         },
-        Command::Bridge(_) => unreachable!("main runs the bridge on a runtime of its own"),
+        Command::Bridge(_) | Command::Worker(_) => {
+            unreachable!("main runs the bridge and the worker on runtimes of their own")
+        }
     }
+}
+
+/// `windrow worker` with its validated configuration.
+async fn run_worker(
+    config: windrow_workers::Config,
+    settings: &Settings,
+    args: &WorkerArgs,
+    log_format: LogFormat,
+) -> ExitCode {
+    let telemetry = match telemetry::init(log_format, "windrow-worker") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.ensure_streams {
+        if let Err((is_config, e)) = streams::ensure(settings, &config.nats).await {
+            tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
+            telemetry.shutdown();
+            return exit_code(Err((is_config, e.context("--ensure-streams"))));
+        }
+    }
+    let res = windrow_workers::run(config, shutdown_on_signal()).await;
+    telemetry.shutdown();
+    exit_code(res.map_err(|e| (e.is_config(), anyhow::Error::from(e))))
 }
 
 /// `windrow bridge` with its validated configuration.

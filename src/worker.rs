@@ -1,6 +1,9 @@
 //! `windrow worker` and `windrow query`: flags over the configuration, then the workers library.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    process::ExitCode,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use anyhow::{bail, Context as _};
 use windrow_workers::{
@@ -11,6 +14,8 @@ use windrow_workers::{
 use crate::{
     bridge::apply_nats,
     cli::{ExportSqliteArgs, FormatArg, ModeArg, QueryArgs, WorkerArgs},
+    config_error,
+    settings::Settings,
 };
 
 fn set<T>(slot: &mut T, value: Option<T>) {
@@ -19,8 +24,19 @@ fn set<T>(slot: &mut T, value: Option<T>) {
     }
 }
 
+/// The worker's configuration: the `[worker]` section, then the flags, validated.
+///
+/// # Errors
+/// Exit code 2, after printing what is wrong (each bad key named).
+pub fn config(settings: &Settings, args: &WorkerArgs) -> Result<Config, ExitCode> {
+    let mut config: Config = settings.role("worker").map_err(|e| config_error(&e))?;
+    apply(&mut config, args);
+    config.validate().map_err(|e| config_error(&e))?;
+    Ok(config)
+}
+
 /// Applies the worker flags over `c`.
-pub fn apply(c: &mut Config, a: &WorkerArgs) {
+fn apply(c: &mut Config, a: &WorkerArgs) {
     apply_nats(&mut c.nats, &a.nats);
     if let Some(m) = a.mode {
         c.mode = match m {
@@ -53,6 +69,7 @@ pub fn apply(c: &mut Config, a: &WorkerArgs) {
         c.supersedes = a.supersedes.clone();
     }
     set(&mut c.http_listen, a.http_listen);
+    set(&mut c.threads, a.threads);
     if a.no_dead_letter {
         c.dead_letter = false;
     }

@@ -10,7 +10,7 @@ use common::{
     assert_same, expected_windows, fleet_readings, hold_write_lock, publish_core,
     publish_jetstream, query_windows, Worker,
 };
-use windrow_harness::{clients, wait_until, NatsServer};
+use windrow_harness::{clients, wait_until, NatsServer, RoleProcess};
 
 use common::{
     ack_wait_config, base_in_today, nats_with_telemetry_stream, now_ns, wait_workers_settled,
@@ -67,7 +67,9 @@ async fn three_core_workers_in_a_queue_group_match_independent_aggregates() {
     let mut workers = Vec::new();
     for i in 0..3 {
         let data = dir.path().join(format!("node-{i}"));
-        let extra = ["--config", config];
+        // One on a multi-thread runtime, the others on the default one thread.
+        let threads = if i == 1 { "2" } else { "1" };
+        let extra = ["--config", config, "--threads", threads];
         workers.push(Worker::start(&nats, &format!("node-{i}"), &data, &extra).await);
     }
     let base = now_ns() - 30 * 60 * 1_000_000_000;
@@ -179,7 +181,15 @@ async fn jetstream_fleet(nats: &NatsServer, dir: &std::path::Path, n: usize) -> 
                 nats,
                 &format!("node-{i}"),
                 &data,
-                &["--mode", "jetstream", "--batch-max-messages", "1000"],
+                // One on a multi-thread runtime, the others on the default one thread.
+                &[
+                    "--mode",
+                    "jetstream",
+                    "--batch-max-messages",
+                    "1000",
+                    "--threads",
+                    if i == 1 { "2" } else { "1" },
+                ],
             )
             .await,
         );
@@ -568,4 +578,33 @@ async fn durable_consumers_carry_a_filter_only_when_it_narrows_the_stream() {
         "no warning about the whole-stream filter:\n{}",
         legacy.process.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_worker_config_fails_at_start_naming_the_key() {
+    // Read and refused before the runtime starts (its size is configured):
+    // exit code 2, the key and the reason, no data directory made.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut p = RoleProcess::spawn(
+        common::windrow(),
+        &[
+            "worker",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--threads",
+            "0",
+        ],
+        &[],
+    );
+    let status = p.wait_exit(Duration::from_secs(10)).await;
+    let log = p.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("worker.threads: must be 1 to 256, got 0"),
+        "{log}"
+    );
+    assert!(!data.exists(), "{log}");
 }

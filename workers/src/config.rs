@@ -69,6 +69,15 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// Interval between retention checks, in seconds. Default 60.
     pub retention_check_secs: u64,
+    /// Threads of the worker's async runtime: the NATS client, the loop that
+    /// decodes and batches, the query responder and `/metrics`. (The LMDB
+    /// writer, compaction and query reads have threads of their own.)
+    /// Default 1: all of them on one thread, so a message goes from the
+    /// socket into a batch without waking another thread. On a shared 2-core
+    /// machine that applied more messages per second in core mode than a
+    /// thread per core (BENCHMARKS.md). Raise it when one core is not
+    /// enough for the NATS client and decoding.
+    pub threads: usize,
 }
 
 fn default_node_id() -> String {
@@ -102,6 +111,7 @@ impl Default for Config {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 9465)),
             shutdown_timeout_secs: 30,
             retention_check_secs: 60,
+            threads: 1,
         }
     }
 }
@@ -194,6 +204,12 @@ impl Config {
         if self.batch_max_wait_ms == 0 {
             p.push("worker.batch_max_wait_ms: must be ≥ 1, got 0".into());
         }
+        if !(1..=256).contains(&self.threads) {
+            p.push(format!(
+                "worker.threads: must be 1 to 256, got {}",
+                self.threads
+            ));
+        }
         for (key, s) in [
             ("dead_letter_subject", &self.dead_letter_subject),
             ("query_subject", &self.query_subject),
@@ -255,5 +271,22 @@ mod tests {
         c.batch_max_messages = 5000;
         c.nats.subscription_capacity = 1000;
         assert!(problems(&c).is_empty(), "{:?}", problems(&c));
+    }
+
+    #[test]
+    fn threads_are_one_to_256() {
+        let mut c = Config::default();
+        assert_eq!(c.threads, 1);
+        for ok in [1, 256] {
+            c.threads = ok;
+            assert!(problems(&c).is_empty(), "{ok}: {:?}", problems(&c));
+        }
+        for bad in [0, 257] {
+            c.threads = bad;
+            assert_eq!(
+                problems(&c),
+                vec![format!("worker.threads: must be 1 to 256, got {bad}")]
+            );
+        }
     }
 }
