@@ -69,14 +69,16 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// Interval between retention checks, in seconds. Default 60.
     pub retention_check_secs: u64,
-    /// Threads of the worker's async runtime: the NATS client, the loop that
-    /// decodes and batches, the query responder and `/metrics`. (The LMDB
-    /// writer, compaction and query reads have threads of their own.)
-    /// Default 1: all of them on one thread, so a message goes from the
-    /// socket into a batch without waking another thread. On a shared 2-core
-    /// machine that applied more messages per second in core mode than a
-    /// thread per core (BENCHMARKS.md). Raise it when one core is not
-    /// enough for the NATS client and decoding.
+    /// Threads of the worker's async runtime. Default 1: the NATS client,
+    /// the loop that decodes and batches, the query responder and `/metrics`
+    /// share the main thread, so a message goes from the socket into a batch
+    /// without waking another thread; with N > 1 everything but the loop runs
+    /// on N threads beside it. (The LMDB writer, compaction, query reads and
+    /// reply encoding have threads of their own either way.) On a shared
+    /// 2-core machine one thread took less CPU per message than two for
+    /// about the same rate (BENCHMARKS.md). While a batch is decoded the NATS
+    /// client reads nothing: with batches of hundreds of thousands of
+    /// messages, use 2.
     pub threads: usize,
 }
 

@@ -68,21 +68,19 @@ impl QueryReply {
         windows: Vec<WindowRow>,
         latest: Vec<LatestRow>,
     ) -> Vec<QueryReply> {
-        let mut out = Vec::new();
-        let mut rest = windows;
+        // Taken from the front chunk by chunk (`split_off` there would move
+        // the whole rest each time: quadratic in the rows).
+        let mut rows = windows.into_iter();
         let mut latest = Some(latest);
+        let mut out = Vec::with_capacity(rows.len().div_ceil(ROWS_PER_CHUNK).max(1));
         loop {
-            let tail = if rest.len() > ROWS_PER_CHUNK {
-                rest.split_off(ROWS_PER_CHUNK)
-            } else {
-                Vec::new()
-            };
-            let done = tail.is_empty();
+            let windows: Vec<WindowRow> = rows.by_ref().take(ROWS_PER_CHUNK).collect();
+            let done = rows.len() == 0;
             out.push(QueryReply {
                 node: node.to_owned(),
                 chunk: out.len() as u32,
                 done,
-                windows: rest,
+                windows,
                 latest: latest.take().unwrap_or_default(),
                 supersedes: supersedes.to_vec(),
                 error: None,
@@ -90,7 +88,6 @@ impl QueryReply {
             if done {
                 return out;
             }
-            rest = tail;
         }
     }
 }
@@ -303,14 +300,41 @@ mod tests {
         let rows: Vec<WindowRow> = (0..(ROWS_PER_CHUNK as i64 * 2 + 1))
             .map(|i| row("a", i, 1.0))
             .collect();
-        let chunks = QueryReply::chunks("n1", &[], rows, vec![]);
+        let latest = vec![LatestRow {
+            series: "a".into(),
+            field: "v".into(),
+            ts_ns: 1,
+            value: 2.0,
+        }];
+        let chunks = QueryReply::chunks("n1", &["n0".into()], rows.clone(), latest.clone());
         assert_eq!(chunks.len(), 3);
-        assert!(chunks[2].done && !chunks[0].done);
         assert_eq!(
-            chunks.iter().map(|c| c.windows.len()).sum::<usize>(),
-            ROWS_PER_CHUNK * 2 + 1
+            chunks
+                .iter()
+                .map(|c| (c.chunk, c.done, c.windows.len(), c.latest.len()))
+                .collect::<Vec<_>>(),
+            [
+                (0, false, ROWS_PER_CHUNK, 1),
+                (1, false, ROWS_PER_CHUNK, 0),
+                (2, true, 1, 0)
+            ]
         );
-        assert_eq!(QueryReply::chunks("n1", &[], vec![], vec![]).len(), 1);
+        assert_eq!(chunks[0].latest, latest);
+        assert!(chunks
+            .iter()
+            .all(|c| c.node == "n1" && c.supersedes == ["n0"]));
+        // In order, each row once.
+        let joined: Vec<WindowRow> = chunks.into_iter().flat_map(|c| c.windows).collect();
+        assert_eq!(joined, rows);
+        // Exactly full chunks: no empty one after them.
+        let two: Vec<WindowRow> = rows[..ROWS_PER_CHUNK * 2].to_vec();
+        let chunks = QueryReply::chunks("n1", &[], two, vec![]);
+        assert_eq!(chunks.len(), 2);
+        assert!(chunks[1].done && !chunks[0].done);
+        // Nothing: one chunk, done.
+        let none = QueryReply::chunks("n1", &[], vec![], vec![]);
+        assert_eq!(none.len(), 1);
+        assert!(none[0].done && none[0].windows.is_empty());
     }
 
     fn answer(done: bool, windows: Vec<WindowRow>, supersedes: &[&str]) -> Answer {

@@ -21,7 +21,7 @@ use crate::{
     feed::Feed,
     pause::PauseWatch,
     query::{QueryReply, QueryRequest},
-    store::{Clock, SystemClock},
+    store::{Clock, LatestRow, SystemClock, WindowRow},
     writer::Writer,
     Error,
 };
@@ -595,27 +595,54 @@ async fn answer_queries(
         let Some(reply) = msg.reply.clone() else {
             continue;
         };
-        let replies = match serde_json::from_slice::<QueryRequest>(&msg.payload) {
-            Err(e) => vec![error_reply(&config.node_id, format!("bad query: {e}"))],
+        let answer = match serde_json::from_slice::<QueryRequest>(&msg.payload) {
+            Err(e) => Err(format!("bad query: {e}")),
             Ok(q) => match writer.query(q).await {
-                Ok(Ok((windows, latest))) => {
-                    QueryReply::chunks(&config.node_id, &config.supersedes, windows, latest)
-                }
-                Ok(Err(e)) => vec![error_reply(&config.node_id, e.to_string())],
-                Err(e) => vec![error_reply(&config.node_id, e.to_string())],
+                Ok(Ok(rows)) => Ok(rows),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
             },
         };
-        for r in replies {
-            match serde_json::to_vec(&r) {
-                Ok(body) => {
-                    if let Err(e) = nats.publish(reply.clone(), body.into()).await {
-                        tracing::warn!(error = %e, "cannot send query reply");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "cannot encode query reply"),
+        // Chunking and encoding a large answer take a while: on a blocking
+        // thread, not on the runtime's, which (with the default
+        // `worker.threads = 1`) also reads the NATS socket and runs the batches.
+        let node = config.clone();
+        let bodies = match tokio::task::spawn_blocking(move || reply_bodies(&node, answer)).await {
+            Ok(bodies) => bodies,
+            Err(e) => {
+                tracing::error!(error = %e, "encoding a query reply failed");
+                continue;
+            }
+        };
+        for body in bodies {
+            if let Err(e) = nats.publish(reply.clone(), body).await {
+                tracing::warn!(error = %e, "cannot send query reply");
             }
         }
     }
+}
+
+/// This node's answer (or why it has none) as encoded reply chunks.
+fn reply_bodies(
+    config: &Config,
+    answer: Result<(Vec<WindowRow>, Vec<LatestRow>), String>,
+) -> Vec<bytes::Bytes> {
+    let replies = match answer {
+        Ok((windows, latest)) => {
+            QueryReply::chunks(&config.node_id, &config.supersedes, windows, latest)
+        }
+        Err(e) => vec![error_reply(&config.node_id, e)],
+    };
+    replies
+        .iter()
+        .filter_map(|r| match serde_json::to_vec(r) {
+            Ok(body) => Some(body.into()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode query reply");
+                None
+            }
+        })
+        .collect()
 }
 
 fn error_reply(node: &str, error: String) -> QueryReply {
