@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use windrow_jetstream::NatsConfig;
 
 use crate::{
     cli::{BridgeArgs, Cli, Command, ConfigCommand, ExportCommand, StreamsCommand, WorkerArgs},
@@ -191,23 +192,19 @@ async fn run_worker(
     args: &WorkerArgs,
     log_format: LogFormat,
 ) -> ExitCode {
-    let telemetry = match telemetry::init(log_format, "windrow-worker") {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if args.ensure_streams {
-        if let Err((is_config, e)) = streams::ensure(settings, &config.nats).await {
-            tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
-            telemetry.shutdown();
-            return exit_code(Err((is_config, e.context("--ensure-streams"))));
-        }
-    }
-    let res = windrow_workers::run(config, shutdown_on_signal()).await;
-    telemetry.shutdown();
-    exit_code(res.map_err(|e| (e.is_config(), anyhow::Error::from(e))))
+    let nats = config.nats.clone();
+    serve(
+        "windrow-worker",
+        settings,
+        &nats,
+        args.ensure_streams,
+        log_format,
+        |_| async {
+            let res = windrow_workers::run(config, shutdown_on_signal()).await;
+            res.map_err(|e| (e.is_config(), anyhow::Error::from(e)))
+        },
+    )
+    .await
 }
 
 /// `windrow bridge` with its validated configuration.
@@ -217,29 +214,61 @@ async fn run_bridge(
     args: &BridgeArgs,
     log_format: LogFormat,
 ) -> ExitCode {
-    let telemetry = match telemetry::init(log_format, "windrow-bridge") {
+    let nats = config.nats.clone();
+    serve(
+        "windrow-bridge",
+        settings,
+        &nats,
+        args.ensure_streams,
+        log_format,
+        |telemetry| {
+            tracing::info!(
+                otlp = telemetry.otlp_enabled(),
+                trace_sample_ratio = telemetry.sample_ratio(),
+                "starting bridge"
+            );
+            let ratio = telemetry.sample_ratio();
+            async move {
+                let res = windrow_bridge::run_with_ratio(config, shutdown_on_signal(), ratio).await;
+                res.map_err(|e| (e.is_config(), anyhow::Error::from(e)))
+            }
+        },
+    )
+    .await
+}
+
+/// A long-running role around its library's `run`: telemetry up, the
+/// streams ensured if asked, the role until it ends, telemetry flushed.
+async fn serve<Run, Fut>(
+    service: &str,
+    settings: &Settings,
+    nats: &NatsConfig,
+    ensure_streams: bool,
+    log_format: LogFormat,
+    run: Run,
+) -> ExitCode
+where
+    Run: FnOnce(&telemetry::Telemetry) -> Fut,
+    Fut: std::future::Future<Output = Result<(), (bool, anyhow::Error)>>,
+{
+    let telemetry = match telemetry::init(log_format, service) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(
-        otlp = telemetry.otlp_enabled(),
-        trace_sample_ratio = telemetry.sample_ratio(),
-        "starting bridge"
-    );
-    if args.ensure_streams {
-        if let Err((is_config, e)) = streams::ensure(settings, &config.nats).await {
+    let role = run(&telemetry);
+    if ensure_streams {
+        if let Err((is_config, e)) = streams::ensure(settings, nats).await {
             tracing::error!(error = format!("{e:#}"), "--ensure-streams failed");
             telemetry.shutdown();
             return exit_code(Err((is_config, e.context("--ensure-streams"))));
         }
     }
-    let shutdown = shutdown_on_signal();
-    let res = windrow_bridge::run_with_ratio(config, shutdown, telemetry.sample_ratio()).await;
+    let res = role.await;
     telemetry.shutdown();
-    exit_code(res.map_err(|e| (e.is_config(), anyhow::Error::from(e))))
+    exit_code(res)
 }
 
 fn exit_code(res: Result<(), (bool, anyhow::Error)>) -> ExitCode {

@@ -606,8 +606,9 @@ async fn answer_queries(
         // Chunking and encoding a large answer take a while: on a blocking
         // thread, not on the runtime's, which (with the default
         // `worker.threads = 1`) also reads the NATS socket and runs the batches.
-        let node = config.clone();
-        let bodies = match tokio::task::spawn_blocking(move || reply_bodies(&node, answer)).await {
+        let config = config.clone();
+        let bodies = match tokio::task::spawn_blocking(move || reply_bodies(&config, answer)).await
+        {
             Ok(bodies) => bodies,
             Err(e) => {
                 tracing::error!(error = %e, "encoding a query reply failed");
