@@ -45,6 +45,24 @@ pub struct Aggregate {
 /// Encoded size of an [`Aggregate`] in bytes.
 pub const AGGREGATE_BYTES: usize = 64;
 
+/// Encoded size of an aggregate of one sample in its short form
+/// ([`Aggregate::encode`]): the sample's time and value.
+pub const ONE_SAMPLE_BYTES: usize = 16;
+
+/// An encoded [`Aggregate`]: 64 bytes, or 16 for one sample in the short
+/// form. Its bytes are `as_ref()`.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoded {
+    bytes: [u8; AGGREGATE_BYTES],
+    len: usize,
+}
+
+impl AsRef<[u8]> for Encoded {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 impl Aggregate {
     /// The aggregate of one sample.
     pub fn of(ts_ns: i64, value: f64) -> Self {
@@ -85,7 +103,7 @@ impl Aggregate {
         }
     }
 
-    /// Fixed 64-byte little-endian encoding (LMDB values).
+    /// The 64-byte little-endian form of [`Aggregate::encode`].
     pub fn to_bytes(&self) -> [u8; AGGREGATE_BYTES] {
         let mut b = [0u8; AGGREGATE_BYTES];
         b[0..8].copy_from_slice(&self.count.to_le_bytes());
@@ -99,12 +117,50 @@ impl Aggregate {
         b
     }
 
-    /// Decodes [`Aggregate::to_bytes`]; `None` if the length is wrong.
+    /// The encoding a day stores: with `short`, an aggregate of exactly one
+    /// sample (what [`Aggregate::of`] makes) is its time and value, 16 bytes
+    /// (little-endian); anything else is [`Aggregate::to_bytes`].
+    ///
+    /// Why: at one reading per second and series, nearly every 1 s window
+    /// holds one sample, and the 64-byte form made its values two thirds of
+    /// the store. The short form is exact: it is used only when the other
+    /// six fields are bit for bit what the time and value give back.
+    pub fn encode(&self, short: bool) -> Encoded {
+        let mut bytes = [0u8; AGGREGATE_BYTES];
+        if short && self.is_one_sample() {
+            bytes[0..8].copy_from_slice(&self.first_ts_ns.to_le_bytes());
+            bytes[8..16].copy_from_slice(&self.first.to_le_bytes());
+            return Encoded {
+                bytes,
+                len: ONE_SAMPLE_BYTES,
+            };
+        }
+        Encoded {
+            bytes: self.to_bytes(),
+            len: AGGREGATE_BYTES,
+        }
+    }
+
+    /// Whether this is exactly `Aggregate::of(first_ts_ns, first)`.
+    fn is_one_sample(&self) -> bool {
+        let bits = self.first.to_bits();
+        self.count == 1
+            && self.last_ts_ns == self.first_ts_ns
+            && [self.sum, self.min, self.max, self.last]
+                .iter()
+                .all(|v| v.to_bits() == bits)
+    }
+
+    /// Decodes either form of [`Aggregate::encode`]; `None` if the length
+    /// is neither.
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        if b.len() == ONE_SAMPLE_BYTES {
+            return Some(Self::of(u(0) as i64, f64::from_bits(u(8))));
+        }
         if b.len() != AGGREGATE_BYTES {
             return None;
         }
-        let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
         Some(Self {
             count: u(0),
             sum: f64::from_bits(u(8)),
@@ -149,6 +205,42 @@ mod tests {
         a.merge(&Aggregate::of(-3, -2.0));
         assert_eq!(Aggregate::from_bytes(&a.to_bytes()), Some(a));
         assert_eq!(Aggregate::from_bytes(&[0; 3]), None);
+        assert_eq!(Aggregate::from_bytes(&[0; 17]), None);
+    }
+
+    /// The short form is taken for one sample only, and gives back every
+    /// field bit for bit (signed zeros and NaN payloads included); the long
+    /// form is kept for days that must not get the short one.
+    #[test]
+    fn one_sample_encodes_short_and_exactly() {
+        for (ts, v) in [
+            (5, 1.5),
+            (-7, -0.0),
+            (0, 0.0),
+            (i64::MAX, f64::from_bits(0x7ff8_dead_beef_0001)),
+        ] {
+            let one = Aggregate::of(ts, v);
+            let short = one.encode(true);
+            assert_eq!(short.as_ref().len(), ONE_SAMPLE_BYTES);
+            let back = Aggregate::from_bytes(short.as_ref()).unwrap();
+            assert_eq!(back.to_bytes(), one.to_bytes(), "{ts} {v}");
+            assert_eq!(one.encode(false).as_ref(), &one.to_bytes()[..]);
+        }
+        let mut two = Aggregate::of(5, 1.5);
+        two.merge(&Aggregate::of(6, 2.5));
+        assert_eq!(two.encode(true).as_ref(), &two.to_bytes()[..]);
+        // One sample's count but fields that are not one sample's (as no
+        // merge makes, but a corrupted or hand-made value might): long.
+        let odd = Aggregate {
+            sum: 9.0,
+            ..Aggregate::of(5, 1.5)
+        };
+        assert_eq!(odd.encode(true).as_ref().len(), AGGREGATE_BYTES);
+        let late = Aggregate {
+            last_ts_ns: 6,
+            ..Aggregate::of(5, 1.5)
+        };
+        assert_eq!(late.encode(true).as_ref().len(), AGGREGATE_BYTES);
     }
 
     proptest! {

@@ -374,12 +374,12 @@ fn merge_windows<'k>(
     txn: &mut RwTxn<'_>,
     windows: impl Iterator<Item = (&'k [u8], &'k Aggregate)>,
 ) -> Result<(), StoreError> {
-    let fresh = |delta: &Aggregate| delta.to_bytes();
+    let fresh = |delta: &Aggregate| delta.encode(day.short_values);
     upsert_sorted(day, db, txn, windows, fresh, |delta, old| {
         let mut merged =
             Aggregate::from_bytes(old).ok_or_else(|| corrupt(&day.name, "window aggregate"))?;
         merged.merge(delta);
-        Ok(Some(merged.to_bytes()))
+        Ok(Some(merged.encode(day.short_values)))
     })
 }
 
@@ -674,8 +674,11 @@ fn upsert_sorted<'k, E: Copy, V: AsRef<[u8]>>(
                     // SAFETY: heed's condition for writing through a cursor:
                     // no value borrowed from the database is alive (`old` was
                     // consumed by `update`). The cursor stands on `key`, as
-                    // MDB_CURRENT requires, and the values of both databases
-                    // have a fixed size, so the write is in place.
+                    // MDB_CURRENT requires. A value of the same size is
+                    // written in place; a window growing from its short
+                    // form to the long one is re-inserted by LMDB on the
+                    // same page (or split), leaving the cursor on `key`, as
+                    // after a plain put.
                     let written =
                         unsafe { cursor.put_current(key, value.as_ref()) }.map_err(&err)?;
                     if !written {

@@ -32,12 +32,16 @@ use super::{
 /// reads versions 1 and 2 and writes to them as they were written (a
 /// version 1 day gets its `recent` databases and becomes version 2; neither
 /// gets rollups, since its `recent` windows were written at every
-/// resolution). Older builds refuse a newer day instead of answering without
-/// its recent or rolled-up windows.
-const FORMAT_VERSION: &[u8] = b"3";
+/// resolution). Version 4 stores a window of one sample in 16 bytes
+/// instead of 64 ([`Aggregate::encode`](crate::window::Aggregate::encode));
+/// a version 3 day opened for writing becomes version 4, since the two
+/// differ in nothing else. Older builds refuse a newer day instead of
+/// answering without its recent or rolled-up windows, or failing on a short
+/// value.
+const FORMAT_VERSION: &[u8] = b"4";
 
 /// The versions this build reads.
-const READABLE_VERSIONS: [&[u8]; 3] = [b"1", b"2", b"3"];
+const READABLE_VERSIONS: [&[u8]; 4] = [b"1", b"2", b"3", b"4"];
 
 /// A day environment, shared by the writer and readers of this process.
 pub(super) type Day = Arc<DayEnv>;
@@ -73,6 +77,9 @@ pub(super) struct DayEnv {
     /// The coarse resolutions this day derives from fine ones (fixed when
     /// the day was created; none in days of format version 1 and 2).
     pub rollups: Vec<Rollup>,
+    /// Whether windows of one sample are written in their short form
+    /// (format version 4). Readers take both forms from any day.
+    pub short_values: bool,
 }
 
 /// Opens an environment; the only `unsafe` of opening.
@@ -206,24 +213,36 @@ impl DayEnv {
             db("applied")?,
             db("meta")?,
         );
-        match meta.get(&wtxn, b"format_version").map_err(&err)? {
+        let short_values = match meta.get(&wtxn, b"format_version").map_err(&err)? {
             None => {
                 meta.put(&mut wtxn, b"format_version", FORMAT_VERSION)
                     .map_err(&err)?;
                 meta.put(&mut wtxn, rollup::META_KEY, &rollup::encode(birth.rollups))
                     .map_err(&err)?;
+                true
             }
             // Version 1 now has its `recent` databases.
-            Some(b"1") => meta.put(&mut wtxn, b"format_version", b"2").map_err(&err)?,
-            Some(v) => check_version(name, v)?,
-        }
+            Some(b"1") => {
+                meta.put(&mut wtxn, b"format_version", b"2").map_err(&err)?;
+                false
+            }
+            // Version 3 gets short values from now on.
+            Some(b"3") => {
+                meta.put(&mut wtxn, b"format_version", b"4").map_err(&err)?;
+                true
+            }
+            Some(v) => {
+                check_version(name, v)?;
+                v == b"4"
+            }
+        };
         if meta.get(&wtxn, b"created_at").map_err(&err)?.is_none() {
             meta.put(&mut wtxn, b"created_at", birth.created_at.as_bytes())
                 .map_err(&err)?;
         }
         let rollups = read_rollups(name, meta, &wtxn)?;
         wtxn.commit().map_err(&err)?;
-        Ok(Arc::new(DayEnv::new(
+        let mut day = DayEnv::new(
             name,
             path,
             env,
@@ -231,7 +250,9 @@ impl DayEnv {
             Some(recent),
             [windows, latest, applied, meta],
             rollups,
-        )))
+        );
+        day.short_values = short_values;
+        Ok(Arc::new(day))
     }
 
     /// Opens an existing day with `MDB_RDONLY`: it never writes the data file,
@@ -301,6 +322,7 @@ impl DayEnv {
             applied,
             meta,
             rollups,
+            short_values: false,
         }
     }
 
@@ -504,7 +526,7 @@ fn check_version(day: &str, v: &[u8]) -> Result<(), StoreError> {
     let found = String::from_utf8_lossy(v);
     Err(corrupt(
         day,
-        format!("meta format_version {found:?} (this build reads 1, 2 and 3)"),
+        format!("meta format_version {found:?} (this build reads 1 to 4)"),
     ))
 }
 

@@ -3,8 +3,9 @@
 //! Layout: `<dir>/YYYY-MM-DD/data.mdb`, each with five named databases:
 //! - `windows`: series 0x00 field 0x00 resolution (u32 BE) start (u64 BE, sign
 //!   bit flipped so negative times sort first): order preserving, one series
-//!   is a prefix and a time range a contiguous run → the 64-byte
-//!   [`Aggregate`](crate::window::Aggregate) of the window;
+//!   is a prefix and a time range a contiguous run → the
+//!   [`Aggregate`](crate::window::Aggregate) of the window: 64 bytes, or 16
+//!   (time and value) for a window of one sample, from format version 4 on;
 //! - `recent.0` and `recent.1`: the same windows keyed time first
 //!   (resolution, start, series 0x00 field), where each batch writes them to
 //!   the active one: a batch's windows are neighbours there, so a commit
@@ -25,8 +26,10 @@
 //!   transaction as the windows the messages changed, which is what makes
 //!   applying idempotent: a redelivery after a crash between commit and ack
 //!   finds its sequence and changes nothing;
-//! - `meta`: `format_version` (3; version 1, without `recent`, is read and
-//!   upgraded to 2 when opened for writing; 1 and 2 have no rollups),
+//! - `meta`: `format_version` (4; version 1, without `recent`, is read and
+//!   upgraded to 2 when opened for writing; 1 and 2 have no rollups and
+//!   keep 64-byte values; 3, with 64-byte values only, becomes 4 when
+//!   opened for writing),
 //!   `created_at`, `rollups` (e.g. `60:1`: the minutes are rolled up from
 //!   the seconds; fixed when the day is created), `messages_applied`.
 //!

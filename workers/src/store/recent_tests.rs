@@ -234,6 +234,11 @@ fn a_version_1_day_is_read_and_upgraded_when_written() {
         })
         .unwrap();
     assert_eq!(version.as_deref(), Some(&b"2"[..]));
+    let (lengths, _) = value_lengths(&s);
+    assert!(
+        lengths.iter().all(|l| *l == 64),
+        "a version 2 day keeps the long form: {lengths:?}"
+    );
     assert_eq!(
         entries(&s, "recent"),
         2,
@@ -285,6 +290,101 @@ fn a_day_keeps_its_rollups_and_other_resolutions_later_count_each_sample_once() 
     assert_eq!((counts(&s, 1), counts(&s, 60)), (180, 270));
 }
 
+/// The lengths of the window values of the only day's `windows` and
+/// `recent` databases, and its `format_version`.
+fn value_lengths(s: &StoreReader) -> (Vec<usize>, String) {
+    let day = s.days.values().next().unwrap().clone();
+    day.read(|rtxn| {
+        let mut lengths = Vec::new();
+        for db in std::iter::once(day.windows).chain(day.recent.into_iter().flatten()) {
+            for entry in db.iter(rtxn).unwrap() {
+                lengths.push(entry.unwrap().1.len());
+            }
+        }
+        let version = day.meta.get(rtxn, b"format_version").unwrap().unwrap();
+        Ok((lengths, String::from_utf8(version.to_vec()).unwrap()))
+    })
+    .unwrap()
+}
+
+/// Rewrites the only day as a version 3 build wrote it: every window value
+/// in its 64-byte form.
+fn make_version_3(s: &Store) {
+    let day = s.days.values().next().unwrap().clone();
+    let mut w = day.write_txn().unwrap();
+    for db in std::iter::once(day.windows).chain(day.recent.into_iter().flatten()) {
+        let all: Vec<(Vec<u8>, Aggregate)> = db
+            .iter(&w.txn)
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (k.to_vec(), Aggregate::from_bytes(v).unwrap())
+            })
+            .collect();
+        for (k, agg) in all {
+            db.put(&mut w.txn, &k, &agg.to_bytes()).unwrap();
+        }
+    }
+    day.meta.put(&mut w.txn, b"format_version", b"3").unwrap();
+    w.commit(&day.name).unwrap();
+}
+
+/// A window of one sample takes 16 bytes from format version 4 on. A
+/// version 3 day (every value 64 bytes) is read as it is, becomes version 4
+/// when a worker writes to it, and from then on holds both forms, answering
+/// exactly as a day written by this build throughout.
+#[test]
+fn a_version_3_day_is_read_and_gets_short_values_when_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0 + 60 * MIN);
+    // Seconds that batches 0 and 1 do not touch: one sample each.
+    let later: Vec<Message> = (0..30)
+        .map(|i| msg(None, "a", T0 + 20 * MIN + i * NS_PER_SEC, i as f64))
+        .collect();
+    let mut model = store(&dir.path().join("model"), &clock);
+    let mut s = store(&dir.path().join("old"), &clock);
+    for s in [&mut model, &mut s] {
+        s.apply(&batch(0)).unwrap();
+        s.compact_all().unwrap();
+        s.apply(&batch(2)).unwrap();
+    }
+    let (lengths, version) = value_lengths(&model);
+    assert_eq!(version, "4");
+    assert!(
+        lengths.contains(&16) && lengths.contains(&64),
+        "{lengths:?}"
+    );
+
+    make_version_3(&s);
+    let (lengths, version) = value_lengths(&s);
+    assert_eq!(version, "3");
+    assert!(lengths.iter().all(|l| *l == 64), "{lengths:?}");
+    s.close();
+    let reader = open_read_only(&dir.path().join("old")).unwrap();
+    assert_eq!(answers(&reader), answers(&model), "read as it is");
+    drop(reader);
+
+    let mut s = store(&dir.path().join("old"), &clock);
+    for s in [&mut model, &mut s] {
+        s.apply(&batch(1)).unwrap();
+        s.apply(&later).unwrap();
+    }
+    let (lengths, version) = value_lengths(&s);
+    assert_eq!(version, "4", "upgraded when written");
+    let short = lengths.iter().filter(|l| **l == 16).count();
+    assert_eq!(
+        short,
+        later.len(),
+        "only the new one-sample windows are short"
+    );
+    assert_eq!(answers(&s), answers(&model));
+    assert_eq!(all(&s, "a", 1), all(&model, "a", 1));
+    s.compact_all().unwrap();
+    model.compact_all().unwrap();
+    assert_eq!(answers(&s), answers(&model), "and after a compaction");
+    assert_eq!(all(&s, "a", 1), all(&model, "a", 1));
+}
+
 #[test]
 fn a_day_of_an_unknown_version_is_refused_with_the_versions_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -293,7 +393,7 @@ fn a_day_of_an_unknown_version_is_refused_with_the_versions_read() {
     s.apply(&[msg(None, "a", T0 + MIN, 1.0)]).unwrap();
     let day = s.days.values().next().unwrap().clone();
     let mut w = day.write_txn().unwrap();
-    day.meta.put(&mut w.txn, b"format_version", b"4").unwrap();
+    day.meta.put(&mut w.txn, b"format_version", b"5").unwrap();
     w.commit(&day.name).unwrap();
     drop(day);
     s.close();
@@ -307,7 +407,7 @@ fn a_day_of_an_unknown_version_is_refused_with_the_versions_read() {
     .unwrap_err();
     assert!(
         err.to_string()
-            .contains("format_version \"4\" (this build reads 1, 2 and 3)"),
+            .contains("format_version \"5\" (this build reads 1 to 4)"),
         "{err}"
     );
 }
