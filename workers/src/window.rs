@@ -231,16 +231,28 @@ mod tests {
         assert_eq!(two.encode(true).as_ref(), &two.to_bytes()[..]);
         // One sample's count but fields that are not one sample's (as no
         // merge makes, but a corrupted or hand-made value might): long.
-        let odd = Aggregate {
-            sum: 9.0,
-            ..Aggregate::of(5, 1.5)
-        };
-        assert_eq!(odd.encode(true).as_ref().len(), AGGREGATE_BYTES);
-        let late = Aggregate {
-            last_ts_ns: 6,
-            ..Aggregate::of(5, 1.5)
-        };
-        assert_eq!(late.encode(true).as_ref().len(), AGGREGATE_BYTES);
+        let one = Aggregate::of(5, 1.5);
+        for odd in [
+            Aggregate { sum: 9.0, ..one },
+            Aggregate { min: 1.0, ..one },
+            Aggregate { max: 2.0, ..one },
+            Aggregate { last: 2.0, ..one },
+            Aggregate {
+                last_ts_ns: 6,
+                ..one
+            },
+        ] {
+            assert_eq!(odd.encode(true).as_ref().len(), AGGREGATE_BYTES, "{odd:?}");
+        }
+        // Two samples whose sum has the bits of each (zeros at one time):
+        // only the count tells them from one.
+        let mut zeros = Aggregate::of(5, 0.0);
+        zeros.merge(&Aggregate::of(5, 0.0));
+        assert_eq!(zeros.encode(true).as_ref().len(), AGGREGATE_BYTES);
+        assert_eq!(
+            Aggregate::from_bytes(zeros.encode(true).as_ref()),
+            Some(zeros)
+        );
     }
 
     proptest! {

@@ -234,11 +234,6 @@ fn a_version_1_day_is_read_and_upgraded_when_written() {
         })
         .unwrap();
     assert_eq!(version.as_deref(), Some(&b"2"[..]));
-    let (lengths, _) = value_lengths(&s);
-    assert!(
-        lengths.iter().all(|l| *l == 64),
-        "a version 2 day keeps the long form: {lengths:?}"
-    );
     assert_eq!(
         entries(&s, "recent"),
         2,
@@ -246,6 +241,18 @@ fn a_version_1_day_is_read_and_upgraded_when_written() {
     );
     assert_eq!(s.compact_all().unwrap(), 2);
     assert_eq!(all(&s, "a", 60), minute);
+    // Reopened as the version 2 day it now is, it still gets long values
+    // (here for a new series' one-sample windows).
+    drop(day);
+    s.close();
+    let mut s = store(dir.path(), &clock);
+    s.apply(&[msg(None, "b", T0 + 20 * MIN, 4.0)]).unwrap();
+    let (lengths, version) = value_lengths(&s);
+    assert_eq!(version, "2");
+    assert!(
+        lengths.len() == 4 && lengths.iter().all(|l| *l == 64),
+        "a version 2 day keeps the long form: {lengths:?}"
+    );
 }
 
 /// A day keeps the rollups it was created with. Restarted without the fine
