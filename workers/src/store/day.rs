@@ -444,13 +444,18 @@ impl DayEnv {
         })
     }
 
-    /// The current map size of this process's view.
+    /// The current map size of this process's view. Under the transaction
+    /// guard, like every use of `env`: a resize rewrites what this reads.
     pub fn map_bytes(&self) -> usize {
+        let _shared = self.shared();
         self.env.info().map_size
     }
 
-    /// LMDB's page size for this environment.
+    /// LMDB's page size for this environment. Under the transaction guard:
+    /// `mdb_env_stat` reads the meta page through the map, which a resize
+    /// unmaps and maps again.
     pub fn page_size(&self) -> u32 {
+        let _shared = self.shared();
         self.env.stat().page_size
     }
 

@@ -224,3 +224,40 @@ fn dump_and_backup_carry_the_same_rows() {
         .unwrap();
     assert_eq!(row["count"], want.agg.count);
 }
+
+/// The map size and page size are read under the same guard as
+/// transactions: a resize unmaps and maps the file again, and
+/// `mdb_env_stat` reads the meta page through the map. Threads asking for
+/// them while another resizes the map over and over must neither crash nor
+/// see a size that was never set.
+#[test]
+fn map_and_page_sizes_are_read_safely_while_the_map_is_resized() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0 + MIN);
+    let mut s = open(dir.path(), &clock);
+    s.apply(&[msg(Some(1), "a", T0, 1.0)]).unwrap();
+    let day = s.days.values().next().unwrap().clone();
+    let sizes = [day.map_bytes(), day.map_bytes() * 4];
+    let page = day.page_size();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..3 {
+            scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(day.page_size(), page);
+                    let map = day.map_bytes();
+                    assert!(sizes.contains(&map), "{map}");
+                }
+            });
+        }
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut i = 0;
+        while std::time::Instant::now() < until {
+            day.resize(sizes[i % 2]).unwrap();
+            i += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    drop(day);
+    assert_eq!(all(&s, "a", 60)[0].agg.count, 1);
+}
