@@ -11,7 +11,7 @@
 //!   rate is what the worker drains, not what it drops;
 //! - (c) worker core, paced: the publisher held to `WINDROW_BENCH_PACE_PERCENT`
 //!   (default 80) % of this round's (a), the worker at its default buffer
-//!   (262,144 messages): does it keep up, and what does it lose;
+//!   (524,288 messages): does it keep up, and what does it lose;
 //! - (j) JetStream publish: the same messages into stream `TELEMETRY`
 //!   (`windrow.telemetry.>`, file storage), acknowledged, 4,096 in flight;
 //! - (d1) JetStream ceiling: a durable pull consumer reading that stream and
@@ -796,7 +796,7 @@ impl Scenario {
             }
             Scenario::WorkerCorePaced => format!(
                 "1 publisher held to {}% of this run's (a) → nats-server → windrow worker \
-                 (default 262,144-message buffer)",
+                 (default 524,288-message buffer)",
                 s.pace_percent
             ),
             Scenario::JsPublish => format!(

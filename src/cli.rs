@@ -109,7 +109,7 @@ pub struct NatsArgs {
     /// Messages buffered for publishing before publishers wait [nats.client_capacity; default 65536].
     #[arg(long)]
     pub nats_client_capacity: Option<usize>,
-    /// Messages a subscription buffers before dropping (slow consumer) [nats.subscription_capacity; default 262144].
+    /// Messages a subscription buffers before dropping (slow consumer) [nats.subscription_capacity; default 524288].
     #[arg(long)]
     pub nats_subscription_capacity: Option<usize>,
     /// Seconds between client PINGs [nats.ping_interval_secs; default 10].

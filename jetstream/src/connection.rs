@@ -36,8 +36,8 @@ pub struct NatsConfig {
     pub request_timeout_secs: u64,
     /// Messages the client buffers for publishing before a publish waits (backpressure). Default 65536.
     pub client_capacity: usize,
-    /// Messages a subscription buffers before the client drops them as a slow consumer. Default 262144
-    /// (a core-mode worker's backlog while a compaction of `recent` runs; README, "Workers").
+    /// Messages a subscription buffers before the client drops them as a slow consumer. Default 524288
+    /// (a core-mode worker's backlog while compactions of `recent` run; README, "Workers").
     pub subscription_capacity: usize,
     /// Interval between client PINGs, in seconds. Default 10.
     pub ping_interval_secs: u64,
@@ -59,7 +59,7 @@ fn default_client_capacity() -> usize {
     65_536
 }
 fn default_subscription_capacity() -> usize {
-    262_144
+    524_288
 }
 fn default_ping_interval_secs() -> u64 {
     10

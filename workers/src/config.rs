@@ -249,18 +249,18 @@ mod tests {
             ..Config::default()
         };
         assert!(problems(&c).is_empty(), "{:?}", problems(&c));
-        c.max_ack_pending = 300_000;
+        c.max_ack_pending = 600_000;
         let p = problems(&c);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(
             p[0].starts_with(
-                "worker.max_ack_pending: must be ≤ nats.subscription_capacity (262144)"
+                "worker.max_ack_pending: must be ≤ nats.subscription_capacity (524288)"
             ),
             "{p:?}"
         );
-        c.nats.subscription_capacity = 300_000;
+        c.nats.subscription_capacity = 600_000;
         assert!(problems(&c).is_empty(), "{:?}", problems(&c));
-        c.batch_max_messages = 400_000;
+        c.batch_max_messages = 700_000;
         let p = problems(&c);
         assert!(
             p.iter()
