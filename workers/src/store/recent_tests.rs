@@ -297,13 +297,18 @@ fn a_day_keeps_its_rollups_and_other_resolutions_later_count_each_sample_once() 
     assert_eq!((counts(&s, 1), counts(&s, 60)), (180, 270));
 }
 
+/// A day's databases of window values: `windows` and both `recent`.
+fn window_dbs(day: &super::day::DayEnv) -> impl Iterator<Item = heed::Database<Bytes, Bytes>> {
+    std::iter::once(day.windows).chain(day.recent.into_iter().flatten())
+}
+
 /// The lengths of the window values of the only day's `windows` and
 /// `recent` databases, and its `format_version`.
 fn value_lengths(s: &StoreReader) -> (Vec<usize>, String) {
     let day = s.days.values().next().unwrap().clone();
     day.read(|rtxn| {
         let mut lengths = Vec::new();
-        for db in std::iter::once(day.windows).chain(day.recent.into_iter().flatten()) {
+        for db in window_dbs(&day) {
             for entry in db.iter(rtxn).unwrap() {
                 lengths.push(entry.unwrap().1.len());
             }
@@ -319,7 +324,7 @@ fn value_lengths(s: &StoreReader) -> (Vec<usize>, String) {
 fn make_version_3(s: &Store) {
     let day = s.days.values().next().unwrap().clone();
     let mut w = day.write_txn().unwrap();
-    for db in std::iter::once(day.windows).chain(day.recent.into_iter().flatten()) {
+    for db in window_dbs(&day) {
         let all: Vec<(Vec<u8>, Aggregate)> = db
             .iter(&w.txn)
             .unwrap()
