@@ -28,8 +28,10 @@
 //! The worker's metrics are polled every 25 ms. Also recorded per worker run:
 //! batches committed per second, messages per commit, commit latency, RSS
 //! (VmRSS, split into anonymous and file-backed, and the peak VmHWM) once every
-//! message is applied, the store's size on disk, and the CPU of every process
-//! (the worker's `lmdb-writer` thread separately). Progress goes to stderr, a
+//! message is applied, the store's size on disk, the compaction slices (how
+//! many, their time, and how many took over 0.1 s and 0.25 s: the writer's
+//! pauses between batches), and the CPU of every process (the worker's
+//! `lmdb-writer` thread separately). Progress goes to stderr, a
 //! Markdown report to stdout.
 //!
 //! Workload: `WINDROW_BENCH_MESSAGES` (default 500,000) readings of
@@ -68,8 +70,8 @@ use async_nats::{
 use bytes::Bytes;
 use futures::StreamExt;
 use support::{
-    cores, cpu_model, cpu_of, disk_bytes, env_usize, group, machine_cpus, measuring_client, median,
-    metric, pin_publisher, pinning_text, proc_status, rate_text, sample, split_publisher,
+    bucket, cores, cpu_model, cpu_of, disk_bytes, env_usize, group, machine_cpus, measuring_client,
+    median, metric, pin_publisher, pinning_text, proc_status, rate_text, sample, split_publisher,
     start_nats, stat_path, status_mib, thread_cpu_secs, unix_ms, version_line, wait_for_quiet,
     ClientEvents, Cores, CpuSample, Fleet, Meter, Procs, DISTURBED_CORES,
 };
@@ -421,6 +423,12 @@ struct Counters {
     commits: f64,
     commit_secs: f64,
     batch_messages: f64,
+    /// Compaction slices, their time, and those longer than 0.1 s and 0.25 s
+    /// (the writer pauses between two batches for each).
+    slices: f64,
+    slice_secs: f64,
+    slices_over_100ms: f64,
+    slices_over_250ms: f64,
 }
 
 impl std::ops::Sub for Counters {
@@ -436,6 +444,10 @@ impl std::ops::Sub for Counters {
             commits: self.commits - o.commits,
             commit_secs: self.commit_secs - o.commit_secs,
             batch_messages: self.batch_messages - o.batch_messages,
+            slices: self.slices - o.slices,
+            slice_secs: self.slice_secs - o.slice_secs,
+            slices_over_100ms: self.slices_over_100ms - o.slices_over_100ms,
+            slices_over_250ms: self.slices_over_250ms - o.slices_over_250ms,
         }
     }
 }
@@ -502,6 +514,10 @@ impl Worker {
             commits: metric(&body, "windrow_worker_commit_latency_seconds_count"),
             commit_secs: metric(&body, "windrow_worker_commit_latency_seconds_sum"),
             batch_messages: metric(&body, "windrow_worker_batch_messages_sum"),
+            slices: metric(&body, SLICES_COUNT),
+            slice_secs: metric(&body, "windrow_worker_compaction_slice_seconds_sum"),
+            slices_over_100ms: metric(&body, SLICES_COUNT) - bucket(&body, SLICES, "0.1"),
+            slices_over_250ms: metric(&body, SLICES_COUNT) - bucket(&body, SLICES, "0.25"),
         } - self.baseline
     }
 
@@ -568,6 +584,10 @@ impl std::ops::Add for Counters {
             commits: self.commits + o.commits,
             commit_secs: self.commit_secs + o.commit_secs,
             batch_messages: self.batch_messages + o.batch_messages,
+            slices: self.slices + o.slices,
+            slice_secs: self.slice_secs + o.slice_secs,
+            slices_over_100ms: self.slices_over_100ms + o.slices_over_100ms,
+            slices_over_250ms: self.slices_over_250ms + o.slices_over_250ms,
         }
     }
 }
@@ -1088,6 +1108,10 @@ async fn watch_publisher(n: u64, publisher: Publisher, procs: &Procs, cpu0: CpuS
     }
 }
 
+/// The worker's histogram of compaction slices (the writer's pauses for compaction).
+const SLICES: &str = "windrow_worker_compaction_slice_seconds";
+const SLICES_COUNT: &str = "windrow_worker_compaction_slice_seconds_count";
+
 async fn worker_stats(worker: &Worker) -> WorkerStats {
     // The last batch's acks and metrics settle within a poll or two.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1109,7 +1133,8 @@ fn worker_note(o: &Outcome) -> String {
     let mut note = format!(
         "consumed {}, applied {}, duplicates {}, dead-lettered {}, slow-consumer events {}, \
          store errors {}, commits {} ({:.1}/s, {} msgs and {:.1} ms each); RSS {:.0} MiB \
-         (anon {:.0}, file {:.0}, peak {:.0}), store {:.0} MiB",
+         (anon {:.0}, file {:.0}, peak {:.0}), store {:.0} MiB; compaction slices {} ({:.2} s, \
+         {} over 0.1 s, {} over 0.25 s)",
         group(c.consumed as i64),
         group(c.applied as i64),
         group(c.duplicates as i64),
@@ -1124,7 +1149,11 @@ fn worker_note(o: &Outcome) -> String {
         w.memory.anon_mib,
         w.memory.file_mib,
         w.memory.hwm_mib,
-        w.memory.store_mib
+        w.memory.store_mib,
+        group(c.slices as i64),
+        c.slice_secs,
+        group(c.slices_over_100ms as i64),
+        group(c.slices_over_250ms as i64)
     );
     if let Some(e) = &w.exited {
         let _ = write!(note, "; worker EXITED with {e}");

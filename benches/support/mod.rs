@@ -39,7 +39,7 @@ pub use meter::{measuring_client, ClientEvents, Meter};
 #[allow(unused_imports)]
 pub use pinning::{machine_cpus, pin_bench, pin_publisher, pinning, pinning_text, start_nats};
 #[allow(unused_imports)]
-pub use report::{cpu_model, group, median, metric, rate_text, version_line};
+pub use report::{bucket, cpu_model, group, median, metric, rate_text, version_line};
 
 /// Runs the benchmark `bench` named `name` until it ends, SIGINT or SIGTERM.
 ///

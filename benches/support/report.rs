@@ -43,6 +43,15 @@ pub fn metric(body: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The cumulative count of histogram `name`'s bucket `le` (e.g. `"0.1"`).
+pub fn bucket(body: &str, name: &str, le: &str) -> f64 {
+    let label = format!("le=\"{le}\"");
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{")) && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
 /// The CPU's model name from /proc/cpuinfo.
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")

@@ -206,20 +206,23 @@ impl Store {
         // A window written to `recent` becomes up to one more window to
         // merge per rollup (its coarse windows), so twice what was written
         // counts each of those too.
+        //
+        // Only what was written since the last step counts, also the first
+        // step after a compaction's windows have loaded: counting what was
+        // written during the load made that first step merge most of the
+        // compaction at once (a worker at 450k msg/s paused its writer for
+        // 0.5-1 s per compaction, and its subscription buffer overflowed;
+        // BENCHMARKS.md). Merging 2 × (1 + rollups) windows per window written
+        // still ends a compaction of F frozen windows (and at most F rolled
+        // up per rollup) after about F/2 more are written, before
+        // `recent_max_windows` are, unless loading took as long as writing
+        // half of them; if it did, the next compaction starts as this one
+        // ends and holds more.
         let rollups = days.iter().map(|d| d.rollups.len()).max().unwrap_or(0);
         let slice = usize::try_from(self.config.compaction_slice_windows)
             .unwrap_or(usize::MAX)
             .max(self.written.saturating_mul(2 * (1 + rollups)));
-        // Kept while a compaction's windows load, so that its first slice
-        // catches up with what was written meanwhile; otherwise counted
-        // afresh, also after a failed step (which drops its task).
-        let loading = self
-            .compactions
-            .values()
-            .any(|t| matches!(t, Task::Loading(_)));
-        if !loading {
-            self.written = 0;
-        }
+        self.written = 0;
         for day in days {
             if let Some(step) = self.compaction_step(&day, slice, false)? {
                 done.push(step);
