@@ -43,13 +43,21 @@ pub fn metric(body: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// The cumulative count of histogram `name`'s bucket `le` (e.g. `"0.1"`).
+/// The cumulative count of histogram `name`'s bucket `le` (e.g. `"0.1"`);
+/// NaN, and a warning (once), if the exposition has no such bucket.
 pub fn bucket(body: &str, name: &str, le: &str) -> f64 {
     let label = format!("le=\"{le}\"");
-    body.lines()
+    let counts: Vec<f64> = body
+        .lines()
         .filter(|l| l.starts_with(&format!("{name}_bucket{{")) && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
+        .collect();
+    if counts.is_empty() {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| eprintln!("[bench] no bucket {label} of {name} in /metrics"));
+        return f64::NAN;
+    }
+    counts.iter().sum()
 }
 
 /// The CPU's model name from /proc/cpuinfo.

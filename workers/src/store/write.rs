@@ -31,9 +31,26 @@ pub struct Store {
     compactions: HashMap<String, Task>,
     /// Windows written to `recent` since the last [`Store::compact_due`].
     written: usize,
+    /// What was written while a compaction's frozen windows loaded.
+    backlog: Backlog,
     /// The open days as [`SharedReader`]s on other threads see them: set
     /// when a day opens, and a day is taken out before it is deleted.
     published: Arc<Mutex<BTreeMap<String, Day>>>,
+}
+
+/// Slices over which what was written while a compaction's frozen windows
+/// loaded is paid for, a sixteenth each: no slice carries much of it, and
+/// it is paid within 16 batches (a compaction of the default 1,000,000
+/// windows lasts about 25 batches of 20,000).
+const BACKLOG_SLICES: usize = 16;
+
+/// Windows written while a compaction's frozen windows loaded: `left` not
+/// yet paid for by a slice, `share` of them added to each slice (set when
+/// the load is done).
+#[derive(Default)]
+struct Backlog {
+    left: usize,
+    share: usize,
 }
 
 /// A compaction of one day in this process.
@@ -103,6 +120,7 @@ impl Store {
             clock,
             compactions: HashMap::new(),
             written: 0,
+            backlog: Backlog::default(),
             published: Arc::default(),
         };
         for name in day_dirs(&store.config.dir, true)? {
@@ -189,9 +207,10 @@ impl Store {
     /// active `recent` database holds `recent_max_windows` or more starts a
     /// compaction (see [`StoreConfig::recent_max_windows`]), and a day with a
     /// compaction in progress (also one a previous process left) merges its
-    /// next `compaction_slice_windows` windows, or twice what the batches
-    /// since the last call wrote to `recent` if that is more, so that
-    /// compaction always outpaces the writes. Returns per day the windows
+    /// next `compaction_slice_windows` windows, or 2 × (1 + rollups) times
+    /// what the batch since the last call wrote to `recent` (plus a share of
+    /// what was written while the compaction's windows loaded) if that is
+    /// more, so that compaction outpaces the writes. Returns per day the windows
     /// merged and whether its compaction is done. The writer thread calls it
     /// after every batch, so the batches in between wait for one slice at
     /// most, never for a whole compaction, and when no batch came for a
@@ -205,24 +224,40 @@ impl Store {
         let days: Vec<Day> = self.reader.days.values().cloned().collect();
         // A window written to `recent` becomes up to one more window to
         // merge per rollup (its coarse windows), so twice what was written
-        // counts each of those too.
+        // counts each of those too: merging 2 × (1 + rollups) windows per
+        // window written ends a compaction of F frozen windows (and at most
+        // F rolled up per rollup) after about F/2 more are written, before
+        // `recent_max_windows` are.
         //
-        // Only what was written since the last step counts, also the first
-        // step after a compaction's windows have loaded: counting what was
-        // written during the load made that first step merge most of the
-        // compaction at once (a worker at 450k msg/s paused its writer for
-        // 0.5-1 s per compaction, and its subscription buffer overflowed;
-        // BENCHMARKS.md). Merging 2 × (1 + rollups) windows per window written
-        // still ends a compaction of F frozen windows (and at most F rolled
-        // up per rollup) after about F/2 more are written, before
-        // `recent_max_windows` are, unless loading took as long as writing
-        // half of them; if it did, the next compaction starts as this one
-        // ends and holds more.
+        // What is written while the frozen windows load is paid for too,
+        // or a load as long as writing half of `recent_max_windows` would
+        // make each compaction larger than the one before. But it is spread
+        // over the next `BACKLOG_SLICES` slices: added to the first slice
+        // after the load, it made that slice most of the compaction (a
+        // worker at 450k msg/s paused its writer for 0.5-1 s per compaction,
+        // and its subscription buffer overflowed; BENCHMARKS.md).
+        let loading = self
+            .compactions
+            .values()
+            .any(|t| matches!(t, Task::Loading(_)));
+        let mut written = std::mem::take(&mut self.written);
+        if self.compactions.is_empty() {
+            self.backlog = Backlog::default();
+        } else if loading {
+            self.backlog.left = self.backlog.left.saturating_add(written);
+            written = 0;
+        } else {
+            if self.backlog.share == 0 {
+                self.backlog.share = self.backlog.left.div_ceil(BACKLOG_SLICES);
+            }
+            let share = self.backlog.share.min(self.backlog.left);
+            self.backlog.left -= share;
+            written = written.saturating_add(share);
+        }
         let rollups = days.iter().map(|d| d.rollups.len()).max().unwrap_or(0);
         let slice = usize::try_from(self.config.compaction_slice_windows)
             .unwrap_or(usize::MAX)
-            .max(self.written.saturating_mul(2 * (1 + rollups)));
-        self.written = 0;
+            .max(written.saturating_mul(2 * (1 + rollups)));
         for day in days {
             if let Some(step) = self.compaction_step(&day, slice, false)? {
                 done.push(step);
