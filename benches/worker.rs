@@ -1125,6 +1125,15 @@ async fn worker_stats(worker: &Worker) -> WorkerStats {
 // ---------------------------------------------------------------------------
 // Reporting
 
+/// A count of slices over a bound, or `?` if `/metrics` lacked its bucket.
+fn over(n: f64) -> String {
+    if n.is_nan() {
+        "?".into()
+    } else {
+        group(n as i64)
+    }
+}
+
 fn worker_note(o: &Outcome) -> String {
     let Some(w) = &o.worker else {
         return String::new();
@@ -1152,8 +1161,8 @@ fn worker_note(o: &Outcome) -> String {
         w.memory.store_mib,
         group(c.slices as i64),
         c.slice_secs,
-        group(c.slices_over_100ms as i64),
-        group(c.slices_over_250ms as i64)
+        over(c.slices_over_100ms),
+        over(c.slices_over_250ms)
     );
     if let Some(e) = &w.exited {
         let _ = write!(note, "; worker EXITED with {e}");

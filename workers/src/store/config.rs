@@ -36,11 +36,12 @@ pub struct StoreConfig {
     /// resolutions, whose `recent` holds only the seconds). Default 1,000,000.
     pub recent_max_windows: u64,
     /// Windows a compaction merges per transaction, one such slice after
-    /// each batch (or, if more, 2 × (1 + rollups) times what the batch
-    /// before it wrote plus a sixteenth of what was written while the
-    /// compaction's windows loaded, so that compaction outpaces the
-    /// writes): about the longest the writer pauses for compaction between
-    /// two batches. Default 100,000.
+    /// each batch (or, if more, 2 × (1 + rollups) times the sum of what
+    /// the batch before it wrote and, for 16 slices after the load, a
+    /// sixteenth of what was written while the compaction's windows
+    /// loaded, so that compaction outpaces the writes): about the longest
+    /// the writer pauses for compaction between two batches. Default
+    /// 100,000.
     pub compaction_slice_windows: u64,
 }
 

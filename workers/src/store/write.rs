@@ -39,9 +39,11 @@ pub struct Store {
 }
 
 /// Slices over which what was written while a compaction's frozen windows
-/// loaded is paid for, a sixteenth each: no slice carries much of it, and
-/// it is paid within 16 batches (a compaction of the default 1,000,000
-/// windows lasts about 25 batches of 20,000).
+/// loaded is paid for, a sixteenth each, from the slice after the one that
+/// finds the load done: no slice carries much of it, and it is paid within
+/// 16 batches (a compaction of the default 1,000,000 windows, paced by the
+/// writes alone, would last about 25 batches of 20,000; the minimum slice
+/// often ends it sooner, and what is unpaid then is forgotten).
 const BACKLOG_SLICES: usize = 16;
 
 /// Windows written while a compaction's frozen windows loaded: `left` not
@@ -223,19 +225,21 @@ impl Store {
         let mut done = Vec::new();
         let days: Vec<Day> = self.reader.days.values().cloned().collect();
         // A window written to `recent` becomes up to one more window to
-        // merge per rollup (its coarse windows), so twice what was written
-        // counts each of those too: merging 2 × (1 + rollups) windows per
-        // window written ends a compaction of F frozen windows (and at most
-        // F rolled up per rollup) after about F/2 more are written, before
+        // merge per rollup (its coarse windows), hence 1 + rollups per
+        // window written, and twice that to outpace the writes: a
+        // compaction of F frozen windows (and at most F rolled up per
+        // rollup) then ends after about F/2 more are written, before
         // `recent_max_windows` are.
         //
         // What is written while the frozen windows load is paid for too,
         // or a load as long as writing half of `recent_max_windows` would
         // make each compaction larger than the one before. But it is spread
-        // over the next `BACKLOG_SLICES` slices: added to the first slice
-        // after the load, it made that slice most of the compaction (a
-        // worker at 450k msg/s paused its writer for 0.5-1 s per compaction,
-        // and its subscription buffer overflowed; BENCHMARKS.md).
+        // over the `BACKLOG_SLICES` slices after the one that finds the load
+        // done: added to that one, it made it most of the compaction (a
+        // worker at 450k-600k msg/s paused its writer for up to about a
+        // second per compaction, and lost messages; BENCHMARKS.md). A step
+        // that fails drops its task and its share of the backlog; its
+        // windows stay in `recent` for the day's next compaction.
         let loading = self
             .compactions
             .values()
@@ -245,6 +249,8 @@ impl Store {
             self.backlog = Backlog::default();
         } else if loading {
             self.backlog.left = self.backlog.left.saturating_add(written);
+            // Set anew once this load is done (another day's may be paid).
+            self.backlog.share = 0;
             written = 0;
         } else {
             if self.backlog.share == 0 {
