@@ -212,8 +212,8 @@ impl Store {
     /// next `compaction_slice_windows` windows, or 2 × (1 + rollups) times
     /// what the batch since the last call wrote to `recent` (plus a share of
     /// what was written while the compaction's windows loaded) if that is
-    /// more, so that compaction outpaces the writes. Returns per day the windows
-    /// merged and whether its compaction is done. The writer thread calls it
+    /// more, so that compaction outpaces the writes. Returns per day the
+    /// windows merged and whether its compaction is done. The writer thread calls it
     /// after every batch, so the batches in between wait for one slice at
     /// most, never for a whole compaction, and when no batch came for a
     /// while, so that a compaction also ends when traffic stops.
@@ -238,8 +238,8 @@ impl Store {
         // done: added to that one, it made it most of the compaction (a
         // worker at 450k-600k msg/s paused its writer for up to about a
         // second per compaction, and lost messages; BENCHMARKS.md). A step
-        // that fails drops its task and its share of the backlog; its
-        // windows stay in `recent` for the day's next compaction.
+        // that fails drops its task (the next call loads what is left of
+        // it) and the writes it was to pay for.
         let loading = self
             .compactions
             .values()
