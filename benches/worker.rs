@@ -504,6 +504,7 @@ impl Worker {
                 return Counters::default();
             }
         };
+        let slices = metric(&body, &format!("{SLICES}_count"));
         Counters {
             consumed: metric(&body, "windrow_worker_consumed_messages_total"),
             applied: metric(&body, "windrow_worker_applied_messages_total"),
@@ -514,10 +515,10 @@ impl Worker {
             commits: metric(&body, "windrow_worker_commit_latency_seconds_count"),
             commit_secs: metric(&body, "windrow_worker_commit_latency_seconds_sum"),
             batch_messages: metric(&body, "windrow_worker_batch_messages_sum"),
-            slices: metric(&body, SLICES_COUNT),
-            slice_secs: metric(&body, "windrow_worker_compaction_slice_seconds_sum"),
-            slices_over_100ms: metric(&body, SLICES_COUNT) - bucket(&body, SLICES, "0.1"),
-            slices_over_250ms: metric(&body, SLICES_COUNT) - bucket(&body, SLICES, "0.25"),
+            slices,
+            slice_secs: metric(&body, &format!("{SLICES}_sum")),
+            slices_over_100ms: slices - bucket(&body, SLICES, "0.1"),
+            slices_over_250ms: slices - bucket(&body, SLICES, "0.25"),
         } - self.baseline
     }
 
@@ -1110,7 +1111,6 @@ async fn watch_publisher(n: u64, publisher: Publisher, procs: &Procs, cpu0: CpuS
 
 /// The worker's histogram of compaction slices (the writer's pauses for compaction).
 const SLICES: &str = "windrow_worker_compaction_slice_seconds";
-const SLICES_COUNT: &str = "windrow_worker_compaction_slice_seconds_count";
 
 async fn worker_stats(worker: &Worker) -> WorkerStats {
     // The last batch's acks and metrics settle within a poll or two.
