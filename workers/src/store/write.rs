@@ -33,6 +33,11 @@ pub struct Store {
     written: usize,
     /// What was written while a compaction's frozen windows loaded.
     backlog: Backlog,
+    /// Tests: every load takes exactly this many steps (and then waits for
+    /// its thread), so what is written meanwhile does not depend on how
+    /// fast the machine loads.
+    #[cfg(test)]
+    pub(super) load_steps: Option<usize>,
     /// The open days as [`SharedReader`]s on other threads see them: set
     /// when a day opens, and a day is taken out before it is deleted.
     published: Arc<Mutex<BTreeMap<String, Day>>>,
@@ -57,8 +62,12 @@ struct Backlog {
 
 /// A compaction of one day in this process.
 enum Task {
-    /// Its frozen windows being read and sorted, on a thread of its own.
-    Loading(std::thread::JoinHandle<Result<Compaction, StoreError>>),
+    /// Its frozen windows being read and sorted, on a thread of its own;
+    /// `steps`: the steps that found it not done.
+    Loading {
+        handle: std::thread::JoinHandle<Result<Compaction, StoreError>>,
+        steps: usize,
+    },
     /// Being merged into `windows`, a slice after each batch (or when idle).
     Merging(Compaction),
 }
@@ -123,6 +132,8 @@ impl Store {
             compactions: HashMap::new(),
             written: 0,
             backlog: Backlog::default(),
+            #[cfg(test)]
+            load_steps: None,
             published: Arc::default(),
         };
         for name in day_dirs(&store.config.dir, true)? {
@@ -243,7 +254,7 @@ impl Store {
         let loading = self
             .compactions
             .values()
-            .any(|t| matches!(t, Task::Loading(_)));
+            .any(|t| matches!(t, Task::Loading { .. }));
         let mut written = std::mem::take(&mut self.written);
         if self.compactions.is_empty() {
             self.backlog = Backlog::default();
@@ -328,7 +339,7 @@ impl Store {
                     source,
                 })?;
             self.compactions
-                .insert(day.name.clone(), Task::Loading(handle));
+                .insert(day.name.clone(), Task::Loading { handle, steps: 0 });
         }
         let Some(task) = self.compactions.remove(&day.name) else {
             return Ok(None);
@@ -337,14 +348,18 @@ impl Store {
         // Dropped on an error: the next call reloads what is left from the
         // day, where `meta` says how far the merge got.
         let mut c = match task {
-            Task::Loading(handle) if !force && !handle.is_finished() => {
+            Task::Loading { handle, steps } if !force && !self.loaded(&handle, steps) => {
+                let steps = steps + 1;
                 self.compactions
-                    .insert(day.name.clone(), Task::Loading(handle));
+                    .insert(day.name.clone(), Task::Loading { handle, steps });
                 return Ok(None);
             }
-            Task::Loading(handle) => handle
-                .join()
-                .map_err(|_| corrupt(&day.name, "the compaction's loading thread panicked"))??,
+            Task::Loading { handle, steps } => {
+                tracing::debug!(day = %day.name, steps, "a compaction's frozen windows loaded");
+                handle
+                    .join()
+                    .map_err(|_| corrupt(&day.name, "the compaction's loading thread panicked"))??
+            }
             Task::Merging(c) => c,
         };
         let windows = retry_map_full(&self.config, day, |day| compaction_step(day, &mut c, slice))?;
@@ -360,10 +375,24 @@ impl Store {
         }))
     }
 
+    /// Whether a load found not done by `steps` steps is done.
+    fn loaded(
+        &self,
+        handle: &std::thread::JoinHandle<Result<Compaction, StoreError>>,
+        steps: usize,
+    ) -> bool {
+        #[cfg(test)]
+        if let Some(all) = self.load_steps {
+            return steps >= all;
+        }
+        let _ = steps;
+        handle.is_finished()
+    }
+
     /// Forgets the day's compaction, waiting for its loading thread (which
     /// holds the day open) if it runs.
     fn forget_compaction(&mut self, name: &str) {
-        if let Some(Task::Loading(handle)) = self.compactions.remove(name) {
+        if let Some(Task::Loading { handle, .. }) = self.compactions.remove(name) {
             let _ = handle.join();
         }
     }
