@@ -10,7 +10,7 @@ use common::{
     assert_same, expected_windows, fleet_readings, hold_write_lock, publish_core,
     publish_jetstream, query_windows, Worker,
 };
-use windrow_harness::{clients, wait_until, NatsServer, RoleProcess};
+use windrow_harness::{clients, free_port, wait_until, NatsOptions, NatsServer, RoleProcess};
 
 use common::{
     ack_wait_config, base_in_today, nats_with_telemetry_stream, now_ns, wait_workers_settled,
@@ -36,6 +36,15 @@ async fn wait_applied(workers: &[&Worker], n: f64, timeout: Duration) -> bool {
         }
     })
     .await
+}
+
+/// What nats-server has sent to subscribers in all (`/varz` `out_msgs`),
+/// read from its monitoring port.
+async fn sent_to_subscribers(monitor: u16) -> u64 {
+    let (status, body) = windrow_harness::http_get(monitor, "/varz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let varz: serde_json::Value = serde_json::from_str(&body).unwrap();
+    varz["out_msgs"].as_u64().unwrap()
 }
 
 /// Polls the query plane until the merged windows hold `n` samples in all.
@@ -137,13 +146,21 @@ async fn a_core_worker_stopped_mid_stream_hands_over_to_the_queue_group() {
     let leaving = leaving.restart().await;
     publisher.await.unwrap();
     let range = (base - 120_000_000_000, now_ns());
-    wait_total(&nats, range, 2, n).await;
+    // Not all, if some were lost: then it waits out its deadline.
+    let all = wait_total(&nats, range, 2, n).await;
     let got = query_windows(&nats, 60, range.0, range.1, 2).await;
     let lost = n.saturating_sub(total(&got));
     assert!(total(&got) <= n, "core NATS delivers each message once");
-    eprintln!("core handover: {} of {n} applied, {lost} lost", total(&got));
-    // 0 in each of 4 runs here; the code before the drain lost 184 in one of 2.
-    assert!(lost <= 10, "{lost} lost at the handover");
+    eprintln!(
+        "core handover: {} of {n} applied, {lost} lost (all: {all})",
+        total(&got)
+    );
+    // 0 in each of 4 runs here; the code before the drain lost 184 in one of
+    // 2. What is lost is what nats-server sent in the moment between the
+    // client's last read and the server's taking the unsubscribe, so it
+    // grows with scheduling delays on a loaded machine: 100 is 4 ms of the
+    // 25,000 msg/s.
+    assert!(lost <= 100, "{lost} lost at the handover");
     drop((leaving, staying));
 }
 
@@ -164,8 +181,11 @@ async fn a_worker_stopped_while_nats_is_down_exits_promptly() {
         let status = worker.process.wait_exit(Duration::from_secs(60)).await;
         let took = started.elapsed();
         assert_eq!(status.code(), Some(0), "{mode}: {}", worker.process.log());
+        // Well under the 30 s shutdown timeout, and above the 5 s it gives a
+        // lost connection to come back for a last flush, with room for a
+        // loaded machine.
         assert!(
-            took < Duration::from_secs(10),
+            took < Duration::from_secs(20),
             "{mode}: took {took:?} (shutdown_timeout_secs is 30): {}",
             worker.process.log()
         );
@@ -285,7 +305,12 @@ async fn jetstream_worker_stopped_with_sigterm_mid_stream_is_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn core_worker_stopped_with_sigterm_applies_what_had_reached_it() {
     const NS_PER_SEC: i64 = 1_000_000_000;
-    let nats = NatsServer::start().await;
+    let monitor = free_port();
+    let nats = NatsServer::start_with(NatsOptions {
+        extra_config: format!("http: \"127.0.0.1:{monitor}\""),
+        ..NatsOptions::default()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("node-0");
     let worker = Worker::start(&nats, "node-0", &data, &["--batch-max-messages", "1000"]).await;
@@ -308,9 +333,27 @@ async fn core_worker_stopped_with_sigterm_applies_what_had_reached_it() {
     is_locked.recv_timeout(Duration::from_secs(30)).unwrap();
     publish_core(&nats.url(), held, 100_000).await;
     // The worker's client reads them while its commit waits for the lock.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once nats-server has written them all to it, they have reached it: a
+    // draining subscription still takes what its next read of the socket
+    // finds. (A fixed pause here depended on the machine's speed.)
+    let all = readings.len() as u64;
+    let sent = wait_until(Duration::from_secs(60), || async move {
+        sent_to_subscribers(monitor).await >= all
+    })
+    .await;
+    assert!(
+        sent,
+        "nats-server sent {}",
+        sent_to_subscribers(monitor).await
+    );
     worker.process.sigterm().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Released once the worker has the signal: it then unsubscribes at its
+    // first turn, before it takes any buffered message.
+    let signalled = wait_until(Duration::from_secs(30), || async {
+        worker.process.log().contains("shutting down")
+    })
+    .await;
+    assert!(signalled, "{}", worker.process.log());
     release.send(()).unwrap();
     holder.join().unwrap();
     let mut worker = worker;

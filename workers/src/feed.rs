@@ -212,7 +212,7 @@ mod tests {
         let nats = NatsServer::start().await;
         create_stream(&nats.url(), "FEED", &["feed.>"], Duration::from_secs(60)).await;
         let client = async_nats::connect(nats.url()).await.expect("connect");
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         for i in 0..5_000 {
             js.publish(format!("feed.d{}", i % 7), "1".into())
                 .await
@@ -235,6 +235,13 @@ mod tests {
             })
             .await
             .expect("consumer");
+        let received = || {
+            client
+                .statistics()
+                .in_messages
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let before = received();
         let pull = consumer
             .stream()
             .max_messages_per_batch(1_000)
@@ -250,17 +257,20 @@ mod tests {
         }
         // The task fills its queue and stops polling, and the stream's pull
         // requests are served in full: wait until the server's count of
-        // delivered messages stands still, so that none is in flight.
+        // delivered messages stands still, and the client has read them all
+        // (its count of messages in, less one reply per consumer info), so
+        // that none is in flight however slow the machine.
         let mut consumer = consumer;
         let mut delivered = 0;
-        for _ in 0..50 {
+        for infos in 1..=50 {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let now = consumer
                 .info()
                 .await
                 .expect("consumer info")
                 .num_ack_pending;
-            if now == delivered {
+            let read = (received() - before).saturating_sub(infos);
+            if now == delivered && read >= now as u64 {
                 break;
             }
             delivered = now;
