@@ -19,4 +19,4 @@ pub mod subject;
 
 pub use connection::{connect, NatsConfig};
 pub use error::Error;
-pub use subject::{decode_subject, encode_filter, encode_topic, SubjectError};
+pub use subject::{decode_subject, decode_subject_into, encode_filter, encode_topic, SubjectError};

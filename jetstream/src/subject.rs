@@ -210,6 +210,22 @@ pub fn encode_topic(prefix: &str, topic: &str) -> Result<String, SubjectError> {
 /// [`SubjectError::NotEncoded`] if the subject is not under `prefix` or a token is
 /// not in the encoder's canonical form.
 pub fn decode_subject(prefix: &str, subject: &str) -> Result<String, SubjectError> {
+    let mut topic = String::new();
+    decode_subject_into(prefix, subject, &mut topic)?;
+    Ok(topic)
+}
+
+/// [`decode_subject`] into `topic`, which it clears first: a worker decodes
+/// every message's subject, and reusing one buffer saves an allocation each.
+///
+/// # Errors
+/// As [`decode_subject`]; `topic` then holds part of the topic.
+pub fn decode_subject_into(
+    prefix: &str,
+    subject: &str,
+    topic: &mut String,
+) -> Result<(), SubjectError> {
+    topic.clear();
     let rest = subject
         .strip_prefix(prefix)
         .and_then(|r| r.strip_prefix('.'))
@@ -217,14 +233,14 @@ pub fn decode_subject(prefix: &str, subject: &str) -> Result<String, SubjectErro
             subject: subject.to_owned(),
             reason: "does not start with the prefix",
         })?;
-    let mut topic = String::with_capacity(rest.len());
+    topic.reserve(rest.len());
     for (i, token) in rest.split('.').enumerate() {
         if i > 0 {
             topic.push('/');
         }
-        decode_level(token, subject, &mut topic)?;
+        decode_level(token, subject, topic)?;
     }
-    Ok(topic)
+    Ok(())
 }
 
 /// Maps an MQTT topic filter (`+`, `#` wildcards) to the NATS subject filter
@@ -414,9 +430,15 @@ mod tests {
             ("%", "windrow.telemetry.%25"),
             ("zürich/温度", "windrow.telemetry.zürich.温度"),
         ];
+        // One buffer for all, as a worker decodes a batch: each topic alone,
+        // whatever the one before left in it, even a failed one.
+        let mut buffer = String::from("left over");
         for (topic, subject) in cases {
             assert_eq!(encode_topic(P, topic).unwrap(), subject, "{topic:?}");
             assert_eq!(decode_subject(P, subject).unwrap(), topic, "{subject:?}");
+            decode_subject_into(P, subject, &mut buffer).unwrap();
+            assert_eq!(buffer, topic, "{subject:?} into a used buffer");
+            assert!(decode_subject_into(P, "windrow.telemetry.ok.%41", &mut buffer).is_err());
         }
     }
 

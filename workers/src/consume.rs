@@ -18,7 +18,7 @@ use opentelemetry::propagation::Extractor;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use windrow_jetstream::{decode_subject, delivery::parse_delivery, headers};
+use windrow_jetstream::{decode_subject_into, delivery::parse_delivery, headers};
 use windrow_ops::Health;
 
 use crate::{
@@ -475,17 +475,15 @@ impl Processor {
         let mut messages = Vec::with_capacity(batch.len());
         let mut owners = Vec::with_capacity(batch.len());
         let mut spans = Vec::new();
+        let mut topic = String::new();
         for (i, m) in batch.iter().enumerate() {
             if let Some(span) = continue_trace("worker.fetch", m.headers.as_ref()) {
                 spans.push((i, span));
             }
-            let topic = match decode_subject(prefix, &m.subject) {
-                Ok(t) => t,
-                Err(e) => {
-                    fates.push(Fate::DeadLetter("bad_subject", e.to_string()));
-                    continue;
-                }
-            };
+            if let Err(e) = decode_subject_into(prefix, &m.subject, &mut topic) {
+                fates.push(Fate::DeadLetter("bad_subject", e.to_string()));
+                continue;
+            }
             let received_at = m
                 .headers
                 .as_ref()
