@@ -497,12 +497,14 @@ async fn a_jetstream_worker_without_its_stream_never_becomes_ready_and_fails_the
     let (nats, mqtt) = tokio::join!(NatsServer::start(), Mosquitto::start());
     let mut envs = broker_env(&nats, &mqtt);
     envs.push(("CHART_CHECK_RUN", "jetstream".into()));
-    envs.push(("CHART_CHECK_READY_SECS", "5".into()));
+    // Short, since the worker never becomes ready; yet it caps every pod,
+    // and the bridge must become ready within it on a loaded machine.
+    envs.push(("CHART_CHECK_READY_SECS", "15".into()));
     let run = chart_check_blocking(chart, envs).await;
     assert_eq!(run.code, Some(1), "{run:?}");
     for text in [
         "FAIL rendered pods start, become ready and drain against private brokers",
-        "worker (windrow-worker-0): readiness probe: not ready within 5 s (last: GET /readyz -> 503",
+        "worker (windrow-worker-0): readiness probe: not ready within 15 s (last: GET /readyz -> 503",
         "last 40 lines of its log",
         "FAIL checks of the rendered manifests (ci/jetstream-values.yaml)",
     ] {
