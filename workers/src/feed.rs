@@ -259,7 +259,9 @@ mod tests {
         // requests are served in full: wait until the server's count of
         // delivered messages stands still, and the client has read them all
         // (its count of messages in, less one reply per consumer info), so
-        // that none is in flight however slow the machine.
+        // that none is in flight however slow the machine. (No heartbeats
+        // are asked for, and the pull requests expire long after this loop;
+        // a status message would only end the wait early, and fail it.)
         let mut consumer = consumer;
         let mut delivered = 0;
         for infos in 1..=50 {

@@ -438,10 +438,11 @@ fn small_slices(dir: &std::path::Path, clock: &ManualClock) -> Store {
     s
 }
 
-/// Steps a load takes in [`small_slices`]: enough that a sixteenth of what
-/// is written meanwhile is more than the configured 10. Fixed, because how
-/// long a load really takes depends on the machine: 181 steps on one, 10 on
-/// another, where these tests once failed.
+/// Steps a load takes in [`small_slices`]: enough that the slices paying a
+/// sixteenth of what is written meanwhile, 4 × (1 + 40/16 rounded up) = 16
+/// windows, are more than the configured 10 (17 steps would do). Fixed,
+/// because how long a load really takes depends on the machine: 181 steps
+/// on one, 10 on another, where these tests once failed.
 const LOAD_STEPS: usize = 40;
 
 /// 4,000 series, 10 s each from `from`: 40,000 windows.
