@@ -520,12 +520,12 @@ enum Sink {
 /// A nats-server with its monitoring port on loopback, so that a [`Sink::Server`]
 /// can read its counters.
 async fn monitored_nats() -> (NatsServer, u16) {
-    let monitor = free_port();
     let nats = NatsServer::start_with(NatsOptions {
-        extra_config: format!("http: \"127.0.0.1:{monitor}\""),
+        monitoring: true,
         ..NatsOptions::default()
     })
     .await;
+    let monitor = nats.monitoring_port();
     (nats, monitor)
 }
 

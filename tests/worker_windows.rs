@@ -10,9 +10,7 @@ use common::{
     assert_same, expected_windows, fleet_readings, hold_write_lock, publish_core,
     publish_jetstream, query_windows, Worker,
 };
-use windrow_harness::{
-    clients, free_port, http_get, wait_until, NatsOptions, NatsServer, RoleProcess,
-};
+use windrow_harness::{clients, http_get, wait_until, NatsOptions, NatsServer, RoleProcess};
 
 use common::{
     ack_wait_config, base_in_today, nats_with_telemetry_stream, now_ns, wait_workers_settled,
@@ -310,12 +308,12 @@ async fn jetstream_worker_stopped_with_sigterm_mid_stream_is_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn core_worker_stopped_with_sigterm_applies_what_had_reached_it() {
     const NS_PER_SEC: i64 = 1_000_000_000;
-    let monitor = free_port();
     let nats = NatsServer::start_with(NatsOptions {
-        extra_config: format!("http: \"127.0.0.1:{monitor}\""),
+        monitoring: true,
         ..NatsOptions::default()
     })
     .await;
+    let monitor = nats.monitoring_port();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("node-0");
     let worker = Worker::start(&nats, "node-0", &data, &["--batch-max-messages", "1000"]).await;

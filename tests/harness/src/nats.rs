@@ -34,6 +34,10 @@ pub struct NatsOptions {
     pub jetstream: bool,
     /// `max_payload` in bytes; `None` keeps the server default (1 MiB).
     pub max_payload: Option<usize>,
+    /// Serves the monitoring endpoints (`/varz`, `/connz`, ...) on a loopback
+    /// port the server picks, which [`NatsServer::monitoring_port`] tells.
+    /// Default: false.
+    pub monitoring: bool,
     /// Appended raw to the generated config file. Default: empty.
     pub extra_config: String,
 }
@@ -43,6 +47,7 @@ impl Default for NatsOptions {
         Self {
             jetstream: true,
             max_payload: None,
+            monitoring: false,
             extra_config: String::new(),
         }
     }
@@ -58,6 +63,8 @@ pub struct NatsServer {
     child: Option<Supervised>,
     bin: PathBuf,
     port: u16,
+    /// 0 until the server reports it, and without [`NatsOptions::monitoring`].
+    monitoring_port: u16,
     opts: NatsOptions,
     tls: Option<ServerTls>,
     config_path: PathBuf,
@@ -117,6 +124,7 @@ impl NatsServer {
             child: None,
             bin,
             port: 0,
+            monitoring_port: 0,
             opts,
             tls,
             config_path: dir.path().join("nats.conf"),
@@ -130,6 +138,18 @@ impl NatsServer {
         server.write_config();
         tracing::debug!(port = server.port, "nats-server started");
         server
+    }
+
+    /// The monitoring port on 127.0.0.1 (`/varz`, `/connz`, ...).
+    ///
+    /// # Panics
+    /// Unless started with [`NatsOptions::monitoring`].
+    pub fn monitoring_port(&self) -> u16 {
+        assert!(
+            self.opts.monitoring,
+            "nats-server started without NatsOptions::monitoring"
+        );
+        self.monitoring_port
     }
 
     /// The client URL, `nats://127.0.0.1:PORT`.
@@ -236,6 +256,13 @@ impl NatsServer {
                 self.store_dir.display()
             );
         }
+        if self.opts.monitoring {
+            let port = match self.monitoring_port {
+                0 => "-1".to_owned(),
+                port => port.to_string(),
+            };
+            let _ = writeln!(config, "http: \"127.0.0.1:{port}\"");
+        }
         if let Some(max_payload) = self.opts.max_payload {
             let _ = writeln!(config, "max_payload: {max_payload}");
         }
@@ -311,10 +338,14 @@ impl NatsServer {
             if let Some(status) = child.try_exit() {
                 return Startup::Exited(status);
             }
-            if self.port == 0 {
-                self.port = read_ports_file(&self.ports_dir, child.pid()).unwrap_or(0);
+            if self.port == 0 || (self.opts.monitoring && self.monitoring_port == 0) {
+                let ports = read_ports_file(&self.ports_dir, child.pid());
+                self.port = ports.map_or(0, |p| p.nats);
+                self.monitoring_port = ports.and_then(|p| p.monitoring).unwrap_or(0);
             }
-            if self.port != 0 {
+            if self.opts.monitoring && self.monitoring_port == 0 {
+                why = "no monitoring port reported yet".into();
+            } else if self.port != 0 {
                 if !read_log_from(&self.log_path, offset).contains(READY_MARKER) {
                     why = format!("no {READY_MARKER:?} in the log");
                 } else {
@@ -333,20 +364,34 @@ impl NatsServer {
     }
 }
 
-/// The client port from `nats-server_<pid>.ports`: `{"nats":["nats://127.0.0.1:PORT"],...}`
-/// (`tls://` when the server requires TLS).
-fn read_ports_file(dir: &Path, pid: u32) -> Option<u16> {
+/// The ports a server reported.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ports {
+    nats: u16,
+    monitoring: Option<u16>,
+}
+
+/// The ports from `nats-server_<pid>.ports`:
+/// `{"nats":["nats://127.0.0.1:PORT"],"monitoring":["http://127.0.0.1:PORT"]}`
+/// (`tls://` when the server requires TLS; no monitoring without `http`).
+fn read_ports_file(dir: &Path, pid: u32) -> Option<Ports> {
     let text = std::fs::read_to_string(dir.join(format!("nats-server_{pid}.ports"))).ok()?;
     parse_ports_file(&text)
 }
 
-fn parse_ports_file(text: &str) -> Option<u16> {
-    let after_key = &text[text.find("\"nats\"")?..];
-    let url_start = after_key.find("://")? + "://".len();
-    let url = &after_key[url_start..];
-    let url = &url[..url.find('"')?];
-    let port = url.rsplit(':').next()?.parse().ok()?;
-    (port != 0).then_some(port)
+fn parse_ports_file(text: &str) -> Option<Ports> {
+    let port = |key: &str| {
+        let after_key = &text[text.find(key)?..];
+        let url_start = after_key.find("://")? + "://".len();
+        let url = &after_key[url_start..];
+        let url = &url[..url.find('"')?];
+        let port: u16 = url.rsplit(':').next()?.parse().ok()?;
+        (port != 0).then_some(port)
+    };
+    Some(Ports {
+        nats: port("\"nats\"")?,
+        monitoring: port("\"monitoring\""),
+    })
 }
 
 impl Drop for NatsServer {
@@ -367,10 +412,29 @@ mod tests {
     #[test]
     fn parses_the_ports_file() {
         let text = r#"{"nats":["nats://127.0.0.1:46645"],"monitoring":["http://127.0.0.1:8222"]}"#;
-        assert_eq!(parse_ports_file(text), Some(46645));
+        let ports = |nats, monitoring| Some(Ports { nats, monitoring });
+        assert_eq!(parse_ports_file(text), ports(46645, Some(8222)));
         let tls = r#"{"nats":["tls://127.0.0.1:32787"]}"#;
-        assert_eq!(parse_ports_file(tls), Some(32787));
+        assert_eq!(parse_ports_file(tls), ports(32787, None));
         assert_eq!(parse_ports_file("{"), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn monitoring_is_served_on_a_port_the_server_picks_and_keeps() {
+        let mut server = NatsServer::start_with(NatsOptions {
+            monitoring: true,
+            ..NatsOptions::default()
+        })
+        .await;
+        let port = server.monitoring_port();
+        assert_ne!(port, server.port());
+        for _ in 0..2 {
+            let (status, body) = crate::http_get(port, "/varz").await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("\"server_id\""), "{body}");
+            server.restart().await;
+        }
+        assert_eq!(server.monitoring_port(), port);
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -388,6 +452,7 @@ mod tests {
         let server = NatsServer::start_with(NatsOptions {
             jetstream: false,
             max_payload: Some(4096),
+            monitoring: false,
             extra_config: "max_connections: 100".into(),
         })
         .await;
