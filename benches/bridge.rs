@@ -519,14 +519,12 @@ enum Sink {
 
 /// A nats-server with its monitoring port on loopback, so that a [`Sink::Server`]
 /// can read its counters.
-async fn monitored_nats() -> (NatsServer, u16) {
-    let nats = NatsServer::start_with(NatsOptions {
+async fn monitored_nats() -> NatsServer {
+    NatsServer::start_with(NatsOptions {
         monitoring: true,
         ..NatsOptions::default()
     })
-    .await;
-    let monitor = nats.monitoring_port();
-    (nats, monitor)
+    .await
 }
 
 /// How often a [`Sink::Server`] reads the server's counter: 5 ms, against
@@ -1037,7 +1035,7 @@ impl Bench {
     }
 
     async fn bridge_qos0(&self, scenario: Scenario, opts: MosquittoOptions) -> Outcome {
-        let (nats, monitor) = monitored_nats().await;
+        let nats = monitored_nats().await;
         let mqtt = Mosquitto::start_with(opts).await;
         let connections = QOS0_CONNECTIONS.to_string();
         let collector = scenario.sampling().map(|_| OtlpCollector::start());
@@ -1073,7 +1071,9 @@ impl Bench {
         let before = bridge.counts().await;
         let meter = Meter::new();
         let counter = match scenario.sink() {
-            Sink::Server => server_counter(monitor, "/varz", "in_msgs", meter.clone()).await,
+            Sink::Server => {
+                server_counter(nats.monitoring_port(), "/varz", "in_msgs", meter.clone()).await
+            }
             Sink::Subscriber => nats_subscriber(&nats.url(), meter.clone()).await,
         };
         let (kind, port, enc) = (self.settings.publisher, mqtt.port(), self.qos0.clone());
@@ -1135,7 +1135,7 @@ impl Bench {
     }
 
     async fn bridge_qos1(&self) -> Outcome {
-        let (nats, monitor) = monitored_nats().await;
+        let nats = monitored_nats().await;
         let mqtt = Mosquitto::start_with(qos1_options()).await;
         let url = nats.url();
         create_stream(
@@ -1169,7 +1169,8 @@ impl Bench {
         assert_eq!(stream_len(&url, STREAM).await, 0, "stream purged");
         let before = bridge.counts().await;
         let meter = Meter::new();
-        let counter = server_counter(monitor, "/jsz", "messages", meter.clone()).await;
+        let counter =
+            server_counter(nats.monitoring_port(), "/jsz", "messages", meter.clone()).await;
         let (kind, port, enc) = (self.settings.publisher, mqtt.port(), self.qos1.clone());
         let n = self.qos1.len();
         let m = measure(

@@ -462,10 +462,10 @@ fn fill_recent(s: &mut Store, from: i64) {
 
 /// Batches of one new window at `at`, each followed by a compaction step
 /// as the writer thread does, until `count` slices of `day` are merged:
-/// the calls before its first slice (the first freezes `recent` and starts
-/// the load; until the load is done there is nothing to merge), and the
-/// windows of each slice.
-fn slices_after_a_load(s: &mut Store, day: &str, at: i64, count: usize) -> (usize, Vec<usize>) {
+/// the windows of each slice. The first call freezes `recent` and starts
+/// the load; until the load is done ([`LOAD_STEPS`] calls) there is nothing
+/// to merge.
+fn slices_after_a_load(s: &mut Store, day: &str, at: i64, count: usize) -> Vec<usize> {
     let (mut while_loading, mut slices) = (0, Vec::new());
     for n in 0..20_000 {
         s.apply(&[msg(None, &format!("other-{n}"), at, 1.0)])
@@ -488,7 +488,7 @@ fn slices_after_a_load(s: &mut Store, day: &str, at: i64, count: usize) -> (usiz
     assert_eq!(slices.len(), count, "{while_loading} calls while loading");
     // The call that starts the load, and those that find it not done.
     assert_eq!(while_loading, LOAD_STEPS);
-    (while_loading, slices)
+    slices
 }
 
 #[test]
@@ -501,14 +501,13 @@ fn what_is_written_while_the_frozen_windows_load_is_paid_for_over_sixteen_slices
     let clock = ManualClock::new(T0 + 60 * MIN);
     let mut s = small_slices(dir.path(), &clock);
     fill_recent(&mut s, T0);
-    let (while_loading, slices) =
-        slices_after_a_load(&mut s, "2025-11-25", T0 + 20 * NS_PER_SEC, 20);
+    let slices = slices_after_a_load(&mut s, "2025-11-25", T0 + 20 * NS_PER_SEC, 20);
     // The call that finds the load done merges the configured 10 and adds
     // its window to the backlog (one window from each call but the first):
-    // `while_loading` windows. Each of the next slices merges for its
+    // `LOAD_STEPS` windows. Each of the next slices merges for its
     // batch's window and a sixteenth of the backlog, until it is paid:
     // max(10, 2 × (1 + 1 rollup) × (1 + share)).
-    let mut backlog: usize = while_loading;
+    let mut backlog: usize = LOAD_STEPS;
     let share = backlog.div_ceil(16);
     let mut expected = vec![10];
     while expected.len() < slices.len() {
@@ -517,10 +516,7 @@ fn what_is_written_while_the_frozen_windows_load_is_paid_for_over_sixteen_slices
         expected.push(10.max(4 * (1 + paid)));
     }
     assert_eq!(backlog, 0, "paid within {} slices", slices.len());
-    assert_eq!(
-        slices, expected,
-        "after {while_loading} calls while loading"
-    );
+    assert_eq!(slices, expected, "after {LOAD_STEPS} calls while loading");
 }
 
 #[test]
@@ -535,7 +531,7 @@ fn a_days_load_sets_its_own_share_of_the_backlog_while_another_days_compaction_r
     // fill's windows make its slice large) freezes today's, which loads
     // while yesterday's backlog is left unpaid.
     fill_recent(&mut s, T0);
-    let (_, slices) = slices_after_a_load(&mut s, "2025-11-25", T0 + 20 * NS_PER_SEC, 20);
+    let slices = slices_after_a_load(&mut s, "2025-11-25", T0 + 20 * NS_PER_SEC, 20);
     // Both backlogs are paid within the 16 slices after the load: then
     // each slice merges for its batch's one window, the configured 10.
     // (With yesterday's share kept, today's backlog took longer.)
