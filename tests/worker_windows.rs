@@ -8,35 +8,13 @@ use std::time::Duration;
 
 use common::{
     assert_same, expected_windows, fleet_readings, hold_write_lock, publish_core,
-    publish_jetstream, query_windows, Worker,
+    publish_jetstream, query_windows, total, wait_applied, wait_total, Worker,
 };
 use windrow_harness::{clients, http_get, wait_until, NatsOptions, NatsServer, RoleProcess};
 
 use common::{
     ack_wait_config, base_in_today, nats_with_telemetry_stream, now_ns, wait_workers_settled,
-    Windows,
 };
-
-/// Asserts two window maps are equal (sums within floating-point tolerance).
-fn total(w: &Windows) -> u64 {
-    w.values().map(|v| v.0).sum()
-}
-
-/// Waits until the workers together applied `n` messages.
-async fn wait_applied(workers: &[&Worker], n: f64, timeout: Duration) -> bool {
-    let ports: Vec<u16> = workers.iter().map(|w| w.http_port).collect();
-    wait_until(timeout, || {
-        let ports = ports.clone();
-        async move {
-            let mut sum = 0.0;
-            for p in ports {
-                sum += common::metric(p, "windrow_worker_applied_messages_total", "").await;
-            }
-            sum >= n
-        }
-    })
-    .await
-}
 
 /// What nats-server has queued to its clients in all, and the bytes of it
 /// not yet written to their sockets (`/connz`), from its monitoring port.
@@ -47,18 +25,6 @@ async fn sent_to_subscribers(monitor: u16) -> (u64, u64) {
     let connections = connz["connections"].as_array().unwrap();
     let sum = |field: &str| connections.iter().map(|c| c[field].as_u64().unwrap()).sum();
     (sum("out_msgs"), sum("pending_bytes"))
-}
-
-/// Polls the query plane until the merged windows hold `n` samples in all.
-async fn wait_total(nats: &NatsServer, range: (i64, i64), nodes: usize, n: u64) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while std::time::Instant::now() < deadline {
-        if total(&query_windows(nats, 60, range.0, range.1, nodes).await) >= n {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -120,72 +86,6 @@ async fn three_core_workers_in_a_queue_group_match_independent_aggregates() {
     assert_same(&got, &expected_windows(&readings, 60));
     let got = query_windows(&nats, 1, from, to, 3).await;
     assert_same(&got, &expected_windows(&readings, 1));
-}
-
-/// A core worker stopped with SIGTERM while messages flow leaves its queue
-/// group exactly: it has the server send it a second's worth more and stop,
-/// applies those and what it held, and the other member takes the rest.
-/// Nothing is lost and nothing counted twice (README, core mode).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_core_worker_stopped_mid_stream_hands_over_to_the_queue_group_exactly() {
-    core_handover(Duration::ZERO).await;
-}
-
-/// The same after the leaving worker stood still for 300 ms (SIGSTOP, as a
-/// throttled or paused container) and got its SIGTERM meanwhile: thousands
-/// of messages the server had routed to it are then on the wire or in the
-/// server's buffers when it unsubscribes. Unsubscribing outright lost them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_core_worker_stopped_after_standing_still_hands_over_exactly() {
-    core_handover(Duration::from_millis(300)).await;
-}
-
-/// 100,000 readings at 25,000 msg/s to two core workers; 1.5 s in, one of
-/// them, frozen for `still` first if not zero, gets SIGTERM.
-async fn core_handover(still: Duration) {
-    let nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let leaving = Worker::start(&nats, "leaving", &dir.path().join("leaving"), &[]).await;
-    let staying = Worker::start(&nats, "staying", &dir.path().join("staying"), &[]).await;
-    let base = now_ns() - 30 * 60 * 1_000_000_000;
-    let readings = fleet_readings(1_000, 100, base);
-    let n = readings.len() as u64;
-    let url = nats.url();
-    let publisher = {
-        let readings = readings.clone();
-        tokio::spawn(async move { publish_core(&url, &readings, 25_000).await })
-    };
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let mut leaving = leaving;
-    if still.is_zero() {
-        leaving.process.sigterm().await;
-    } else {
-        leaving.process.freeze();
-        tokio::time::sleep(still).await;
-        leaving.process.sigterm().await;
-        leaving.process.thaw();
-    }
-    let status = leaving.process.wait_exit(Duration::from_secs(30)).await;
-    let log = leaving.process.log();
-    assert_eq!(status.code(), Some(0), "{log}");
-    // Traffic went on for about 2.5 s after the SIGTERM: the server's last
-    // messages came, rather than a quiet spell ending the leaving.
-    assert!(
-        log.contains("left the queue group: applied all the server sent here"),
-        "{log}"
-    );
-    let leaving = leaving.restart().await;
-    publisher.await.unwrap();
-    let range = (base - 120_000_000_000, now_ns());
-    let all = wait_total(&nats, range, 2, n).await;
-    let got = query_windows(&nats, 60, range.0, range.1, 2).await;
-    eprintln!(
-        "core handover after standing still {still:?}: {} of {n} applied (all: {all})",
-        total(&got)
-    );
-    assert_eq!(total(&got), n, "each message applied once");
-    assert_same(&got, &expected_windows(&readings, 60));
-    drop((leaving, staying));
 }
 
 /// A worker stopped with SIGTERM while NATS is down exits 0 promptly: it

@@ -460,3 +460,37 @@ pub fn hold_write_lock(data: &Path, release: impl FnOnce(), locked: std::sync::m
     release();
     txn.abort();
 }
+
+/// Samples in all the windows.
+pub fn total(w: &Windows) -> u64 {
+    w.values().map(|v| v.0).sum()
+}
+
+/// Waits until the workers together applied `n` messages.
+pub async fn wait_applied(workers: &[&Worker], n: f64, timeout: Duration) -> bool {
+    let ports: Vec<u16> = workers.iter().map(|w| w.http_port).collect();
+    windrow_harness::wait_until(timeout, || {
+        let ports = ports.clone();
+        async move {
+            let mut sum = 0.0;
+            for p in ports {
+                sum += metric(p, "windrow_worker_applied_messages_total", "").await;
+            }
+            sum >= n
+        }
+    })
+    .await
+}
+
+/// Polls the query plane until the merged windows hold `n` samples in all
+/// (`false` after 120 s).
+pub async fn wait_total(nats: &NatsServer, range: (i64, i64), nodes: usize, n: u64) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        if total(&query_windows(nats, 60, range.0, range.1, nodes).await) >= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    false
+}

@@ -10,6 +10,8 @@
 //! - `writer`: the single LMDB writer thread.
 //! - `feed`: a consumer read ahead on a task of its own.
 //! - `consume`: batch → commit → dead-letter → acknowledge, for both modes.
+//! - `queue_group`: a core worker's subscription, and leaving its queue
+//!   group without losing what the server routed to it.
 //! - `pause`: noticing that the process stood still, so that a frozen
 //!   jetstream worker does not apply what was redelivered elsewhere.
 //! - [`query`]: the query plane's messages and the merge of partials.
@@ -28,6 +30,7 @@ pub mod export;
 mod feed;
 mod pause;
 pub mod query;
+mod queue_group;
 pub mod replay;
 pub mod run;
 pub mod store;

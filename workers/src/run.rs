@@ -21,6 +21,7 @@ use crate::{
     feed::Feed,
     pause::PauseWatch,
     query::{QueryReply, QueryRequest},
+    queue_group::{Leaving, QueueMember},
     store::{Clock, LatestRow, SystemClock, WindowRow},
     writer::Writer,
     Error,
@@ -158,17 +159,14 @@ pub async fn run_with_clock(
 /// Core mode: a queue-group member; batches by size or time.
 ///
 /// On shutdown it leaves the group without losing what the server routed to
-/// it, while traffic is steady ([`CoreSource::leave`]): it tells the server
-/// to send it a second's worth more (at its recent rate) and then stop,
-/// applies those and what its buffer held, and ends when the client has
-/// received the last of them. Meanwhile the other members take the rest.
-/// If they do not come (traffic slowed or stopped: nothing more for
-/// [`DRAIN_QUIET`], or not all within [`LEAVE_WITHIN`]), it unsubscribes
-/// outright; then only a message on the wire at that instant can be lost,
-/// since async-nats ends a drained subscription after its next read of the
-/// socket without waiting for the server's confirmation. All within
-/// `shutdown_timeout_secs`. Core NATS stays at-most-once (slow consumers, a
-/// killed worker); jetstream mode is exact.
+/// it while traffic is steady ([`QueueMember::leave`]): the server sends it
+/// a margin more and stops, and the other members take the rest; it applies
+/// those and what its buffer held. When the last of them do not come (the
+/// traffic stopped or slowed, the client dropped some as a slow consumer,
+/// or reconnected), it unsubscribes outright, and only a message on the wire
+/// at that instant can be lost. All within `shutdown_timeout_secs`. Core
+/// NATS stays at-most-once (slow consumers, a killed worker); jetstream mode
+/// is exact.
 async fn consume_core(
     nats: &async_nats::Client,
     config: &Config,
@@ -187,7 +185,7 @@ async fn consume_core(
             return;
         }
     };
-    let mut source = CoreSource::new(sub);
+    let mut member = QueueMember::new(sub, nats.statistics());
     health.set("consumer", true);
     let wait = Duration::from_millis(config.batch_max_wait_ms);
     let mut sized = BatchSize::up_to(config.batch_max_messages);
@@ -203,40 +201,34 @@ async fn consume_core(
     let mut leaving: Option<Leaving> = None;
     // The subscription ended, rather than the loop being cut short.
     let mut ended = false;
-    // Whether it ended after the server's last message.
+    // It ended at the count agreed with the server.
     let mut exact = false;
     loop {
-        let give_up_at = leaving
-            .as_ref()
-            .map_or_else(far_future, Leaving::give_up_at);
+        let give_up_at = leaving.as_ref().map(Leaving::give_up_at);
         let first = tokio::select! {
             biased;
             () = shutdown.cancelled(), if drained.is_none() => {
                 drained = Some(0);
-                match source.leave(hard_stop).await {
-                    Some(l) => leaving = Some(l),
-                    None => break,
-                }
+                leaving = member.leave(hard_stop).await;
                 continue;
             }
             () = hard_stop.cancelled() => break,
-            m = source.next() => match m {
+            m = member.next() => match m {
                 Some(m) => m,
                 None => {
                     ended = true;
-                    exact = leaving.is_some();
+                    exact = leaving.as_ref().is_some_and(|l| l.reached(&member));
                     break;
                 }
             },
-            () = tokio::time::sleep_until(give_up_at), if leaving.is_some() => {
-                let l = leaving.take().expect("leaving");
-                tracing::info!(
-                    left_to_send = l.max.saturating_sub(source.taken),
-                    "the server's last messages did not come in time; unsubscribing outright"
-                );
-                if !unsubscribe_keeping_buffer(&mut source.sub, hard_stop).await {
-                    break;
+            () = sleep_until(give_up_at), if give_up_at.is_some() => {
+                if let Some(l) = leaving.take() {
+                    tracing::info!(
+                        left_to_send = l.left(&member),
+                        "the server's last messages did not come in time; unsubscribing outright"
+                    );
                 }
+                member.unsubscribe_outright(hard_stop).await;
                 continue;
             }
             // The unsubscribe waits for the connection, and nothing more
@@ -250,25 +242,26 @@ async fn consume_core(
         let mut batch = sized.start(Incoming::core(first));
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < config.batch_max_messages {
-            match next_before(&mut source, deadline).await {
+            match next_before(&mut member, deadline).await {
                 Some(Some(m)) => batch.push(Incoming::core(m)),
                 _ => break,
             }
         }
         sized.was(batch.len());
-        source.measure();
-        if let Some(l) = leaving.as_mut() {
-            l.last_message = tokio::time::Instant::now();
-        }
+        member.measure();
         if let Some(n) = drained.as_mut() {
             *n += batch.len();
         }
         if pipeline.submit(batch).await.is_none() {
             break;
         }
+        // The quiet spell is counted from when the loop looks for more.
+        if let Some(l) = leaving.as_mut() {
+            l.took();
+        }
     }
     if drained.is_none() {
-        let _ = source.sub.unsubscribe().await;
+        let _ = member.subscriber().unsubscribe().await;
     }
     let finished = pipeline.finish().await.is_some();
     match drained {
@@ -288,156 +281,17 @@ async fn consume_core(
     }
 }
 
-/// How long a draining core worker waits for a next message: without a
-/// NATS connection, before it stops; while leaving, before it unsubscribes
-/// outright (the traffic has stopped, or is too sparse for a message to be
-/// on the wire at that instant but rarely).
+/// Sleeps until `at` (forever without one).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long a draining core worker without a NATS connection waits for
+/// more of what is buffered before it stops.
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
-
-/// Longest wait for the server's last messages after the leaving began.
-const LEAVE_WITHIN: Duration = Duration::from_secs(5);
-
-/// What the server sends after the leaving began: this long at the recent
-/// rate, so that what was on the wire or in the server's buffers when it
-/// took the unsubscribe is among them, however late it took it.
-const LEAVE_MARGIN: Duration = Duration::from_secs(1);
-
-/// The fewest messages the server is told to send after the leaving began.
-const LEAVE_MARGIN_MIN: u64 = 1_000;
-
-/// A core worker's subscription: what it has taken, at what rate, and what
-/// it held back when it began to leave.
-struct CoreSource {
-    sub: async_nats::Subscriber,
-    /// Taken out of the client's buffer when the leaving began; handed out first.
-    held: std::collections::VecDeque<async_nats::Message>,
-    /// Messages taken from the client: the count the server's count is set against.
-    taken: u64,
-    /// `taken` at an instant, and the rate measured up to it.
-    mark: (tokio::time::Instant, u64),
-    rate: f64,
-}
-
-/// The leaving in progress.
-struct Leaving {
-    /// The subscription's total at which the server (and then the client) ends it.
-    max: u64,
-    began: tokio::time::Instant,
-    last_message: tokio::time::Instant,
-}
-
-impl Leaving {
-    fn give_up_at(&self) -> tokio::time::Instant {
-        (self.began + LEAVE_WITHIN).min(self.last_message + DRAIN_QUIET)
-    }
-}
-
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(86_400)
-}
-
-impl CoreSource {
-    fn new(sub: async_nats::Subscriber) -> Self {
-        Self {
-            sub,
-            held: std::collections::VecDeque::new(),
-            taken: 0,
-            mark: (tokio::time::Instant::now(), 0),
-            rate: 0.0,
-        }
-    }
-
-    /// Updates the rate, over a second or more.
-    fn measure(&mut self) {
-        let now = tokio::time::Instant::now();
-        let secs = now.duration_since(self.mark.0).as_secs_f64();
-        if secs >= 1.0 {
-            self.rate = (self.taken - self.mark.1) as f64 / secs;
-            self.mark = (now, self.taken);
-        }
-    }
-
-    /// Begins leaving the queue group: takes what the client holds, so that
-    /// `taken` is what the client has delivered, and tells the server (UNSUB
-    /// with a maximum, which counts the subscription's messages from its
-    /// start) to send [`leave_margin`] more and then stop. The client ends
-    /// the subscription when it has received as many: none is lost in
-    /// between, unless the client dropped some as a slow consumer (then the
-    /// end never comes, and the worker unsubscribes outright in time).
-    /// `None` if `hard_stop` came first.
-    async fn leave(&mut self, hard_stop: &CancellationToken) -> Option<Leaving> {
-        use futures::FutureExt;
-        // Unconstrained: tokio's budget would report the buffer empty early.
-        while let Some(Some(m)) = tokio::task::unconstrained(self.sub.next()).now_or_never() {
-            self.taken += 1;
-            self.held.push_back(m);
-        }
-        let margin = leave_margin(self.rate);
-        let max = self.taken + margin;
-        tokio::select! {
-            res = self.sub.unsubscribe_after(max) => {
-                if let Err(e) = res {
-                    tracing::warn!(error = %e, "cannot unsubscribe; what is buffered is still applied");
-                }
-            }
-            () = hard_stop.cancelled() => return None,
-        }
-        tracing::info!(
-            held = self.held.len(),
-            margin,
-            "leaving the queue group: the server sends this many more, then the other members take all"
-        );
-        let now = tokio::time::Instant::now();
-        Some(Leaving {
-            max,
-            began: now,
-            last_message: now,
-        })
-    }
-}
-
-/// Messages the server is told to send after the leaving began.
-fn leave_margin(rate: f64) -> u64 {
-    // `as` saturates, and a rate is never negative.
-    ((rate * LEAVE_MARGIN.as_secs_f64()) as u64).max(LEAVE_MARGIN_MIN)
-}
-
-impl futures::Stream for CoreSource {
-    type Item = async_nats::Message;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        if let Some(m) = self.held.pop_front() {
-            return std::task::Poll::Ready(Some(m));
-        }
-        let polled = self.sub.poll_next_unpin(cx);
-        if let std::task::Poll::Ready(Some(_)) = polled {
-            self.taken += 1;
-        }
-        polled
-    }
-}
-
-/// Unsubscribes `sub` but lets it deliver what had already reached this
-/// client. `false` if `hard_stop` came first: the unsubscribe waits for room
-/// in the client's command queue, which a lost connection can keep full.
-async fn unsubscribe_keeping_buffer(
-    sub: &mut async_nats::Subscriber,
-    hard_stop: &CancellationToken,
-) -> bool {
-    tokio::select! {
-        res = sub.drain() => {
-            if let Err(e) = res {
-                tracing::warn!(error = %e, "cannot unsubscribe; what is buffered is still applied");
-            }
-            tracing::info!("unsubscribed from the queue group; applying what had already arrived");
-            true
-        }
-        () = hard_stop.cancelled() => false,
-    }
-}
 
 /// JetStream mode: batches from the shared durable pull consumer.
 ///
