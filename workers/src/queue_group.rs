@@ -16,17 +16,19 @@
 //! The two counts part, and the worker unsubscribes outright, when the
 //! client dropped messages as a slow consumer (the server counted them; the
 //! last ones then never come, and the quiet spell ends the wait) or
-//! reconnected (the server counts from the new connection's `SUB`).
+//! reconnected before the server took the `UNSUB` (the server counts from
+//! the new connection's `SUB`; after it, async-nats sends a new connection
+//! what is left of the count, which keeps the two agreed).
 
 use std::{
     collections::VecDeque,
     pin::Pin,
-    sync::{atomic::Ordering, Arc},
+    sync::atomic::Ordering,
     task::{Context, Poll},
     time::Duration,
 };
 
-use async_nats::{Message, Statistics, Subscriber};
+use async_nats::{connection::State, Client, Message, Subscriber};
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -56,9 +58,9 @@ const RATE_WINDOWS: usize = 4;
 /// connection's arrival rate, and holds back what the client held when the
 /// leaving began.
 pub(crate) struct QueueMember {
+    nats: Client,
     sub: Subscriber,
-    stats: Arc<Statistics>,
-    /// The client's connections when subscribed.
+    /// The client's connections before it subscribed.
     connects: u64,
     /// Taken out of the client's buffer when the leaving began; handed out first.
     held: VecDeque<Message>,
@@ -67,8 +69,8 @@ pub(crate) struct QueueMember {
     /// The connection's messages received at an instant; rates of recent windows.
     mark: (Instant, u64),
     rates: [f64; RATE_WINDOWS],
-    /// When [`QueueMember::measure`] was last called.
-    last_take: Instant,
+    /// When the last batch was taken.
+    last_batch: Instant,
 }
 
 /// A leaving in progress.
@@ -76,18 +78,19 @@ pub(crate) struct Leaving {
     /// The count at which the server stops sending and the client ends the subscription.
     max: u64,
     began: Instant,
-    last_message: Instant,
+    /// When the loop last finished a batch and looked for more.
+    last_submit: Instant,
 }
 
 impl Leaving {
     /// When to unsubscribe outright if the last messages have not come.
     pub fn give_up_at(&self) -> Instant {
-        (self.began + LEAVE_WITHIN).min(self.last_message + LEAVE_QUIET)
+        (self.began + LEAVE_WITHIN).min(self.last_submit + LEAVE_QUIET)
     }
 
-    /// A message was taken (or the wait for one starts) now.
-    pub fn took(&mut self) {
-        self.last_message = Instant::now();
+    /// The loop finished a batch and looks for more now.
+    pub fn submitted(&mut self) {
+        self.last_submit = Instant::now();
     }
 
     /// Messages the server was still to send.
@@ -95,77 +98,110 @@ impl Leaving {
         self.max.saturating_sub(member.taken)
     }
 
-    /// Whether the subscription ended at the agreed count.
+    /// Whether the subscription ended at the agreed count on the connection
+    /// that agreed it. More than the count means the client held more than
+    /// the margin when it took the unsubscribe: some were on the wire past it.
     pub fn reached(&self, member: &QueueMember) -> bool {
-        member.taken >= self.max
+        if member.taken > self.max {
+            tracing::warn!(
+                taken = member.taken,
+                max = self.max,
+                "the client had more than the margin: messages on the wire may be lost"
+            );
+        }
+        member.taken == self.max && !member.reconnected()
+    }
+}
+
+/// Sleeps until `at` (forever without one): the wait for [`Leaving::give_up_at`].
+pub(crate) async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
 impl QueueMember {
-    /// `stats` are the subscribing client's.
-    pub fn new(sub: Subscriber, stats: Arc<Statistics>) -> Self {
+    /// Subscribes `nats` to `filter` in `group`.
+    ///
+    /// # Errors
+    /// The client's, when it cannot subscribe.
+    pub async fn join(
+        nats: &Client,
+        filter: String,
+        group: String,
+    ) -> Result<Self, async_nats::SubscribeError> {
+        // Before the SUB: a reconnect in between then counts as one.
+        let connects = nats.statistics().connects.load(Ordering::Relaxed);
+        let sub = nats.queue_subscribe(filter, group).await?;
         let now = Instant::now();
-        let connects = stats.connects.load(Ordering::Relaxed);
-        let received = stats.in_messages.load(Ordering::Relaxed);
-        Self {
+        let received = nats.statistics().in_messages.load(Ordering::Relaxed);
+        Ok(Self {
+            nats: nats.clone(),
             sub,
-            stats,
             connects,
             held: VecDeque::new(),
             taken: 0,
             mark: (now, received),
             rates: [0.0; RATE_WINDOWS],
-            last_take: now,
-        }
+            last_batch: now,
+        })
     }
 
-    /// The subscription, for unsubscribing outright.
-    pub fn subscriber(&mut self) -> &mut Subscriber {
-        &mut self.sub
-    }
-
-    /// Called after every batch taken: measures the arrival rate.
-    pub fn measure(&mut self) {
+    /// Called after every batch taken: notes when, and measures the arrival rate.
+    pub fn batch_taken(&mut self) {
         let now = Instant::now();
-        self.last_take = now;
+        self.last_batch = now;
         let elapsed = now.duration_since(self.mark.0);
         if elapsed >= RATE_WINDOW {
-            let received = self.stats.in_messages.load(Ordering::Relaxed);
+            let received = self.nats.statistics().in_messages.load(Ordering::Relaxed);
             self.rates.rotate_right(1);
             self.rates[0] = received.saturating_sub(self.mark.1) as f64 / elapsed.as_secs_f64();
             self.mark = (now, received);
         }
     }
 
+    /// Whether the client connected again since it subscribed. Subscribed
+    /// before its first connection (`retry_on_initial_connect`), the first
+    /// connection's count is the subscription's.
+    fn reconnected(&self) -> bool {
+        let connects = self.nats.statistics().connects.load(Ordering::Relaxed);
+        connects > self.connects.max(1)
+    }
+
     /// Begins leaving the group (module docs): takes what the client holds
     /// and tells the server how many more to send. `None` when it cannot
-    /// (after a reconnect: the server's count started again) and has
-    /// unsubscribed outright instead, or when `hard_stop` came first.
+    /// (not connected, or reconnected: the server's count started again)
+    /// and has unsubscribed outright instead, or when `hard_stop` came first.
     pub async fn leave(&mut self, hard_stop: &CancellationToken) -> Option<Leaving> {
         // Unconstrained: tokio's budget would report the buffer empty early.
         while let Some(Some(m)) = tokio::task::unconstrained(self.sub.next()).now_or_never() {
             self.taken += 1;
             self.held.push_back(m);
         }
-        let connects = self.stats.connects.load(Ordering::Relaxed);
-        // Subscribed before the first connection (`retry_on_initial_connect`):
-        // the first connection's count is the subscription's.
-        if connects > self.connects.max(1) {
-            tracing::info!(
-                "reconnected since subscribing, so the server counts differently; unsubscribing outright"
-            );
+        if self.nats.connection_state() != State::Connected || self.reconnected() {
+            tracing::info!("not on the connection it subscribed on, so the server counts differently; unsubscribing outright");
             self.unsubscribe_outright(hard_stop).await;
             return None;
         }
         let margin = self.margin();
         let max = self.taken + margin;
         tokio::select! {
-            res = self.sub.unsubscribe_after(max) => {
-                if let Err(e) = res {
-                    tracing::warn!(error = %e, "cannot unsubscribe; what is buffered is still applied");
-                }
-            }
+            res = self.sub.unsubscribe_after(max) => warn_unless_sent(res),
             () = hard_stop.cancelled() => return None,
+        }
+        // The server has taken the UNSUB once it answers the flush's PING;
+        // a reconnect before that may have sent the UNSUB on a connection
+        // that counts from its own SUB. After it, async-nats sends the new
+        // connection what is left of the count, which keeps them agreed.
+        tokio::select! {
+            _ = tokio::time::timeout(LEAVE_WITHIN, self.nats.flush()) => {}
+            () = hard_stop.cancelled() => return None,
+        }
+        if self.reconnected() {
+            tracing::info!("reconnected while leaving; unsubscribing outright");
+            self.unsubscribe_outright(hard_stop).await;
+            return None;
         }
         tracing::info!(
             held = self.held.len(),
@@ -176,7 +212,7 @@ impl QueueMember {
         Some(Leaving {
             max,
             began: now,
-            last_message: now,
+            last_submit: now,
         })
     }
 
@@ -184,7 +220,7 @@ impl QueueMember {
     fn margin(&self) -> u64 {
         let rate = self.rates.iter().copied().fold(0.0, f64::max);
         // Capped: after that long the leaving gives up anyway.
-        let cover = LEAVE_MARGIN + self.last_take.elapsed().min(LEAVE_WITHIN);
+        let cover = LEAVE_MARGIN + self.last_batch.elapsed().min(LEAVE_WITHIN);
         // `as` saturates, and a rate is never negative.
         ((rate * cover.as_secs_f64()) as u64).max(LEAVE_MARGIN_MIN)
     }
@@ -193,13 +229,22 @@ impl QueueMember {
     pub async fn unsubscribe_outright(&mut self, hard_stop: &CancellationToken) {
         tokio::select! {
             res = self.sub.drain() => {
-                if let Err(e) = res {
-                    tracing::warn!(error = %e, "cannot unsubscribe; what is buffered is still applied");
-                }
+                warn_unless_sent(res);
                 tracing::info!("unsubscribed from the queue group; applying what had already arrived");
             }
             () = hard_stop.cancelled() => {}
         }
+    }
+
+    /// Unsubscribes without waiting for what is buffered (the worker stops).
+    pub async fn unsubscribe(mut self) {
+        warn_unless_sent(self.sub.unsubscribe().await);
+    }
+}
+
+fn warn_unless_sent(res: Result<(), async_nats::UnsubscribeError>) {
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "cannot unsubscribe; what is buffered is still applied");
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{
     feed::Feed,
     pause::PauseWatch,
     query::{QueryReply, QueryRequest},
-    queue_group::{Leaving, QueueMember},
+    queue_group::{self, Leaving, QueueMember},
     store::{Clock, LatestRow, SystemClock, WindowRow},
     writer::Writer,
     Error,
@@ -175,17 +175,14 @@ async fn consume_core(
     shutdown: &CancellationToken,
     hard_stop: &CancellationToken,
 ) {
-    let sub = match nats
-        .queue_subscribe(config.filter(), config.queue_group.clone())
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot subscribe");
-            return;
-        }
-    };
-    let mut member = QueueMember::new(sub, nats.statistics());
+    let mut member =
+        match QueueMember::join(nats, config.filter(), config.queue_group.clone()).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot subscribe");
+                return;
+            }
+        };
     health.set("consumer", true);
     let wait = Duration::from_millis(config.batch_max_wait_ms);
     let mut sized = BatchSize::up_to(config.batch_max_messages);
@@ -221,7 +218,7 @@ async fn consume_core(
                     break;
                 }
             },
-            () = sleep_until(give_up_at), if give_up_at.is_some() => {
+            () = queue_group::until(give_up_at), if give_up_at.is_some() => {
                 if let Some(l) = leaving.take() {
                     tracing::info!(
                         left_to_send = l.left(&member),
@@ -248,7 +245,7 @@ async fn consume_core(
             }
         }
         sized.was(batch.len());
-        member.measure();
+        member.batch_taken();
         if let Some(n) = drained.as_mut() {
             *n += batch.len();
         }
@@ -257,11 +254,15 @@ async fn consume_core(
         }
         // The quiet spell is counted from when the loop looks for more.
         if let Some(l) = leaving.as_mut() {
-            l.took();
+            l.submitted();
         }
     }
+    // Dropped before the last batch finishes: a reconnect meanwhile would
+    // have the server route more here, which nothing would apply.
     if drained.is_none() {
-        let _ = member.subscriber().unsubscribe().await;
+        member.unsubscribe().await;
+    } else {
+        drop(member);
     }
     let finished = pipeline.finish().await.is_some();
     match drained {
@@ -278,14 +279,6 @@ async fn consume_core(
             "drain cut short (worker.shutdown_timeout_secs): what had arrived and was not applied is lost"
         ),
         None => {}
-    }
-}
-
-/// Sleeps until `at` (forever without one).
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
