@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{
     assert_same, expected_windows, fleet_readings, now_ns, publish_core, query_windows, total,
-    wait_applied, wait_total, Worker,
+    wait_applied, wait_total, Windows, Worker,
 };
 use windrow_harness::{http_get, wait_until, NatsOptions, NatsServer};
 
@@ -51,7 +51,6 @@ async fn core_handover(still: Duration) {
         tokio::spawn(async move { publish_core(&url, &readings, RATE).await })
     };
     tokio::time::sleep(SIGTERM_AFTER).await;
-    let mut leaving = leaving;
     if still.is_zero() {
         leaving.process.sigterm().await;
     } else {
@@ -60,20 +59,16 @@ async fn core_handover(still: Duration) {
         leaving.process.sigterm().await;
         leaving.process.thaw();
     }
-    let status = leaving.process.wait_exit(Duration::from_secs(30)).await;
-    let log = leaving.process.log();
-    assert_eq!(status.code(), Some(0), "{log}");
     // Traffic went on for about 2.5 s after the SIGTERM: the server's last
     // messages came, rather than a quiet spell ending the leaving.
-    assert!(
-        log.contains("left the queue group: applied all the server sent here"),
-        "{log}"
-    );
-    let leaving = leaving.restart().await;
-    publisher.await.unwrap();
-    let range = (base - 120_000_000_000, now_ns());
-    let all = wait_total(&nats, range, 2, n).await;
-    let got = query_windows(&nats, 60, range.0, range.1, 2).await;
+    let (leaving, got, all) = left_and_applied(
+        &nats,
+        leaving,
+        "left the queue group: applied all the server sent here",
+        publisher,
+        (base, n),
+    )
+    .await;
     eprintln!(
         "core handover after standing still {still:?}: {} of {n} applied (all: {all})",
         total(&got)
@@ -126,20 +121,15 @@ async fn a_core_worker_that_reconnected_unsubscribes_outright_when_leaving() {
         tokio::spawn(async move { publish_core(&url, &after, RATE).await })
     };
     tokio::time::sleep(SIGTERM_AFTER).await;
-    let mut leaving = leaving;
     leaving.process.sigterm().await;
-    let status = leaving.process.wait_exit(Duration::from_secs(30)).await;
-    let log = leaving.process.log();
-    assert_eq!(status.code(), Some(0), "{log}");
-    assert!(
-        log.contains("not on the connection it subscribed on"),
-        "{log}"
-    );
-    let leaving = leaving.restart().await;
-    publisher.await.unwrap();
-    let range = (base - 120_000_000_000, now_ns());
-    let all = wait_total(&nats, range, 2, n).await;
-    let got = query_windows(&nats, 60, range.0, range.1, 2).await;
+    let (leaving, got, all) = left_and_applied(
+        &nats,
+        leaving,
+        "not on the connection it subscribed on",
+        publisher,
+        (base, n),
+    )
+    .await;
     let lost = n.saturating_sub(total(&got));
     eprintln!(
         "core leaving after a reconnect: {} of {n} applied, {lost} lost (all: {all})",
@@ -151,4 +141,27 @@ async fn a_core_worker_that_reconnected_unsubscribes_outright_when_leaving() {
     // leaving worker's half of the traffic on a busy machine.
     assert!(lost <= 1_250, "{lost} lost when leaving");
     drop((leaving, staying));
+}
+
+/// Waits for the leaving worker to exit 0 with `logged` in its log, restarts
+/// it, waits for the publisher, and returns it with the merged one-minute
+/// windows of the `n` readings from `base` on, once they hold all `n` (the
+/// `bool`) or after waiting 120 s.
+async fn left_and_applied(
+    nats: &NatsServer,
+    mut leaving: Worker,
+    logged: &str,
+    publisher: tokio::task::JoinHandle<()>,
+    (base, n): (i64, u64),
+) -> (Worker, Windows, bool) {
+    let status = leaving.process.wait_exit(Duration::from_secs(30)).await;
+    let log = leaving.process.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains(logged), "{log}");
+    let leaving = leaving.restart().await;
+    publisher.await.unwrap();
+    let range = (base - 120_000_000_000, now_ns());
+    let all = wait_total(nats, range, 2, n).await;
+    let got = query_windows(nats, 60, range.0, range.1, 2).await;
+    (leaving, got, all)
 }
