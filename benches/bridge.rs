@@ -54,8 +54,7 @@ use support::{
 };
 use windrow_harness::{
     clients::{create_stream, stream_len},
-    free_port, http_get, Mosquitto, MosquittoOptions, NatsOptions, NatsServer, OtlpCollector,
-    RoleProcess,
+    free_port, http_get, Mosquitto, MosquittoOptions, NatsServer, OtlpCollector, RoleProcess,
 };
 
 /// Distinct topics of the workload.
@@ -515,16 +514,6 @@ enum Sink {
     /// A core async-nats subscriber in this process, on the same 2 cores:
     /// end to end, at the cost of one more busy process.
     Subscriber,
-}
-
-/// A nats-server with its monitoring port on loopback, so that a [`Sink::Server`]
-/// can read its counters.
-async fn monitored_nats() -> NatsServer {
-    NatsServer::start_with(NatsOptions {
-        monitoring: true,
-        ..NatsOptions::default()
-    })
-    .await
 }
 
 /// How often a [`Sink::Server`] reads the server's counter: 5 ms, against
@@ -1035,7 +1024,7 @@ impl Bench {
     }
 
     async fn bridge_qos0(&self, scenario: Scenario, opts: MosquittoOptions) -> Outcome {
-        let nats = monitored_nats().await;
+        let nats = NatsServer::start_monitored().await;
         let mqtt = Mosquitto::start_with(opts).await;
         let connections = QOS0_CONNECTIONS.to_string();
         let collector = scenario.sampling().map(|_| OtlpCollector::start());
@@ -1135,7 +1124,7 @@ impl Bench {
     }
 
     async fn bridge_qos1(&self) -> Outcome {
-        let nats = monitored_nats().await;
+        let nats = NatsServer::start_monitored().await;
         let mqtt = Mosquitto::start_with(qos1_options()).await;
         let url = nats.url();
         create_stream(

@@ -10,7 +10,7 @@ use common::{
     assert_same, expected_windows, fleet_readings, now_ns, publish_core, query_windows, total,
     wait_applied, wait_total, Windows, Worker,
 };
-use windrow_harness::{http_get, wait_until, NatsOptions, NatsServer};
+use windrow_harness::{wait_for_body, NatsServer};
 
 /// Two core workers share 100,000 readings at 25,000 msg/s; 1.5 s in, one
 /// of them gets SIGTERM.
@@ -86,11 +86,7 @@ async fn core_handover(still: Duration) {
 /// run with the check removed, which the log line below also catches).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_core_worker_that_reconnected_unsubscribes_outright_when_leaving() {
-    let mut nats = NatsServer::start_with(NatsOptions {
-        monitoring: true,
-        ..NatsOptions::default()
-    })
-    .await;
+    let mut nats = NatsServer::start_monitored().await;
     let monitor = nats.monitoring_port();
     let dir = tempfile::tempdir().unwrap();
     let leaving = Worker::start(&nats, "leaving", &dir.path().join("leaving"), &[]).await;
@@ -107,11 +103,13 @@ async fn a_core_worker_that_reconnected_unsubscribes_outright_when_leaving() {
     nats.restart().await;
     // The client subscribes again on its new connection (Go's JSON writes
     // `>` as `\u003e`).
-    let resubscribed = wait_until(Duration::from_secs(30), || async move {
-        http_get(monitor, "/connz?subs=1")
-            .await
-            .is_ok_and(|(_, body)| body.contains("\"windrow.telemetry.\\u003e\""))
-    })
+    let subscription = "\"windrow.telemetry.\\u003e\"";
+    let resubscribed = wait_for_body(
+        monitor,
+        "/connz?subs=1",
+        subscription,
+        Duration::from_secs(30),
+    )
     .await;
     assert!(resubscribed, "{}", leaving.process.log());
     let staying = Worker::start(&nats, "staying", &dir.path().join("staying"), &[]).await;

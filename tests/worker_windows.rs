@@ -10,7 +10,7 @@ use common::{
     assert_same, expected_windows, fleet_readings, hold_write_lock, publish_core,
     publish_jetstream, query_windows, total, wait_applied, wait_total, Worker,
 };
-use windrow_harness::{clients, http_get, wait_until, NatsOptions, NatsServer, RoleProcess};
+use windrow_harness::{clients, http_get, wait_for_body, wait_until, NatsServer, RoleProcess};
 
 use common::{
     ack_wait_config, base_in_today, nats_with_telemetry_stream, now_ns, wait_workers_settled,
@@ -229,11 +229,7 @@ async fn jetstream_worker_stopped_with_sigterm_mid_stream_is_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn core_worker_stopped_with_sigterm_applies_what_had_reached_it() {
     const NS_PER_SEC: i64 = 1_000_000_000;
-    let nats = NatsServer::start_with(NatsOptions {
-        monitoring: true,
-        ..NatsOptions::default()
-    })
-    .await;
+    let nats = NatsServer::start_monitored().await;
     let monitor = nats.monitoring_port();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("node-0");
@@ -274,12 +270,12 @@ async fn core_worker_stopped_with_sigterm_applies_what_had_reached_it() {
     worker.process.sigterm().await;
     // Released once the worker drains: it then unsubscribes at its first
     // turn, before it takes any buffered message.
-    let port = worker.http_port;
-    let draining = wait_until(Duration::from_secs(30), || async move {
-        http_get(port, "/readyz")
-            .await
-            .is_ok_and(|(_, body)| body.contains("draining"))
-    })
+    let draining = wait_for_body(
+        worker.http_port,
+        "/readyz",
+        "draining",
+        Duration::from_secs(30),
+    )
     .await;
     assert!(draining, "{}", worker.process.log());
     release.send(()).unwrap();

@@ -47,7 +47,7 @@ use std::{
 pub use cpu::{allowed_cpus, pin_process, pin_this_thread};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use nats::{NatsOptions, NatsServer};
-pub use net::{free_port, http_get, wait_until};
+pub use net::{free_port, http_get, wait_for_body, wait_until};
 pub use otlp::{OtlpCollector, OtlpRequest};
 pub use process::RoleProcess;
 pub use tls::ServerTls;

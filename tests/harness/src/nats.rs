@@ -83,6 +83,19 @@ impl NatsServer {
         Self::start_with(NatsOptions::default()).await
     }
 
+    /// [`start`](Self::start) with its monitoring endpoints served
+    /// ([`NatsOptions::monitoring`]).
+    ///
+    /// # Panics
+    /// As [`start_with`](Self::start_with).
+    pub async fn start_monitored() -> NatsServer {
+        Self::start_with(NatsOptions {
+            monitoring: true,
+            ..NatsOptions::default()
+        })
+        .await
+    }
+
     /// Starts a server with `opts` and waits until it is ready.
     ///
     /// The server picks its own port (`-p -1` semantics, reported through
@@ -421,11 +434,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn monitoring_is_served_on_a_port_the_server_picks_and_keeps() {
-        let mut server = NatsServer::start_with(NatsOptions {
-            monitoring: true,
-            ..NatsOptions::default()
-        })
-        .await;
+        let mut server = NatsServer::start_monitored().await;
         let port = server.monitoring_port();
         assert_ne!(port, server.port());
         for _ in 0..2 {

@@ -64,6 +64,17 @@ where
     }
 }
 
+/// Polls `GET path` on `127.0.0.1:port` until its body contains `needle`
+/// or `timeout` passes; returns whether it did.
+pub async fn wait_for_body(port: u16, path: &str, needle: &str, timeout: Duration) -> bool {
+    wait_until(timeout, || async move {
+        http_get(port, path)
+            .await
+            .is_ok_and(|(_, body)| body.contains(needle))
+    })
+    .await
+}
+
 /// GETs `path` on `127.0.0.1:port` with a raw HTTP/1.1 request; returns (status, body).
 ///
 /// Sends `Connection: close` and reads to EOF; a chunked body is decoded.
