@@ -1,17 +1,21 @@
-//! The query plane: request and reply messages, and merging partial windows.
+//! The query plane: request and reply messages, a worker's answers, and merging partial windows.
 //!
 //! Every worker answers on the query subject with its *partial* windows (what it
 //! applied itself); the asker merges the partials of all replicas. Replies are
 //! split into chunks so that a large answer fits NATS' `max_payload`; the last
 //! chunk of a node says `done`, so the asker knows how many nodes answered fully.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     store::{LatestRow, WindowRow},
     window::Aggregate,
+    writer::Writer,
+    Config,
 };
 
 /// Rows per reply chunk: about 150 bytes of JSON each, well under 1 MiB.
@@ -263,6 +267,91 @@ impl Gathered {
         out.windows = merge_windows(windows);
         out.latest = merge_latest(latest);
         out
+    }
+}
+
+/// Answers every query on the query subject with this node's partial windows.
+pub(crate) async fn answer(
+    nats: async_nats::Client,
+    writer: Writer,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) {
+    let mut sub = match nats.subscribe(config.query_subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to the query subject");
+            return;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let answer = match serde_json::from_slice::<QueryRequest>(&msg.payload) {
+            Err(e) => Err(format!("bad query: {e}")),
+            Ok(q) => match writer.query(q).await {
+                Ok(Ok(rows)) => Ok(rows),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        // Chunking and encoding a large answer take a while: on a blocking
+        // thread, not on the runtime's, which (with the default
+        // `worker.threads = 1`) also reads the NATS socket and runs the batches.
+        let config = config.clone();
+        let bodies = match tokio::task::spawn_blocking(move || reply_bodies(&config, answer)).await
+        {
+            Ok(bodies) => bodies,
+            Err(e) => {
+                tracing::error!(error = %e, "encoding a query reply failed");
+                continue;
+            }
+        };
+        for body in bodies {
+            if let Err(e) = nats.publish(reply.clone(), body).await {
+                tracing::warn!(error = %e, "cannot send query reply");
+            }
+        }
+    }
+}
+
+/// This node's answer (or why it has none) as encoded reply chunks.
+fn reply_bodies(
+    config: &Config,
+    answer: Result<(Vec<WindowRow>, Vec<LatestRow>), String>,
+) -> Vec<bytes::Bytes> {
+    let replies = match answer {
+        Ok((windows, latest)) => {
+            QueryReply::chunks(&config.node_id, &config.supersedes, windows, latest)
+        }
+        Err(e) => vec![error_reply(&config.node_id, e)],
+    };
+    replies
+        .iter()
+        .filter_map(|r| match serde_json::to_vec(r) {
+            Ok(body) => Some(body.into()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode query reply");
+                None
+            }
+        })
+        .collect()
+}
+
+fn error_reply(node: &str, error: String) -> QueryReply {
+    QueryReply {
+        node: node.to_owned(),
+        chunk: 0,
+        done: true,
+        windows: Vec::new(),
+        latest: Vec::new(),
+        supersedes: Vec::new(),
+        error: Some(error),
     }
 }
 

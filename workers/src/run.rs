@@ -20,9 +20,9 @@ use crate::{
     events::Metrics,
     feed::Feed,
     pause::PauseWatch,
-    query::{QueryReply, QueryRequest},
+    query,
     queue_group::{self, Leaving, QueueMember},
-    store::{Clock, LatestRow, SystemClock, WindowRow},
+    store::{Clock, SystemClock},
     writer::Writer,
     Error,
 };
@@ -100,7 +100,7 @@ pub async fn run_with_clock(
         health: health.clone(),
         double_ack: true,
     });
-    let queries = tokio::spawn(answer_queries(
+    let queries = tokio::spawn(query::answer(
         nats.clone(),
         writer.clone(),
         config.clone(),
@@ -578,91 +578,6 @@ async fn poll_lag(
             () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
         }
-    }
-}
-
-/// Answers every query on the query subject with this node's partial windows.
-async fn answer_queries(
-    nats: async_nats::Client,
-    writer: Writer,
-    config: Arc<Config>,
-    shutdown: CancellationToken,
-) {
-    let mut sub = match nats.subscribe(config.query_subject.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot subscribe to the query subject");
-            return;
-        }
-    };
-    loop {
-        let msg = tokio::select! {
-            () = shutdown.cancelled() => break,
-            m = sub.next() => match m { Some(m) => m, None => break },
-        };
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        let answer = match serde_json::from_slice::<QueryRequest>(&msg.payload) {
-            Err(e) => Err(format!("bad query: {e}")),
-            Ok(q) => match writer.query(q).await {
-                Ok(Ok(rows)) => Ok(rows),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-        };
-        // Chunking and encoding a large answer take a while: on a blocking
-        // thread, not on the runtime's, which (with the default
-        // `worker.threads = 1`) also reads the NATS socket and runs the batches.
-        let config = config.clone();
-        let bodies = match tokio::task::spawn_blocking(move || reply_bodies(&config, answer)).await
-        {
-            Ok(bodies) => bodies,
-            Err(e) => {
-                tracing::error!(error = %e, "encoding a query reply failed");
-                continue;
-            }
-        };
-        for body in bodies {
-            if let Err(e) = nats.publish(reply.clone(), body).await {
-                tracing::warn!(error = %e, "cannot send query reply");
-            }
-        }
-    }
-}
-
-/// This node's answer (or why it has none) as encoded reply chunks.
-fn reply_bodies(
-    config: &Config,
-    answer: Result<(Vec<WindowRow>, Vec<LatestRow>), String>,
-) -> Vec<bytes::Bytes> {
-    let replies = match answer {
-        Ok((windows, latest)) => {
-            QueryReply::chunks(&config.node_id, &config.supersedes, windows, latest)
-        }
-        Err(e) => vec![error_reply(&config.node_id, e)],
-    };
-    replies
-        .iter()
-        .filter_map(|r| match serde_json::to_vec(r) {
-            Ok(body) => Some(body.into()),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode query reply");
-                None
-            }
-        })
-        .collect()
-}
-
-fn error_reply(node: &str, error: String) -> QueryReply {
-    QueryReply {
-        node: node.to_owned(),
-        chunk: 0,
-        done: true,
-        windows: Vec::new(),
-        latest: Vec::new(),
-        supersedes: Vec::new(),
-        error: Some(error),
     }
 }
 
