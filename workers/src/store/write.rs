@@ -8,7 +8,9 @@ use std::{
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use super::{
-    batch::{apply_day, compaction_step, load_frozen, start_compaction, Compaction, Planned},
+    batch::{
+        apply_day, compaction_step, load_frozen, start_compaction, Compaction, Planned, Spare,
+    },
     codec::{check_names, check_stream},
     config::MAP_GRANULE,
     day::{open_for_write, Birth, Day, DayEnv},
@@ -33,6 +35,8 @@ pub struct Store {
     written: usize,
     /// What was written while a compaction's frozen windows loaded.
     backlog: Backlog,
+    /// The last finished compaction's buffers, for the next load.
+    spare: Spare,
     /// Tests: every load takes exactly this many steps (and then waits for
     /// its thread), so what is written meanwhile does not depend on how
     /// fast the machine loads.
@@ -132,6 +136,7 @@ impl Store {
             compactions: HashMap::new(),
             written: 0,
             backlog: Backlog::default(),
+            spare: Spare::default(),
             #[cfg(test)]
             load_steps: None,
             published: Arc::default(),
@@ -331,9 +336,12 @@ impl Store {
             // Reading and sorting a million windows takes a few tenths of a
             // second: on a thread of its own, batches go on meanwhile.
             let loading = day.clone();
+            let spare = std::mem::take(&mut self.spare);
             let handle = std::thread::Builder::new()
                 .name("lmdb-compaction".into())
-                .spawn(move || loading.read(|rtxn| load_frozen(&loading, rtxn, frozen, &floor)))
+                .spawn(move || {
+                    loading.read(|rtxn| load_frozen(&loading, rtxn, frozen, &floor, spare))
+                })
                 .map_err(|source| StoreError::Io {
                     path: "lmdb-compaction thread".into(),
                     source,
@@ -364,7 +372,9 @@ impl Store {
         };
         let windows = retry_map_full(&self.config, day, |day| compaction_step(day, &mut c, slice))?;
         let done = c.remaining() == 0;
-        if !done {
+        if done {
+            self.spare = c.into_spare();
+        } else {
             self.compactions.insert(day.name.clone(), Task::Merging(c));
         }
         Ok(Some(CompactionStep {
