@@ -10,9 +10,9 @@ use roaring::RoaringBitmap;
 use super::{
     codec::{
         applied_key, applied_low, is_newer, latest_value, parse_latest_value, put_latest_key,
-        put_recent_key, put_window_key_of_names, recent_head, recent_parts, RECENT_HEAD,
+        put_recent_key, recent_head, RECENT_HEAD,
     },
-    day::{DayEnv, COMPACTED_BELOW, RECENT_ACTIVE},
+    day::DayEnv,
     error::{corrupt, io, lmdb, StoreError},
     rollup, Message, Verdict,
 };
@@ -104,15 +104,15 @@ struct Chunk {
 
 /// Where a key lies in the [`KeyArena`].
 #[derive(Clone, Copy)]
-struct KeyRef {
-    start: usize,
-    end: usize,
+pub(super) struct KeyRef {
+    pub(super) start: usize,
+    pub(super) end: usize,
 }
 
-struct KeyArena(Vec<u8>);
+pub(super) struct KeyArena(pub(super) Vec<u8>);
 
 impl KeyArena {
-    fn push(&mut self, key: impl FnOnce(&mut Vec<u8>)) -> KeyRef {
+    pub(super) fn push(&mut self, key: impl FnOnce(&mut Vec<u8>)) -> KeyRef {
         let start = self.0.len();
         key(&mut self.0);
         KeyRef {
@@ -121,7 +121,7 @@ impl KeyArena {
         }
     }
 
-    fn get(&self, k: KeyRef) -> &[u8] {
+    pub(super) fn get(&self, k: KeyRef) -> &[u8] {
         &self.0[k.start..k.end]
     }
 
@@ -142,7 +142,7 @@ impl KeyArena {
 /// time. The keys of a batch are 20–40 bytes with long common prefixes (the
 /// same resolution and start, series names alike up to their last digits),
 /// and a `memcmp` call per comparison was a fifth of the writer's time.
-fn byte_order(a: &[u8], b: &[u8]) -> Ordering {
+pub(super) fn byte_order(a: &[u8], b: &[u8]) -> Ordering {
     let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
     for (x, y) in a8.by_ref().zip(b8.by_ref()) {
         let (x, y) = (
@@ -161,6 +161,19 @@ fn byte_order(a: &[u8], b: &[u8]) -> Ordering {
     prefix8(&a[done..])
         .cmp(&prefix8(&b[done..]))
         .then(a.len().cmp(&b.len()))
+}
+
+/// The first eight bytes of `key`, zero-padded, as an integer: comparing two
+/// of them orders the keys as their bytes do, or ties (see
+/// [`KeyArena::prefix`]).
+/// (Copied byte by byte: a copy of a variable length is a `memcpy` call,
+/// and [`byte_order`] runs this in every comparison that ties.)
+pub(super) fn prefix8(key: &[u8]) -> u64 {
+    let mut p = [0u8; 8];
+    for (to, from) in p.iter_mut().zip(key) {
+        *to = *from;
+    }
+    u64::from_be_bytes(p)
 }
 
 /// The bytes of typical names (series and field), to size a batch's arenas.
@@ -368,7 +381,7 @@ impl Pending {
 
 /// Merges window deltas, in ascending key order, into `db` (`windows` or
 /// `recent`).
-fn merge_windows<'k>(
+pub(super) fn merge_windows<'k>(
     day: &DayEnv,
     db: Database<Bytes, Bytes>,
     txn: &mut RwTxn<'_>,
@@ -381,270 +394,6 @@ fn merge_windows<'k>(
         merged.merge(delta);
         Ok(Some(merged.encode(day.short_values)))
     })
-}
-
-/// A compaction in progress: the frozen `recent` database's windows, sorted
-/// by window key, and how many of them are merged into `windows` already.
-///
-/// Sorted by series first, a series' new windows land next to each other in
-/// `windows`, so the pages rewritten are about one per series and resolution
-/// per compaction instead of one per series and resolution per batch. The
-/// merge runs in slices, one transaction each, between batches, so the
-/// writer never pauses for a whole compaction.
-pub(super) struct Compaction {
-    keys: KeyArena,
-    windows: Vec<(KeyRef, Aggregate)>,
-    next: usize,
-    frozen: usize,
-    /// The load's reading and sort order, emptied, kept for the next load
-    /// ([`Spare`]).
-    read: Vec<Frozen<'static>>,
-    order: Vec<(u64, usize)>,
-}
-
-impl Compaction {
-    /// Windows still to merge.
-    pub fn remaining(&self) -> usize {
-        self.windows.len() - self.next
-    }
-
-    /// Its buffers, emptied, for the next compaction's load.
-    pub fn into_spare(self) -> Spare {
-        let Compaction {
-            mut keys,
-            mut windows,
-            read,
-            order,
-            ..
-        } = self;
-        keys.0.clear();
-        windows.clear();
-        Spare {
-            keys: keys.0,
-            windows,
-            read,
-            order,
-        }
-    }
-}
-
-/// A finished compaction's buffers, which the next load fills again.
-///
-/// A compaction of the default million windows fills a few hundred MB of
-/// them. Allocated anew for every compaction, their pages were faulted in
-/// and zeroed by the kernel again each time: kept, the compaction thread's
-/// page faults over 2,000,000 benchmark messages fell from 185,000 to
-/// 100,000 (two compactions in each of two workers).
-#[derive(Default)]
-pub(super) struct Spare {
-    keys: Vec<u8>,
-    windows: Vec<(KeyRef, Aggregate)>,
-    read: Vec<Frozen<'static>>,
-    order: Vec<(u64, usize)>,
-}
-
-/// An emptied vector's allocation, for values that borrow for another
-/// lifetime: the standard library collects in place when the layouts
-/// match, as they do here, so nothing is allocated.
-fn recycle<'a, 'b>(mut v: Vec<Frozen<'a>>) -> Vec<Frozen<'b>> {
-    v.clear();
-    v.into_iter().map(|_| unreachable!("emptied")).collect()
-}
-
-/// Reads the windows of `recent` database `frozen`, and the coarse windows
-/// the day rolls up from them ([`rollup`]), with window keys from `floor`
-/// on, sorted and folded by window key: the compaction to run.
-///
-/// `recent` holds its windows time first (resolution, start, names), as one
-/// run of ascending names per resolution and start; `windows` wants them
-/// names first. Since one name's windows are in the same order either way,
-/// a stable sort of the windows by their names alone makes the window-key
-/// order, and it merges the runs it finds rather than comparing every key
-/// about log2(n) times. What it moves is an index and the names' first
-/// eight bytes (which decide most comparisons without reading the names),
-/// not the windows. One name's windows, together then, are rolled up and
-/// folded by themselves: a fine window and its coarse windows are never
-/// sorted as a whole (sorting every window with a copy per rollup, and
-/// moving the aggregates, was a sixth of a core-mode worker's time).
-pub(super) fn load_frozen(
-    day: &DayEnv,
-    txn: &RoTxn<'_>,
-    frozen: usize,
-    floor: &[u8],
-    spare: Spare,
-) -> Result<Compaction, StoreError> {
-    let err = lmdb(&day.name);
-    let db = day.recent_dbs()?[frozen];
-    let n = usize::try_from(db.len(txn).map_err(&err)?).unwrap_or(0);
-    let Spare {
-        keys,
-        mut windows,
-        read,
-        mut order,
-    } = spare;
-    // Borrowed from the map, which the read transaction keeps in place.
-    let mut read: Vec<Frozen<'_>> = recycle(read);
-    read.reserve(n);
-    for entry in db.iter(txn).map_err(&err)? {
-        let (k, v) = entry.map_err(&err)?;
-        let parts = recent_parts(k).ok_or_else(|| corrupt(&day.name, "recent window"))?;
-        let (res, start_ns, names) = parts;
-        read.push(Frozen {
-            names,
-            res,
-            start_ns,
-            agg: v,
-        });
-    }
-    order.extend(read.iter().enumerate().map(|(i, f)| (prefix8(f.names), i)));
-    order.sort_by(|a, b| {
-        a.0.cmp(&b.0)
-            .then_with(|| byte_order(read[a.1].names, read[b.1].names))
-    });
-    // About 110 bytes a window (its key and aggregate), which is what
-    // `recent_max_windows` documents, and as much again for the windows
-    // rolled up from them.
-    let rolled = n.saturating_mul(day.rollups.len());
-    let mut keys = KeyArena(keys);
-    keys.0.reserve(n.saturating_add(rolled).saturating_mul(32));
-    windows.reserve(n.saturating_add(rolled));
-    // One name's windows and their coarse windows: (resolution, start, aggregate).
-    let mut group: Vec<(u32, i64, Aggregate)> = Vec::new();
-    let mut at = 0;
-    while let Some(&(_, first)) = order.get(at) {
-        let names = read[first].names;
-        group.clear();
-        for &(_, i) in order[at..]
-            .iter()
-            .take_while(|(_, i)| read[*i].names == names)
-        {
-            let f = &read[i];
-            let agg =
-                Aggregate::from_bytes(f.agg).ok_or_else(|| corrupt(&day.name, "recent window"))?;
-            group.push((f.res, f.start_ns, agg));
-            for r in &day.rollups {
-                if let Some(start) = rollup::roll_up(*r, f.res, f.start_ns) {
-                    group.push((r.coarse, start, agg));
-                }
-            }
-            at += 1;
-        }
-        // Stable: a coarse window folds its fine windows in time order.
-        group.sort_by_key(|&(res, start, _)| (res, start));
-        let mut last = None;
-        // The window last met lies below the floor: merged before a
-        // restart interrupted the compaction, so left out.
-        let mut merged = false;
-        for &(res, start, agg) in &group {
-            if last == Some((res, start)) {
-                if let (false, Some((_, kept))) = (merged, windows.last_mut()) {
-                    kept.merge(&agg);
-                }
-                continue;
-            }
-            last = Some((res, start));
-            let key = keys.push(|k| put_window_key_of_names(k, names, res, start));
-            merged = keys.get(key) < floor;
-            if merged {
-                keys.0.truncate(key.start);
-            } else {
-                windows.push((key, agg));
-            }
-        }
-    }
-    order.clear();
-    Ok(Compaction {
-        keys,
-        windows,
-        next: 0,
-        frozen,
-        read: recycle(read),
-        order,
-    })
-}
-
-/// A window of a frozen `recent` database, as read ([`load_frozen`]).
-struct Frozen<'t> {
-    names: &'t [u8],
-    res: u32,
-    start_ns: i64,
-    /// Its aggregate, encoded.
-    agg: &'t [u8],
-}
-
-/// The first eight bytes of `key`, zero-padded, as an integer: comparing two
-/// of them orders the keys as their bytes do, or ties (see
-/// [`KeyArena::prefix`]).
-/// (Copied byte by byte: a copy of a variable length is a `memcpy` call,
-/// and [`byte_order`] runs this in every comparison that ties.)
-fn prefix8(key: &[u8]) -> u64 {
-    let mut p = [0u8; 8];
-    for (to, from) in p.iter_mut().zip(key) {
-        *to = *from;
-    }
-    u64::from_be_bytes(p)
-}
-
-/// Starts a compaction: in one transaction, freezes the active `recent`
-/// database and makes the other (empty) one active. Returns the frozen one,
-/// or `None` if the active one is empty. Its windows are read afterwards
-/// ([`load_frozen`]): nothing writes to it any more.
-pub(super) fn start_compaction(day: &DayEnv) -> Result<Option<usize>, StoreError> {
-    let err = lmdb(&day.name);
-    let mut w = day.write_txn()?;
-    let state = day.recent_state(&w.txn)?;
-    if state.merged_below.is_some() {
-        return Err(corrupt(&day.name, "a compaction is already in progress"));
-    }
-    if day.recent_dbs()?[state.active]
-        .is_empty(&w.txn)
-        .map_err(&err)?
-    {
-        return Ok(None);
-    }
-    let active: &[u8] = if state.active == 0 { b"1" } else { b"0" };
-    day.meta
-        .put(&mut w.txn, RECENT_ACTIVE, active)
-        .map_err(&err)?;
-    day.meta
-        .put(&mut w.txn, COMPACTED_BELOW, b"")
-        .map_err(&err)?;
-    w.commit(&day.name)?;
-    Ok(Some(state.active))
-}
-
-/// Merges up to `slice` more windows of `c` into `windows`, in one
-/// transaction that also records how far the merge got (or, with the last
-/// slice, empties the frozen database and ends the compaction). Returns the
-/// windows merged. On an error nothing of the slice is committed and the
-/// next call redoes it.
-pub(super) fn compaction_step(
-    day: &DayEnv,
-    c: &mut Compaction,
-    slice: usize,
-) -> Result<usize, StoreError> {
-    let err = lmdb(&day.name);
-    let end = c.next.saturating_add(slice.max(1)).min(c.windows.len());
-    let mut w = day.write_txn()?;
-    let part = c.windows[c.next..end]
-        .iter()
-        .map(|(key, agg)| (c.keys.get(*key), agg));
-    merge_windows(day, day.windows, &mut w.txn, part)?;
-    match c.windows.get(end) {
-        Some((key, _)) => day
-            .meta
-            .put(&mut w.txn, COMPACTED_BELOW, c.keys.get(*key))
-            .map_err(&err)?,
-        None => {
-            let frozen = day.recent_dbs()?[c.frozen];
-            frozen.clear(&mut w.txn).map_err(&err)?;
-            day.meta.delete(&mut w.txn, COMPACTED_BELOW).map_err(&err)?;
-        }
-    }
-    w.commit(&day.name)?;
-    let merged = end - c.next;
-    c.next = end;
-    Ok(merged)
 }
 
 /// How far a cursor walks forward to the next key of a batch before it is
@@ -770,27 +519,7 @@ fn upsert_sorted<'k, E: Copy, V: AsRef<[u8]>>(
 mod tests {
     use proptest::prelude::*;
 
-    use super::{byte_order, recycle, Frozen, KeyArena};
-
-    /// A spare's reading buffer is the same allocation the next load fills
-    /// (the page faults it saves depend on it).
-    #[test]
-    fn a_recycled_reading_buffer_keeps_its_allocation() {
-        let names = vec![b'a'; 8];
-        let mut borrowed: Vec<Frozen<'_>> = Vec::with_capacity(1000);
-        borrowed.push(Frozen {
-            names: &names,
-            res: 1,
-            start_ns: 0,
-            agg: &names,
-        });
-        let at = borrowed.as_ptr() as usize;
-        let spare: Vec<Frozen<'static>> = recycle(borrowed);
-        assert_eq!(
-            (spare.as_ptr() as usize, spare.capacity(), spare.len()),
-            (at, 1000, 0)
-        );
-    }
+    use super::{byte_order, KeyArena};
 
     proptest! {
         #[test]

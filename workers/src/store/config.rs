@@ -33,8 +33,9 @@ pub struct StoreConfig {
     /// series, but longer compactions (the writer pauses for them) and about
     /// 110 bytes of memory per window while one runs, and as much again per
     /// coarser resolution rolled up from it (220 with the default
-    /// resolutions, whose `recent` holds only the seconds), most of it kept
-    /// allocated between compactions for the next one. Default 1,000,000.
+    /// resolutions, whose `recent` holds only the seconds), plus about 64
+    /// for loading them; what the largest compaction so far needed stays
+    /// allocated for the next one. Default 1,000,000.
     pub recent_max_windows: u64,
     /// Windows a compaction merges per transaction, one such slice after
     /// each batch (or, if more, 2 × (1 + rollups) times the sum of what

@@ -14,7 +14,7 @@
 //!   active, and merges the frozen one into `windows` in slices of
 //!   `compaction_slice_windows`, one transaction each, between batches
 //!   or when no batch comes
-//!   (compaction); `meta` `recent_active` and `compacted_below` record where
+//!   (compaction, module `compaction`); `meta` `recent_active` and `compacted_below` record where
 //!   it stands, so readers skip what is merged and a restart resumes. A
 //!   window may have parts in all three; every read merges them. Batches
 //!   write only the finest resolution of those the day rolls up
@@ -43,6 +43,7 @@
 
 mod batch;
 mod codec;
+mod compaction;
 mod config;
 mod day;
 mod error;

@@ -8,10 +8,9 @@ use std::{
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use super::{
-    batch::{
-        apply_day, compaction_step, load_frozen, start_compaction, Compaction, Planned, Spare,
-    },
+    batch::{apply_day, Planned},
     codec::{check_names, check_stream},
+    compaction::{compaction_step, load_frozen, start_compaction, Compaction, Spare},
     config::MAP_GRANULE,
     day::{open_for_write, Birth, Day, DayEnv},
     day_name, day_number,
