@@ -22,7 +22,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::consume::Incoming;
+use crate::incoming::Incoming;
 
 /// How a delivered message becomes an [`Incoming`] (acknowledged or not).
 pub(crate) type Convert = fn(jetstream::Message, &Arc<str>) -> Incoming;
@@ -53,7 +53,7 @@ where
 {
     /// Reads `stream` on a new task, at most `ahead / 512` chunks (of at most
     /// 512 messages) ahead of the loop; the stream's own buffer comes on top.
-    /// `identity` is the stream's ([`crate::consume::stream_identity`]);
+    /// `identity` is the stream's ([`crate::incoming::stream_identity`]);
     /// `label` names the consumer in the warnings about its transient errors
     /// (missed heartbeats and the like, from which it recovers by itself).
     pub fn start(

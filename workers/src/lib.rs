@@ -9,12 +9,14 @@
 //!   applied stream sequences, batched commits, rotation and retention.
 //! - `writer`: the single LMDB writer thread.
 //! - `feed`: a consumer read ahead on a task of its own.
+//! - `incoming`: a message from either mode or a replay, where its stream
+//!   stored it, and what a durable consumer allows.
 //! - `consume`: batch → commit → dead-letter → acknowledge, for both modes.
 //! - `queue_group`: a core worker's subscription, and leaving its queue
 //!   group without losing what the server routed to it.
 //! - `pause`: noticing that the process stood still, so that a frozen
 //!   jetstream worker does not apply what was redelivered elsewhere.
-//! - [`query`]: the query plane's messages and the merge of partials.
+//! - [`query`]: the query plane's messages, a worker's answers and the merge of partials.
 //! - [`replay`]: rebuild a store from a stream through the same path.
 //! - [`events`]: metrics and logs.
 //! - [`export`]: SQLite export of merged windows.
@@ -28,6 +30,7 @@ pub mod error;
 pub mod events;
 pub mod export;
 mod feed;
+mod incoming;
 mod pause;
 pub mod query;
 mod queue_group;

@@ -28,11 +28,10 @@ use windrow_ops::Health;
 
 use crate::{
     config::Config,
-    consume::{
-        next_before, stream_identity, ConsumerLimits, Incoming, Outcome, Pipeline, Processor,
-    },
+    consume::{next_before, Outcome, Pipeline, Processor},
     events::Metrics,
     feed::Feed,
+    incoming::{stream_identity, ConsumerLimits, Incoming},
     query::{gather, merge_windows, QueryRequest},
     store::{SystemClock, WindowRow},
     writer::Writer,

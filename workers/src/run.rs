@@ -14,11 +14,10 @@ use windrow_ops::{Health, OpsServer};
 
 use crate::{
     config::{Config, Mode},
-    consume::{
-        next_before, stream_identity, BatchSize, ConsumerLimits, Incoming, Pipeline, Processor,
-    },
+    consume::{next_before, BatchSize, Pipeline, Processor},
     events::Metrics,
     feed::Feed,
+    incoming::{stream_identity, ConsumerLimits, Incoming},
     pause::PauseWatch,
     query,
     queue_group::{self, Leaving, QueueMember},
