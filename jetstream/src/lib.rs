@@ -8,6 +8,7 @@
 //! - [`headers`]: the header names windrow puts on every message.
 //! - [`connection`]: NATS connection options (auth, TLS) and connecting with them.
 //! - [`delivery`]: a JetStream message's stream sequence and time, from its reply subject.
+//! - [`streams`]: JetStream as code: the declared streams and consumers, compared with a server and applied.
 //! - [`error`]: this crate's error type.
 
 pub mod connection;
