@@ -11,7 +11,7 @@
 //! change in place on 2.9.10. Undeclared streams and consumers are never touched.
 //!
 //! Layout: `declaration` (the section's types, defaults, validation and the
-//! configuration each asks the server for), `plan` (the fields compared, the
+//! configuration each asks the server for), `compare` (the fields compared, the
 //! differences and how they are shown), and here the requests to the server.
 
 use async_nats::jetstream::{context::RequestError, Context};
@@ -20,14 +20,14 @@ use serde_json::{json, Map, Value};
 
 use crate::subject::{covers_stream, subject_within};
 
+mod compare;
 mod declaration;
-mod plan;
 
+use compare::{normal, Field, CONSUMER_FIELDS, STREAM_FIELDS};
+pub use compare::{Action, Applied, Change, Item, Plan, Target};
 pub use declaration::{
     ConsumerDeclaration, Declaration, DeliverPolicy, Discard, Retention, Storage, StreamDeclaration,
 };
-use plan::{normal, Field, CONSUMER_FIELDS, STREAM_FIELDS};
-pub use plan::{Action, Applied, Change, Item, Plan, Target};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// Longest duration in seconds whose nanoseconds fit the server's int64.
