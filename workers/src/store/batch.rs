@@ -109,6 +109,7 @@ pub(super) struct KeyRef {
     pub(super) end: usize,
 }
 
+#[derive(Default)]
 pub(super) struct KeyArena(pub(super) Vec<u8>);
 
 impl KeyArena {

@@ -22,41 +22,26 @@ use crate::window::Aggregate;
 /// merge runs in slices, one transaction each, between batches, so the
 /// writer never pauses for a whole compaction.
 pub(super) struct Compaction {
-    keys: KeyArena,
-    windows: Vec<(KeyRef, Aggregate)>,
+    bufs: Buffers,
     next: usize,
     frozen: usize,
-    /// The load's reading and sort order, emptied, kept for the next load
-    /// ([`Spare`]).
-    read: Vec<Frozen<'static>>,
-    order: Vec<(u64, usize)>,
 }
 
 impl Compaction {
     /// Windows still to merge.
     pub fn remaining(&self) -> usize {
-        self.windows.len() - self.next
+        self.bufs.windows.len() - self.next
     }
 
     /// Its buffers, for the next compaction's load (which empties them).
-    pub fn into_spare(self) -> Spare {
-        let Compaction {
-            keys,
-            windows,
-            read,
-            order,
-            ..
-        } = self;
-        Spare {
-            keys: keys.0,
-            windows,
-            read,
-            order,
-        }
+    pub fn into_buffers(self) -> Buffers {
+        self.bufs
     }
 }
 
-/// A finished compaction's buffers, which the next load fills again.
+/// A compaction's buffers: the windows to merge and their keys, and the
+/// load's reading and sort order (emptied once the load is done). A
+/// finished compaction's are filled again by the next load.
 ///
 /// A compaction of the default million windows fills a few hundred MB of
 /// them (about 280 bytes a window). Allocated anew for every compaction,
@@ -65,8 +50,8 @@ impl Compaction {
 /// messages fell from 185,000 to 100,000 (two compactions in each of two
 /// workers). What the largest compaction so far needed stays allocated.
 #[derive(Default)]
-pub(super) struct Spare {
-    keys: Vec<u8>,
+pub(super) struct Buffers {
+    keys: KeyArena,
     windows: Vec<(KeyRef, Aggregate)>,
     read: Vec<Frozen<'static>>,
     order: Vec<(u64, usize)>,
@@ -111,17 +96,17 @@ pub(super) fn load_frozen(
     txn: &RoTxn<'_>,
     frozen: usize,
     floor: &[u8],
-    spare: Spare,
+    bufs: Buffers,
 ) -> Result<Compaction, StoreError> {
     let err = lmdb(&day.name);
     let db = day.recent_dbs()?[frozen];
     let n = usize::try_from(db.len(txn).map_err(&err)?).unwrap_or(0);
-    let Spare {
+    let Buffers {
         keys,
         windows,
         read,
         order,
-    } = spare;
+    } = bufs;
     // Borrowed from the map, which the read transaction keeps in place.
     let mut read: Vec<Frozen<'_>> = refit(recycle(read), n);
     for entry in db.iter(txn).map_err(&err)? {
@@ -145,7 +130,7 @@ pub(super) fn load_frozen(
     // `recent_max_windows` documents, and as much again for the windows
     // rolled up from them.
     let rolled = n.saturating_mul(day.rollups.len());
-    let mut keys = KeyArena(refit(keys, n.saturating_add(rolled).saturating_mul(32)));
+    let mut keys = KeyArena(refit(keys.0, n.saturating_add(rolled).saturating_mul(32)));
     let mut windows = refit(windows, n.saturating_add(rolled));
     // One name's windows and their coarse windows: (resolution, start, aggregate).
     let mut group: Vec<(u32, i64, Aggregate)> = Vec::new();
@@ -192,12 +177,14 @@ pub(super) fn load_frozen(
         }
     }
     Ok(Compaction {
-        keys,
-        windows,
+        bufs: Buffers {
+            keys,
+            windows,
+            read: recycle(read),
+            order,
+        },
         next: 0,
         frozen,
-        read: recycle(read),
-        order,
     })
 }
 
@@ -249,16 +236,19 @@ pub(super) fn compaction_step(
     slice: usize,
 ) -> Result<usize, StoreError> {
     let err = lmdb(&day.name);
-    let end = c.next.saturating_add(slice.max(1)).min(c.windows.len());
+    let end = c
+        .next
+        .saturating_add(slice.max(1))
+        .min(c.bufs.windows.len());
     let mut w = day.write_txn()?;
-    let part = c.windows[c.next..end]
+    let part = c.bufs.windows[c.next..end]
         .iter()
-        .map(|(key, agg)| (c.keys.get(*key), agg));
+        .map(|(key, agg)| (c.bufs.keys.get(*key), agg));
     merge_windows(day, day.windows, &mut w.txn, part)?;
-    match c.windows.get(end) {
+    match c.bufs.windows.get(end) {
         Some((key, _)) => day
             .meta
-            .put(&mut w.txn, COMPACTED_BELOW, c.keys.get(*key))
+            .put(&mut w.txn, COMPACTED_BELOW, c.bufs.keys.get(*key))
             .map_err(&err)?,
         None => {
             let frozen = day.recent_dbs()?[c.frozen];
@@ -276,7 +266,7 @@ pub(super) fn compaction_step(
 mod tests {
     use super::{recycle, Frozen};
 
-    /// `recycle` keeps the allocation, which is what lets a spare's reading
+    /// `recycle` keeps the allocation, which is what lets a kept reading
     /// buffer be filled again instead of allocated anew.
     #[test]
     fn a_recycled_reading_buffer_keeps_its_allocation() {

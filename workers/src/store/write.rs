@@ -10,7 +10,7 @@ use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use super::{
     batch::{apply_day, Planned},
     codec::{check_names, check_stream},
-    compaction::{compaction_step, load_frozen, start_compaction, Compaction, Spare},
+    compaction::{compaction_step, load_frozen, start_compaction, Buffers, Compaction},
     config::MAP_GRANULE,
     day::{open_for_write, Birth, Day, DayEnv},
     day_name, day_number,
@@ -35,7 +35,7 @@ pub struct Store {
     /// What was written while a compaction's frozen windows loaded.
     backlog: Backlog,
     /// The last finished compaction's buffers, for the next load.
-    spare: Spare,
+    spare: Buffers,
     /// Tests: every load takes exactly this many steps (and then waits for
     /// its thread), so what is written meanwhile does not depend on how
     /// fast the machine loads.
@@ -135,7 +135,7 @@ impl Store {
             compactions: HashMap::new(),
             written: 0,
             backlog: Backlog::default(),
-            spare: Spare::default(),
+            spare: Buffers::default(),
             #[cfg(test)]
             load_steps: None,
             published: Arc::default(),
@@ -372,7 +372,7 @@ impl Store {
         let windows = retry_map_full(&self.config, day, |day| compaction_step(day, &mut c, slice))?;
         let done = c.remaining() == 0;
         if done {
-            self.spare = c.into_spare();
+            self.spare = c.into_buffers();
         } else {
             self.compactions.insert(day.name.clone(), Task::Merging(c));
         }
