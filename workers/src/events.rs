@@ -27,6 +27,8 @@ pub struct Metrics {
     compactions: Counter,
     compaction_errors: Counter,
     compaction_slice_seconds: Histogram,
+    merged_run_windows: Counter,
+    run_merges: Counter,
     /// Messages in the durable consumer not yet delivered (jetstream mode).
     pub consumer_pending: Gauge,
     /// Messages delivered and not yet acknowledged (jetstream mode).
@@ -56,6 +58,8 @@ impl Metrics {
             compaction_slice_seconds: Histogram::new([
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
+            merged_run_windows: Counter::default(),
+            run_merges: Counter::default(),
             consumer_pending: Gauge::default(),
             consumer_ack_pending: Gauge::default(),
         };
@@ -106,7 +110,7 @@ impl Metrics {
         );
         registry.register(
             "windrow_worker_compacted_windows",
-            "Windows merged from the time-ordered recent database into the series-ordered one",
+            "Windows moved from the time-ordered recent database into a series-ordered run",
             m.compacted_windows.clone(),
         );
         registry.register(
@@ -121,8 +125,18 @@ impl Metrics {
         );
         registry.register(
             "windrow_worker_compaction_slice_seconds",
-            "Time the LMDB writer spent on one compaction slice between two batches",
+            "Time the LMDB writer spent on one slice of a compaction or of a merge of runs between two batches",
             m.compaction_slice_seconds.clone(),
+        );
+        registry.register(
+            "windrow_worker_merged_run_windows",
+            "Windows written by merges of runs (a level's runs into one of the next)",
+            m.merged_run_windows.clone(),
+        );
+        registry.register(
+            "windrow_worker_run_merges",
+            "Merges of runs finished",
+            m.run_merges.clone(),
         );
         registry.register(
             "windrow_worker_consumer_pending_messages",
@@ -188,6 +202,17 @@ impl Metrics {
         if done {
             self.compactions.inc();
             tracing::info!(day, "compaction of recent windows done");
+        }
+    }
+
+    /// A slice of a merge of runs was committed.
+    pub fn merged_runs(&self, day: &str, windows: usize, seconds: f64, done: bool) {
+        self.merged_run_windows.inc_by(windows as u64);
+        self.compaction_slice_seconds.observe(seconds);
+        tracing::debug!(day, windows, seconds, "merged a slice of runs");
+        if done {
+            self.run_merges.inc();
+            tracing::info!(day, "merge of runs done");
         }
     }
 

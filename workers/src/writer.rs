@@ -77,7 +77,11 @@ fn compact_due(store: &mut Store, metrics: &Metrics) {
     match store.compact_due() {
         Ok(steps) => {
             for step in steps {
-                metrics.compacted(&step.day, step.windows, step.seconds, step.done);
+                if step.merge {
+                    metrics.merged_runs(&step.day, step.windows, step.seconds, step.done);
+                } else {
+                    metrics.compacted(&step.day, step.windows, step.seconds, step.done);
+                }
             }
         }
         Err(e) => metrics.compaction_failed(&e),

@@ -382,7 +382,7 @@ impl Pending {
 
 /// Merges window deltas, in ascending key order, into `db` (`windows` or
 /// `recent`).
-pub(super) fn merge_windows<'k>(
+fn merge_windows<'k>(
     day: &DayEnv,
     db: Database<Bytes, Bytes>,
     txn: &mut RwTxn<'_>,

@@ -1,26 +1,26 @@
-//! Compaction of a day's frozen `recent` database into `windows`: loading
-//! and sorting its windows by series (on a thread of its own), then merging
-//! them in slices, one transaction each, between batches.
+//! Compaction of a day's frozen `recent` database into a new run (module
+//! `runs`): loading and sorting its windows by series (on a thread of its
+//! own), then appending them in slices, one transaction each, between
+//! batches.
 
 use heed::RoTxn;
 
 use super::{
-    batch::{byte_order, merge_windows, prefix8, KeyArena, KeyRef},
+    batch::{byte_order, prefix8, KeyArena, KeyRef},
     codec::{put_window_key_of_names, recent_parts},
     day::{DayEnv, COMPACTED_BELOW, RECENT_ACTIVE},
     error::{corrupt, lmdb, StoreError},
     rollup,
+    runs::{append_windows, Run, RunsState},
 };
 use crate::window::Aggregate;
 
 /// A compaction in progress: the frozen `recent` database's windows, sorted
-/// by window key, and how many of them are merged into `windows` already.
+/// by window key, and how many of them are in their run already.
 ///
-/// Sorted by series first, a series' new windows land next to each other in
-/// `windows`, so the pages rewritten are about one per series and resolution
-/// per compaction instead of one per series and resolution per batch. The
-/// merge runs in slices, one transaction each, between batches, so the
-/// writer never pauses for a whole compaction.
+/// Sorted by series first, the run reads like `windows`: one series' windows
+/// next to each other. The run is written in slices, one transaction each,
+/// between batches, so the writer never pauses for a whole compaction.
 pub(super) struct Compaction {
     bufs: Buffers,
     next: usize,
@@ -198,9 +198,14 @@ struct Frozen<'t> {
 }
 
 /// Starts a compaction: in one transaction, freezes the active `recent`
-/// database and makes the other (empty) one active. Returns the frozen one,
-/// or `None` if the active one is empty. Its windows are read afterwards
-/// ([`load_frozen`]): nothing writes to it any more.
+/// database, makes the other (empty) one active, and takes a free run slot
+/// for its windows. Returns the frozen one, or `None` if the active one is
+/// empty. Its windows are read afterwards ([`load_frozen`]): nothing writes
+/// to it any more.
+///
+/// # Errors
+/// [`StoreError::NoFreeRunSlot`] when every run slot is taken: nothing is
+/// frozen then.
 pub(super) fn start_compaction(day: &DayEnv) -> Result<Option<usize>, StoreError> {
     let err = lmdb(&day.name);
     let mut w = day.write_txn()?;
@@ -214,6 +219,9 @@ pub(super) fn start_compaction(day: &DayEnv) -> Result<Option<usize>, StoreError
     {
         return Ok(None);
     }
+    let mut runs = RunsState::read(day, &w.txn)?;
+    runs.claim_filling(day)?;
+    runs.write(day, &mut w.txn)?;
     let active: &[u8] = if state.active == 0 { b"1" } else { b"0" };
     day.meta
         .put(&mut w.txn, RECENT_ACTIVE, active)
@@ -225,11 +233,15 @@ pub(super) fn start_compaction(day: &DayEnv) -> Result<Option<usize>, StoreError
     Ok(Some(state.active))
 }
 
-/// Merges up to `slice` more windows of `c` into `windows`, in one
-/// transaction that also records how far the merge got (or, with the last
-/// slice, empties the frozen database and ends the compaction). Returns the
-/// windows merged. On an error nothing of the slice is committed and the
-/// next call redoes it.
+/// Appends up to `slice` more windows of `c` to its run, in one transaction
+/// that also records how far the compaction got (or, with the last slice,
+/// empties the frozen database and makes the run complete, of level 0).
+/// Returns the windows written. On an error nothing of the slice is
+/// committed and the next call redoes it.
+///
+/// A compaction that a build before format version 5 began (into
+/// `windows`) gets its slot here: the windows below its floor stay in
+/// `windows`, the rest go to the run, and readers read both.
 pub(super) fn compaction_step(
     day: &DayEnv,
     c: &mut Compaction,
@@ -241,10 +253,15 @@ pub(super) fn compaction_step(
         .saturating_add(slice.max(1))
         .min(c.bufs.windows.len());
     let mut w = day.write_txn()?;
+    let mut runs = RunsState::read(day, &w.txn)?;
+    let slot = match runs.filling {
+        Some(slot) => slot,
+        None => runs.claim_filling(day)?,
+    };
     let part = c.bufs.windows[c.next..end]
         .iter()
         .map(|(key, agg)| (c.bufs.keys.get(*key), agg));
-    merge_windows(day, day.windows, &mut w.txn, part)?;
+    append_windows(day, day.run_db(slot)?, &mut w.txn, part)?;
     match c.bufs.windows.get(end) {
         Some((key, _)) => day
             .meta
@@ -254,8 +271,11 @@ pub(super) fn compaction_step(
             let frozen = day.recent_dbs()?[c.frozen];
             frozen.clear(&mut w.txn).map_err(&err)?;
             day.meta.delete(&mut w.txn, COMPACTED_BELOW).map_err(&err)?;
+            runs.filling = None;
+            runs.live.push(Run { slot, level: 0 });
         }
     }
+    runs.write(day, &mut w.txn)?;
     w.commit(&day.name)?;
     let merged = end - c.next;
     c.next = end;

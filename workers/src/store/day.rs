@@ -23,6 +23,7 @@ use heed::{
 use super::{
     error::{corrupt, io, lmdb, StoreError},
     rollup::{self, Rollup},
+    runs::{slot_name, RUN_SLOTS},
 };
 
 /// The `meta` value of `format_version` this build writes into a new day.
@@ -37,11 +38,15 @@ use super::{
 /// a version 3 day opened for writing becomes version 4, since the two
 /// differ in nothing else. Older builds refuse a newer day instead of
 /// answering without its recent or rolled-up windows, or failing on a short
-/// value.
-const FORMAT_VERSION: &[u8] = b"4";
+/// value. Version 5 adds the sorted runs ([`super::runs`]): compaction
+/// writes a day's windows there instead of into `windows`. Every day
+/// opened for writing becomes version 5 (its `windows` keep what they
+/// hold, and from then on it writes short values); a version 1 or 2 day
+/// keeps having no rollups.
+const FORMAT_VERSION: &[u8] = b"5";
 
 /// The versions this build reads.
-const READABLE_VERSIONS: [&[u8]; 4] = [b"1", b"2", b"3", b"4"];
+const READABLE_VERSIONS: [&[u8]; 5] = [b"1", b"2", b"3", b"4", b"5"];
 
 /// A day environment, shared by the writer and readers of this process.
 pub(super) type Day = Arc<DayEnv>;
@@ -63,8 +68,13 @@ pub(super) struct DayEnv {
     /// by a resize: LMDB forbids resizing while any of them is active.
     txns: RwLock<()>,
     /// Windows by series, field, resolution and start: what queries read by
-    /// series. Filled from `recent` by compaction.
+    /// series. Filled from `recent` by compaction before format version 5;
+    /// since, read only.
     pub windows: Database<Bytes, Bytes>,
+    /// The run slots `run.0` to `run.39` ([`super::runs`]): windows keyed as
+    /// in `windows`, each slot a sorted run written by appending. Empty in
+    /// a day before version 5 opened read-only.
+    pub runs: Vec<Database<Bytes, Bytes>>,
     /// `recent.0` and `recent.1`: windows by resolution and start first (see
     /// [`put_recent_key`](super::codec::put_recent_key)). Batches write to the
     /// active one ([`RecentState`]); a compaction freezes it, makes the other
@@ -86,7 +96,9 @@ pub(super) struct DayEnv {
 #[allow(unsafe_code)]
 fn open_env(path: &Path, map_bytes: usize, read_only: bool) -> heed::Result<Env> {
     let mut options = EnvOpenOptions::new();
-    options.map_size(map_bytes).max_dbs(6);
+    options
+        .map_size(map_bytes)
+        .max_dbs(u32::try_from(6 + RUN_SLOTS).unwrap_or(u32::MAX));
     // SAFETY: heed's conditions for opening: the file lives on a local
     // filesystem (documented: no NFS for the data dir); this process opens the
     // path once (callers go through the OPEN_DAYS registry, and heed itself
@@ -213,29 +225,20 @@ impl DayEnv {
             db("applied")?,
             db("meta")?,
         );
-        let short_values = match meta.get(&wtxn, b"format_version").map_err(&err)? {
+        let runs = (0..RUN_SLOTS)
+            .map(|i| db(&slot_name(i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        match meta.get(&wtxn, b"format_version").map_err(&err)? {
             None => {
-                meta.put(&mut wtxn, b"format_version", FORMAT_VERSION)
-                    .map_err(&err)?;
                 meta.put(&mut wtxn, rollup::META_KEY, &rollup::encode(birth.rollups))
                     .map_err(&err)?;
-                true
             }
-            // Version 1 now has its `recent` databases.
-            Some(b"1") => {
-                meta.put(&mut wtxn, b"format_version", b"2").map_err(&err)?;
-                false
-            }
-            // Version 3 gets short values from now on.
-            Some(b"3") => {
-                meta.put(&mut wtxn, b"format_version", b"4").map_err(&err)?;
-                true
-            }
-            Some(v) => {
-                check_version(name, v)?;
-                v == b"4"
-            }
-        };
+            // An older day now has its `recent` databases (version 1) and
+            // its runs, and gets short values from now on.
+            Some(v) => check_version(name, v)?,
+        }
+        meta.put(&mut wtxn, b"format_version", FORMAT_VERSION)
+            .map_err(&err)?;
         if meta.get(&wtxn, b"created_at").map_err(&err)?.is_none() {
             meta.put(&mut wtxn, b"created_at", birth.created_at.as_bytes())
                 .map_err(&err)?;
@@ -251,7 +254,8 @@ impl DayEnv {
             [windows, latest, applied, meta],
             rollups,
         );
-        day.short_values = short_values;
+        day.runs = runs;
+        day.short_values = true;
         Ok(Arc::new(day))
     }
 
@@ -286,10 +290,15 @@ impl DayEnv {
             check_version(name, v)?;
         }
         let rollups = read_rollups(name, meta, &rtxn)?;
+        // All or none: a day gets every slot when it becomes version 5.
+        let runs = (0..RUN_SLOTS)
+            .map(|i| db(&slot_name(i)))
+            .collect::<Result<Option<Vec<_>>, _>>()?
+            .unwrap_or_default();
         // Commit, not drop: aborting the transaction that opened the handles
         // closes them, and later reads fail with EINVAL.
         rtxn.commit().map_err(&err)?;
-        Ok(Some(Arc::new(DayEnv::new(
+        let mut day = DayEnv::new(
             name,
             path,
             env,
@@ -297,7 +306,9 @@ impl DayEnv {
             recent,
             [windows, latest, applied, meta],
             rollups,
-        ))))
+        );
+        day.runs = runs;
+        Ok(Some(Arc::new(day)))
     }
 
     fn new(
@@ -317,6 +328,7 @@ impl DayEnv {
             read_only,
             txns: RwLock::new(()),
             windows,
+            runs: Vec::new(),
             recent,
             latest,
             applied,
@@ -430,6 +442,15 @@ impl DayEnv {
             .ok_or_else(|| corrupt(&self.name, "no recent database in a day open for writing"))
     }
 
+    /// Run slot `slot` of a day this process writes to (every such day has
+    /// them all: opening for writing creates them).
+    pub fn run_db(&self, slot: u8) -> Result<Database<Bytes, Bytes>, StoreError> {
+        self.runs
+            .get(usize::from(slot))
+            .copied()
+            .ok_or_else(|| corrupt(&self.name, format!("no run slot {slot}")))
+    }
+
     /// [`DayEnv::recent_state`] and the windows in the active `recent`
     /// database, read in one transaction (what the writer checks after each
     /// batch to start or resume a compaction).
@@ -531,7 +552,7 @@ fn check_version(day: &str, v: &[u8]) -> Result<(), StoreError> {
     let found = String::from_utf8_lossy(v);
     Err(corrupt(
         day,
-        format!("meta format_version {found:?} (this build reads 1 to 4)"),
+        format!("meta format_version {found:?} (this build reads 1 to 5)"),
     ))
 }
 

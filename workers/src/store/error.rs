@@ -46,6 +46,16 @@ pub enum StoreError {
         /// What did not decode, and where.
         what: String,
     },
+    /// Every run slot of the day is taken (see the `runs` module): its next
+    /// compaction waits, its windows staying in `recent`, until a merge of
+    /// runs frees one.
+    #[error(
+        "day {day}: every run slot is taken; compaction waits for a merge of runs to free one"
+    )]
+    NoFreeRunSlot {
+        /// The day.
+        day: String,
+    },
     /// A name cannot be part of a key: it contains 0x00 (the key separator) or
     /// makes the key longer than LMDB allows.
     #[error("invalid {what} {value:?}: {reason}")]
@@ -80,7 +90,7 @@ impl StoreError {
     /// larger `max_map_bytes` helps).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Io { .. } | Self::OpenReadOnly { .. } => true,
+            Self::Io { .. } | Self::OpenReadOnly { .. } | Self::NoFreeRunSlot { .. } => true,
             Self::MapFull { .. }
             | Self::Corrupt { .. }
             | Self::InvalidKey { .. }

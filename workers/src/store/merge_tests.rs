@@ -6,7 +6,8 @@
 //! are prefixes of others, and messages with two fields, check that the
 //! writer's order is the keys' byte order across fields as well as series.
 //! Compactions after some batches (as the writer thread runs them) leave
-//! windows split between `windows` and `recent`, which reads must merge.
+//! windows split between runs of several levels, merges of runs in
+//! progress and `recent`, which reads must merge.
 
 use std::collections::BTreeMap;
 
@@ -47,7 +48,8 @@ proptest! {
             1..2500,
         ),
         cuts in prop::collection::vec(1usize..700, 1..8),
-        recent_max in 1u64..4000,
+        // Small ones in half the cases: many compactions, runs of several levels.
+        recent_max in prop_oneof![1u64..200, 1u64..4000],
         slice in 1u64..3000,
         resolutions in prop_oneof![
             Just(vec![1u32, 60]),
@@ -69,6 +71,9 @@ proptest! {
             ..StoreConfig::default()
         };
         let mut store = Store::open(config, std::sync::Arc::new(clock.clone())).unwrap();
+        // Every two runs of a level merge: several levels and merges in
+        // slices beside the compactions.
+        store.fan_in = 2;
         // Distinct times (a nanosecond per message), so first/last/latest
         // have no ties to break. Every fourth message carries a second
         // field of the same series (its value negated).
@@ -100,7 +105,12 @@ proptest! {
             rest = after;
         }
 
-        for res in resolutions {
+        // As the batches left the store, and then with every compaction
+        // and every merge of runs that it makes due done.
+        for (round, res) in [0, 1].into_iter().flat_map(|r| resolutions.iter().map(move |s| (r, *s))) {
+            if round == 1 && res == resolutions[0] {
+                store.compact_all().unwrap();
+            }
             let mut want: BTreeMap<(String, String, i64), Model> = BTreeMap::new();
             let width = i64::from(res) * NS_PER_SEC;
             for s in messages.iter().flat_map(|m| &m.samples) {
@@ -135,12 +145,12 @@ proptest! {
             let part = model(store.windows("*", None, res, from, to).unwrap());
             let mut want_part = want.clone();
             want_part.retain(|(_, _, start), _| (from..to).contains(start));
-            prop_assert_eq!(part, want_part.clone(), "windows of {} s in a range", res);
+            prop_assert_eq!(part, want_part.clone(), "windows of {} s in a range, round {}", res, round);
             // One series and field: `windows` is read as a key range.
             let one = model(store.windows(&series(3), Some("t"), res, from, to).unwrap());
             want_part.retain(|(s, f, _), _| *s == series(3) && f == "t");
             prop_assert_eq!(one, want_part, "one series' windows of {} s in a range", res);
-            prop_assert_eq!(model(all(&store, "*", res)), want, "windows of {} s", res);
+            prop_assert_eq!(model(all(&store, "*", res)), want, "windows of {} s, round {}", res, round);
         }
 
         let mut want: BTreeMap<(String, String), (i64, f64)> = BTreeMap::new();

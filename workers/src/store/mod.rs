@@ -49,6 +49,7 @@ mod day;
 mod error;
 mod read;
 mod rollup;
+mod runs;
 mod stat;
 mod write;
 

@@ -23,6 +23,7 @@ use super::{
     day_start_ns,
     error::{corrupt, io, lmdb, StoreError},
     rollup::{self, Rollup},
+    runs::{Entries, RunsState},
 };
 use crate::window::{Aggregate, NS_PER_DAY};
 
@@ -131,8 +132,6 @@ pub fn open_read_only(dir: &Path) -> Result<StoreReader, StoreError> {
     reader.refresh()?;
     Ok(reader)
 }
-
-type Entries<'t> = Box<dyn Iterator<Item = heed::Result<(&'t [u8], &'t [u8])>> + 't>;
 
 /// Entries with keys starting with `prefix` (LMDB has no empty key, so an
 /// empty prefix is a full scan).
@@ -263,16 +262,15 @@ impl StoreReader {
         let mut merged: BTreeMap<Vec<u8>, WindowRow> = BTreeMap::new();
         for day in self.days.values().filter(|d| overlaps(d, from_ns, to_ns)) {
             day.read(|rtxn| {
-                let entries: Entries<'_> = match &exact {
-                    Some((lo, hi)) => {
-                        let range = (
-                            Bound::Included(lo.as_slice()),
-                            Bound::Excluded(hi.as_slice()),
-                        );
-                        Box::new(day.windows.range(rtxn, &range).map_err(lmdb(&day.name))?)
-                    }
-                    None => scan(day.windows, rtxn, &prefix).map_err(lmdb(&day.name))?,
-                };
+                // `windows` and the runs: the same keys, each read from its
+                // floor on (what a merge of runs has moved on is skipped).
+                let runs = RunsState::read(day, rtxn)?;
+                let sorted = std::iter::once((day.windows, &[][..])).chain(
+                    day.runs
+                        .iter()
+                        .zip(0u8..)
+                        .map(|(db, slot)| (*db, runs.floor(slot))),
+                );
                 let mut add = |k: &[u8], v: &[u8]| -> Result<(), StoreError> {
                     let (res, start) =
                         window_key_tail(k).ok_or_else(|| corrupt(&day.name, "window key"))?;
@@ -313,9 +311,21 @@ impl StoreReader {
                         });
                     Ok(())
                 };
-                for entry in entries {
-                    let (k, v) = entry.map_err(lmdb(&day.name))?;
-                    add(k, v)?;
+                for (db, floor) in sorted {
+                    let entries: Entries<'_> = match &exact {
+                        Some((lo, hi)) => {
+                            let lo = lo.as_slice().max(floor);
+                            let range = (Bound::Included(lo), Bound::Excluded(hi.as_slice()));
+                            Box::new(db.range(rtxn, &range).map_err(lmdb(&day.name))?)
+                        }
+                        None => scan(db, rtxn, &prefix).map_err(lmdb(&day.name))?,
+                    };
+                    for entry in entries {
+                        let (k, v) = entry.map_err(lmdb(&day.name))?;
+                        if k >= floor {
+                            add(k, v)?;
+                        }
+                    }
                 }
                 // Windows not yet compacted: `recent` is ordered by time
                 // first, so the range is the query's, and the series pattern

@@ -101,10 +101,7 @@ fn windows_wait_in_recent_and_compaction_changes_no_answer() {
     // 90 one-second windows, all still in `recent`; the 2 minute windows of
     // each series are rolled up from them.
     assert_eq!(
-        (
-            entries(&compacted, "recent"),
-            entries(&compacted, "windows")
-        ),
+        (entries(&compacted, "recent"), entries(&compacted, "runs")),
         (90, 0)
     );
     let before = answers(&compacted);
@@ -112,19 +109,16 @@ fn windows_wait_in_recent_and_compaction_changes_no_answer() {
     assert_eq!(before.0[1].iter().map(|w| w.agg.count).sum::<u64>(), 90);
     assert_eq!(before.2.lines().count(), 96 + 3, "{}", before.2);
 
-    // Into `windows`: the seconds, and the minutes rolled up from them.
+    // Into a run: the seconds, and the minutes rolled up from them.
     assert_eq!(compacted.compact_all().unwrap(), 96);
     assert_eq!(
-        (
-            entries(&compacted, "recent"),
-            entries(&compacted, "windows")
-        ),
+        (entries(&compacted, "recent"), entries(&compacted, "runs")),
         (0, 96)
     );
     assert_eq!(answers(&compacted), before, "compaction changed an answer");
     assert_eq!(compacted.compact_all().unwrap(), 0, "nothing left to move");
 
-    // The same windows again: now each has a part in `windows` and one in
+    // The same windows again: now each has a part in a run and one in
     // `recent` in the compacted store, and both in `recent` in the other.
     for s in [&mut compacted, &mut plain] {
         s.apply(&batch(1)).unwrap();
@@ -136,7 +130,12 @@ fn windows_wait_in_recent_and_compaction_changes_no_answer() {
     assert_eq!(split.0[1].iter().map(|w| w.agg.count).sum::<u64>(), 270);
     assert_eq!(compacted.compact_all().unwrap(), 96);
     assert_eq!(answers(&compacted), split);
-    assert_eq!(entries(&compacted, "windows"), 96);
+    // Two runs of the same 96 windows, until they are merged.
+    assert_eq!(entries(&compacted, "runs"), 2 * 96);
+    compacted.fan_in = 2;
+    compacted.compact_all().unwrap();
+    assert_eq!(answers(&compacted), split, "merging runs changed an answer");
+    assert_eq!(entries(&compacted, "runs"), 96);
 }
 
 #[test]
@@ -160,7 +159,7 @@ fn compaction_runs_once_recent_holds_recent_max_windows() {
     let step = next_step(&mut s);
     // 100 seconds, and 7 minutes rolled up from them.
     assert_eq!((step.day, step.windows, step.done), (day, 107, true));
-    assert_eq!((entries(&s, "recent"), entries(&s, "windows")), (0, 107));
+    assert_eq!((entries(&s, "recent"), entries(&s, "runs")), (0, 107));
 }
 
 /// What a day written by a version 1 build holds: four databases, no
@@ -233,7 +232,7 @@ fn a_version_1_day_is_read_and_upgraded_when_written() {
                 .map(<[u8]>::to_vec))
         })
         .unwrap();
-    assert_eq!(version.as_deref(), Some(&b"2"[..]));
+    assert_eq!(version.as_deref(), Some(&b"5"[..]));
     assert_eq!(
         entries(&s, "recent"),
         2,
@@ -241,18 +240,19 @@ fn a_version_1_day_is_read_and_upgraded_when_written() {
     );
     assert_eq!(s.compact_all().unwrap(), 2);
     assert_eq!(all(&s, "a", 60), minute);
-    // Reopened as the version 2 day it now is, it still gets long values
-    // (here for a new series' one-sample windows).
+    // Reopened as the version 5 day it now is, it gets short values (here
+    // for a new series' one-sample windows), and keeps having no rollups.
     drop(day);
     s.close();
     let mut s = store(dir.path(), &clock);
     s.apply(&[msg(None, "b", T0 + 20 * MIN, 4.0)]).unwrap();
-    let (lengths, version) = value_lengths(&s);
-    assert_eq!(version, "2");
-    assert!(
-        lengths.len() == 4 && lengths.iter().all(|l| *l == 64),
-        "a version 2 day keeps the long form: {lengths:?}"
-    );
+    let (mut lengths, version) = value_lengths(&s);
+    lengths.sort_unstable();
+    assert_eq!(version, "5");
+    // `windows`: the version 1 windows, long; a run: "a"'s two windows
+    // written after the upgrade; `recent`: "b"'s two (both resolutions,
+    // nothing rolled up), one sample each, so short.
+    assert_eq!(lengths, [16, 16, 16, 16, 64, 64]);
 }
 
 /// A day keeps the rollups it was created with. Restarted without the fine
@@ -297,9 +297,11 @@ fn a_day_keeps_its_rollups_and_other_resolutions_later_count_each_sample_once() 
     assert_eq!((counts(&s, 1), counts(&s, 60)), (180, 270));
 }
 
-/// A day's databases of window values: `windows` and both `recent`.
-fn window_dbs(day: &super::day::DayEnv) -> impl Iterator<Item = heed::Database<Bytes, Bytes>> {
-    std::iter::once(day.windows).chain(day.recent.into_iter().flatten())
+/// A day's databases of window values: `windows`, the runs and both `recent`.
+fn window_dbs(day: &super::day::DayEnv) -> impl Iterator<Item = heed::Database<Bytes, Bytes>> + '_ {
+    std::iter::once(day.windows)
+        .chain(day.runs.iter().copied())
+        .chain(day.recent.into_iter().flatten())
 }
 
 /// The lengths of the window values of the only day's `windows` and
@@ -324,6 +326,27 @@ fn value_lengths(s: &StoreReader) -> (Vec<usize>, String) {
 fn make_version_3(s: &Store) {
     let day = s.days.values().next().unwrap().clone();
     let mut w = day.write_txn().unwrap();
+    // A version 3 build compacted into `windows`: the runs' windows go there.
+    for run in day.runs.clone() {
+        let all: Vec<(Vec<u8>, Aggregate)> = run
+            .iter(&w.txn)
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (k.to_vec(), Aggregate::from_bytes(v).unwrap())
+            })
+            .collect();
+        for (k, mut agg) in all {
+            if let Some(old) = day.windows.get(&w.txn, &k).unwrap() {
+                agg.merge(&Aggregate::from_bytes(old).unwrap());
+            }
+            day.windows.put(&mut w.txn, &k, &agg.to_bytes()).unwrap();
+        }
+        run.clear(&mut w.txn).unwrap();
+    }
+    for key in [&b"runs"[..], b"run_filling", b"runs_merges"] {
+        day.meta.delete(&mut w.txn, key).unwrap();
+    }
     for db in window_dbs(&day) {
         let all: Vec<(Vec<u8>, Aggregate)> = db
             .iter(&w.txn)
@@ -361,7 +384,7 @@ fn a_version_3_day_is_read_and_gets_short_values_when_written() {
         s.apply(&batch(2)).unwrap();
     }
     let (lengths, version) = value_lengths(&model);
-    assert_eq!(version, "4");
+    assert_eq!(version, "5");
     assert!(
         lengths.contains(&16) && lengths.contains(&64),
         "{lengths:?}"
@@ -382,7 +405,7 @@ fn a_version_3_day_is_read_and_gets_short_values_when_written() {
         s.apply(&later).unwrap();
     }
     let (lengths, version) = value_lengths(&s);
-    assert_eq!(version, "4", "upgraded when written");
+    assert_eq!(version, "5", "upgraded when written");
     let short = lengths.iter().filter(|l| **l == 16).count();
     assert_eq!(
         short,
@@ -405,7 +428,7 @@ fn a_day_of_an_unknown_version_is_refused_with_the_versions_read() {
     s.apply(&[msg(None, "a", T0 + MIN, 1.0)]).unwrap();
     let day = s.days.values().next().unwrap().clone();
     let mut w = day.write_txn().unwrap();
-    day.meta.put(&mut w.txn, b"format_version", b"5").unwrap();
+    day.meta.put(&mut w.txn, b"format_version", b"6").unwrap();
     w.commit(&day.name).unwrap();
     drop(day);
     s.close();
@@ -419,7 +442,7 @@ fn a_day_of_an_unknown_version_is_refused_with_the_versions_read() {
     .unwrap_err();
     assert!(
         err.to_string()
-            .contains("format_version \"5\" (this build reads 1 to 4)"),
+            .contains("format_version \"6\" (this build reads 1 to 5)"),
         "{err}"
     );
 }
@@ -550,10 +573,12 @@ fn a_compaction_in_slices_answers_the_same_at_every_step_and_resumes_after_a_res
     };
     let mut sliced = Store::open(config.clone(), Arc::new(clock.clone())).unwrap();
     sliced.load_steps = Some(2);
+    // Every two runs of a level are merged: merges run beside compactions.
+    sliced.fan_in = 2;
     let mut plain = store(&dir.path().join("plain"), &clock);
     let messages: Vec<Message> = (0..4).flat_map(batch).collect();
     let mut chunks = messages.chunks(10);
-    let (mut slices, mut compactions) = (0, 0);
+    let (mut slices, mut compactions, mut merges) = (0, 0, 0);
     // Batches of 10 messages write at most 10 windows, so a compaction of
     // 90 or more (and the minutes rolled up from them) takes several slices with batches in between, which land
     // in the active database while the frozen one is half merged.
@@ -563,6 +588,10 @@ fn a_compaction_in_slices_answers_the_same_at_every_step_and_resumes_after_a_res
         plain.apply(chunk).unwrap();
         let mut in_the_middle = false;
         for step in sliced.compact_due().unwrap() {
+            if step.merge {
+                merges += usize::from(step.done);
+                continue;
+            }
             // 25, or 2 × (1 + 1 rollup) × (the batch's 10 windows and a
             // sixteenth of the batches written while the frozen windows
             // loaded, two batches here, so at most 2): at most 48.
@@ -576,8 +605,8 @@ fn a_compaction_in_slices_answers_the_same_at_every_step_and_resumes_after_a_res
     };
     while apply(&mut sliced, &mut plain).is_some() {}
     assert!(
-        compactions >= 2 && slices > compactions,
-        "{compactions} compactions in {slices} slices"
+        compactions >= 2 && slices > compactions && merges >= 1,
+        "{compactions} compactions in {slices} slices, {merges} merges of runs"
     );
 
     // A restart in the middle: what is merged stays merged, nothing twice.
@@ -598,15 +627,16 @@ fn a_compaction_in_slices_answers_the_same_at_every_step_and_resumes_after_a_res
     assert_eq!(answers(&sliced), answers(&plain), "in the middle");
     sliced.close();
     let mut sliced = Store::open(config, Arc::new(clock.clone())).unwrap();
+    sliced.fan_in = 2;
     assert_eq!(answers(&sliced), answers(&plain), "after the restart");
     while !next_step(&mut sliced).done {
         assert_eq!(answers(&sliced), answers(&plain));
     }
     assert_eq!(answers(&sliced), answers(&plain));
     sliced.compact_all().unwrap();
-    assert_eq!(
-        (entries(&sliced, "recent"), entries(&sliced, "windows")),
-        (0, 96)
-    );
-    assert_eq!(answers(&sliced), answers(&plain), "all in windows");
+    assert_eq!(entries(&sliced, "recent"), 0);
+    // A window has a part in each run that holds it, and at most one run
+    // per level is left.
+    assert!((96..=3 * 96).contains(&entries(&sliced, "runs")));
+    assert_eq!(answers(&sliced), answers(&plain), "all in runs");
 }

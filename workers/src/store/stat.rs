@@ -14,6 +14,7 @@ use super::{
     codec::{parse_latest_key, parse_latest_value, parse_window_key, recent_head, WindowKey},
     error::{corrupt, io, lmdb, StoreError},
     read::for_each_recent,
+    runs::{from_key, Merged, RunsState},
     LatestRow, StoreReader,
 };
 use crate::window::Aggregate;
@@ -35,7 +36,7 @@ pub struct DayStat {
     pub page_size: u32,
     /// Messages applied in this day (`meta`).
     pub messages_applied: u64,
-    /// Entries per named database.
+    /// Entries per named database; `runs`: of all run slots together.
     pub databases: Vec<(String, u64)>,
 }
 
@@ -64,6 +65,17 @@ impl StoreReader {
                     let s = db.stat(rtxn).map_err(&err)?;
                     pages += s.branch_pages + s.leaf_pages + s.overflow_pages;
                     databases.push((name.to_owned(), s.entries as u64));
+                }
+                // The run slots as one (a window being merged counts in its
+                // source and in the target).
+                if !day.runs.is_empty() {
+                    let mut entries = 0;
+                    for db in &day.runs {
+                        let s = db.stat(rtxn).map_err(&err)?;
+                        pages += s.branch_pages + s.leaf_pages + s.overflow_pages;
+                        entries += s.entries as u64;
+                    }
+                    databases.push(("runs".to_owned(), entries));
                 }
                 let applied = day.messages_applied(rtxn)?;
                 Ok((databases, pages as u64, applied))
@@ -135,10 +147,15 @@ impl StoreReader {
                         },
                     )
                 };
-                for entry in day.windows.iter(rtxn).map_err(lmdb(name))? {
-                    let (k, v) = entry.map_err(lmdb(name))?;
-                    let mut agg = Aggregate::from_bytes(v)
-                        .ok_or_else(|| corrupt(name, "window aggregate"))?;
+                // `windows` and the runs, each from its floor on.
+                let runs = RunsState::read(day, rtxn)?;
+                let mut sorted = vec![from_key(day.windows, rtxn, &[]).map_err(lmdb(name))?];
+                for (db, slot) in day.runs.iter().zip(0u8..) {
+                    sorted.push(from_key(*db, rtxn, runs.floor(slot)).map_err(lmdb(name))?);
+                }
+                let mut sorted = Merged::new(name, sorted)?;
+                while let Some((k, window)) = sorted.next_window()? {
+                    let mut agg = window.aggregate(name)?;
                     while let Some((rk, ragg)) = recent.next_if(|(rk, _)| rk.as_slice() <= k) {
                         if rk.as_slice() == k {
                             agg.merge(&ragg);

@@ -16,7 +16,9 @@ use super::{
     day_name, day_number,
     error::{corrupt, io, StoreError},
     read::{day_dirs, SharedReader, StoreReader},
-    rollup, Clock, Message, StoreConfig, Verdict,
+    rollup,
+    runs::{merge_step, start_merges, RUN_FAN_IN},
+    Clock, Message, StoreConfig, Verdict,
 };
 use crate::window::{NS_PER_DAY, NS_PER_SEC};
 
@@ -36,6 +38,9 @@ pub struct Store {
     backlog: Backlog,
     /// The last finished compaction's buffers, for the next load.
     spare: Buffers,
+    /// Complete runs of one level merged into one of the next:
+    /// [`RUN_FAN_IN`]; tests lower it to merge sooner.
+    pub(super) fan_in: usize,
     /// Tests: every load takes exactly this many steps (and then waits for
     /// its thread), so what is written meanwhile does not depend on how
     /// fast the machine loads.
@@ -71,7 +76,7 @@ enum Task {
         handle: std::thread::JoinHandle<Result<Compaction, StoreError>>,
         steps: usize,
     },
-    /// Being merged into `windows`, a slice after each batch (or when idle).
+    /// Being appended to its run, a slice after each batch (or when idle).
     Merging(Compaction),
 }
 
@@ -91,18 +96,24 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// What one [`Store::compact_due`] step did for a day.
+/// What one [`Store::compact_due`] step did for a day: a slice of a
+/// compaction of `recent` into a run, or of a merge of runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompactionStep {
     /// The day, `YYYY-MM-DD`.
     pub day: String,
-    /// Windows merged into `windows` by this step.
+    /// Windows written to a run by this step.
     pub windows: usize,
-    /// Whether the day's compaction ended with it.
+    /// Whether the compaction (or the merge) ended with it.
     pub done: bool,
     /// The writer's time on this step, seconds.
     pub seconds: f64,
+    /// Whether it was a slice of a merge of runs.
+    pub merge: bool,
 }
+
+/// Windows per transaction of a merge of runs in [`Store::compact_all`].
+const MERGE_ALL_SLICE: usize = 1 << 20;
 
 /// What lateness, the future limit and retention allow, fixed once per batch.
 struct Limits {
@@ -136,6 +147,7 @@ impl Store {
             written: 0,
             backlog: Backlog::default(),
             spare: Buffers::default(),
+            fan_in: RUN_FAN_IN,
             #[cfg(test)]
             load_steps: None,
             published: Arc::default(),
@@ -283,12 +295,43 @@ impl Store {
             if let Some(step) = self.compaction_step(&day, slice, false)? {
                 done.push(step);
             }
+            self.merge_steps(&day, slice, &mut done)?;
         }
         Ok(done)
     }
 
+    /// Starts the day's merges of runs that are due, and merges up to
+    /// `slice` windows of each merge in progress, one transaction each.
+    ///
+    /// Each level merges on its own, at the pace of the writes, like a
+    /// compaction: a merge of level L ends before the level below has
+    /// made [`RUN_FAN_IN`] more runs of level L (module `runs`).
+    fn merge_steps(
+        &mut self,
+        day: &Day,
+        slice: usize,
+        out: &mut Vec<CompactionStep>,
+    ) -> Result<(), StoreError> {
+        let fan_in = self.fan_in;
+        let targets = retry_map_full(&self.config, day, |day| start_merges(day, fan_in))?;
+        for target in targets {
+            let started = std::time::Instant::now();
+            let (windows, done) =
+                retry_map_full(&self.config, day, |day| merge_step(day, target, slice))?;
+            out.push(CompactionStep {
+                day: day.name.clone(),
+                windows,
+                done,
+                seconds: started.elapsed().as_secs_f64(),
+                merge: true,
+            });
+        }
+        Ok(())
+    }
+
     /// Compacts every day to the end now, however few windows `recent`
-    /// holds (a benchmark's or test's end state); the windows merged.
+    /// holds, and ends the merges of runs that are due (a benchmark's or
+    /// test's end state); the windows moved out of `recent`.
     ///
     /// # Errors
     /// As [`Store::compact_due`].
@@ -303,6 +346,14 @@ impl Store {
                     if step.done {
                         break;
                     }
+                }
+            }
+            // And the merges of runs that are due (or that this makes due).
+            loop {
+                let mut steps = Vec::new();
+                self.merge_steps(&day, MERGE_ALL_SLICE, &mut steps)?;
+                if steps.is_empty() {
+                    break;
                 }
             }
         }
@@ -381,6 +432,7 @@ impl Store {
             windows,
             done,
             seconds: started.elapsed().as_secs_f64(),
+            merge: false,
         }))
     }
 
