@@ -31,9 +31,9 @@ async fn sent_to_subscribers(monitor: u16) -> (u64, u64) {
 async fn three_core_workers_in_a_queue_group_match_independent_aggregates() {
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    // Small compactions, so that each worker compacts `recent` into
-    // `windows` several times while messages flow and queries read windows
-    // split between them.
+    // Small compactions, so that each worker compacts `recent` into runs
+    // several times and merges runs while messages flow, and queries read
+    // windows split between them.
     let config = dir.path().join("compaction.toml");
     std::fs::write(
         &config,
@@ -58,7 +58,7 @@ async fn three_core_workers_in_a_queue_group_match_independent_aggregates() {
         wait_applied(&refs, 1_000_000.0, Duration::from_secs(120)).await,
         "not all applied"
     );
-    let mut shares = Vec::new();
+    let (mut shares, mut merged) = (Vec::new(), 0.0);
     for w in &workers {
         assert_eq!(
             w.metric("windrow_worker_slow_consumer_events_total", "")
@@ -70,6 +70,9 @@ async fn three_core_workers_in_a_queue_group_match_independent_aggregates() {
         // minute or two of each of 10,000 devices), 20,000 at a time.
         let compactions = w.metric("windrow_worker_compactions_total", "").await;
         assert!(compactions >= 3.0, "{compactions} compactions");
+        merged += w
+            .metric("windrow_worker_merged_run_windows_total", "")
+            .await;
         assert_eq!(
             w.metric("windrow_worker_compaction_errors_total", "").await,
             0.0
@@ -79,6 +82,8 @@ async fn three_core_workers_in_a_queue_group_match_independent_aggregates() {
         shares.iter().all(|s| *s > 0.0),
         "each worker took a share: {shares:?}"
     );
+    // About 16 compactions each: the runs of level 0 merge every 4.
+    assert!(merged > 0.0, "no run was merged");
     let from = base - 120_000_000_000;
     let to = now_ns();
     let got = query_windows(&nats, 60, from, to, 3).await;

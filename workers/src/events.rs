@@ -193,8 +193,9 @@ impl Metrics {
         );
     }
 
-    /// A compaction step merged `windows` in `seconds` (of the writer's
-    /// time, between two batches); `done` if it ended its compaction.
+    /// A compaction step wrote `windows` to its run in `seconds` (of the
+    /// writer's time, between two batches); `done` if it ended its
+    /// compaction.
     pub fn compacted(&self, day: &str, windows: usize, seconds: f64, done: bool) {
         self.compacted_windows.inc_by(windows as u64);
         self.compaction_slice_seconds.observe(seconds);

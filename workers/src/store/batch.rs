@@ -380,8 +380,8 @@ impl Pending {
     }
 }
 
-/// Merges window deltas, in ascending key order, into `db` (`windows` or
-/// `recent`).
+/// Merges window deltas, in ascending key order, into `db` (a `recent`
+/// database).
 fn merge_windows<'k>(
     day: &DayEnv,
     db: Database<Bytes, Bytes>,

@@ -116,7 +116,7 @@ pub const RECENT_HEAD: usize = 12;
 /// A batch's windows are written to `recent` in this order: one batch's
 /// windows lie next to each other (the current seconds and minutes of every
 /// series), so a commit rewrites a few pages at the end of the tree. In the
-/// series-first order of `windows`, every series a batch touches dirties a
+/// series-first order of `windows` and the runs, every series a batch touches dirties a
 /// page of its own once it has a page of windows: measured, 11 KiB written
 /// per message after a quarter of an hour of 20,000 series (BENCHMARKS.md).
 pub fn put_recent_key(buf: &mut Vec<u8>, head: &[u8; RECENT_HEAD], latest: &[u8]) {

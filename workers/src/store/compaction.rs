@@ -81,7 +81,7 @@ fn refit<T>(mut v: Vec<T>, need: usize) -> Vec<T> {
 /// on, sorted and folded by window key: the compaction to run.
 ///
 /// `recent` holds its windows time first (resolution, start, names), as one
-/// run of ascending names per resolution and start; `windows` wants them
+/// run of ascending names per resolution and start; a run wants them
 /// names first. Since one name's windows are in the same order either way,
 /// a stable sort of the windows by their names alone makes the window-key
 /// order, and it merges the runs it finds rather than comparing every key

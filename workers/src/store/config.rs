@@ -28,16 +28,17 @@ pub struct StoreConfig {
     /// Samples newer than now plus this are rejected, seconds. Default 300.
     pub max_future_secs: u64,
     /// Windows a day's `recent` database (where batches write, time first)
-    /// collects before the writer merges them into `windows` (by series).
-    /// Larger: fewer pages rewritten per message when a batch touches many
-    /// series, but longer compactions (the writer pauses for them) and about
+    /// collects before the writer compacts them into a run (by series).
+    /// Larger: fewer, larger runs (fewer levels for a window to be merged
+    /// through), but longer compactions (the writer pauses for them) and about
     /// 110 bytes of memory per window while one runs, and as much again per
     /// coarser resolution rolled up from it (220 with the default
     /// resolutions, whose `recent` holds only the seconds), plus about 64
     /// for loading them; what the largest compaction so far needed stays
     /// allocated for the next one. Default 1,000,000.
     pub recent_max_windows: u64,
-    /// Windows a compaction merges per transaction, one such slice after
+    /// Windows a compaction (and each merge of runs in progress) writes per
+    /// transaction, one such slice after
     /// each batch (or, if more, 2 × (1 + rollups) times the sum of what
     /// the batch before it wrote and, for 16 slices after the load, a
     /// sixteenth of what was written while the compaction's windows

@@ -78,8 +78,8 @@ pub(super) struct DayEnv {
     /// `recent.0` and `recent.1`: windows by resolution and start first (see
     /// [`put_recent_key`](super::codec::put_recent_key)). Batches write to the
     /// active one ([`RecentState`]); a compaction freezes it, makes the other
-    /// active, and merges the frozen one into `windows` in slices. Readers
-    /// merge all three. `None` only in a version 1 day opened read-only.
+    /// active, and appends the frozen one to a new run in slices. Readers
+    /// merge them with the runs and `windows`. `None` only in a version 1 day opened read-only.
     pub recent: Option<[Database<Bytes, Bytes>; 2]>,
     pub latest: Database<Bytes, Bytes>,
     pub applied: Database<Bytes, Bytes>,
@@ -506,7 +506,8 @@ impl DayEnv {
 pub(super) const RECENT_ACTIVE: &[u8] = b"recent_active";
 
 /// `meta` key, present while a compaction runs: the window key up to which
-/// (exclusive) the frozen `recent` database has been merged into `windows`.
+/// (exclusive) the frozen `recent` database is in its run already (or, for
+/// a compaction a build before format version 5 began, in `windows`).
 pub(super) const COMPACTED_BELOW: &[u8] = b"compacted_below";
 
 /// See [`DayEnv::recent_state`].
@@ -515,7 +516,7 @@ pub(super) struct RecentState {
     /// Index of the `recent` database batches write to.
     pub active: usize,
     /// While a compaction runs: the other database's windows with keys below
-    /// this are in `windows` already, and readers skip them there.
+    /// this are in the compaction's run already, and readers skip them there.
     pub merged_below: Option<Vec<u8>>,
 }
 

@@ -1,37 +1,45 @@
 //! The per-node LMDB store: one environment per UTC day of the sample time.
 //!
-//! Layout: `<dir>/YYYY-MM-DD/data.mdb`, each with five named databases:
-//! - `windows`: series 0x00 field 0x00 resolution (u32 BE) start (u64 BE, sign
-//!   bit flipped so negative times sort first): order preserving, one series
-//!   is a prefix and a time range a contiguous run → the
+//! Layout: `<dir>/YYYY-MM-DD/data.mdb`, each with these named databases:
+//! - `run.0` to `run.63` (format version 5): sorted runs of windows, keyed
+//!   series 0x00 field 0x00 resolution (u32 BE) start (u64 BE, sign bit
+//!   flipped so negative times sort first): order preserving, one series is
+//!   a prefix and a time range a contiguous run → the
 //!   [`Aggregate`](crate::window::Aggregate) of the window: 64 bytes, or 16
-//!   (time and value) for a window of one sample, from format version 4 on;
+//!   (time and value) for a window of one sample, from format version 4 on.
+//!   Each compaction writes one run by appending; runs of one level merge
+//!   into one of the next (module `runs`, which says why);
+//! - `windows`: the same keys, in one B-tree: where compaction merged
+//!   before format version 5. A day written by an older build keeps what
+//!   it holds there; nothing is written to it any more;
 //! - `recent.0` and `recent.1`: the same windows keyed time first
 //!   (resolution, start, series 0x00 field), where each batch writes them to
 //!   the active one: a batch's windows are neighbours there, so a commit
 //!   rewrites a few pages instead of a page per series. Once the active one
 //!   holds `recent_max_windows`, the writer freezes it, makes the other one
-//!   active, and merges the frozen one into `windows` in slices of
-//!   `compaction_slice_windows`, one transaction each, between batches
-//!   or when no batch comes
-//!   (compaction, module `compaction`); `meta` `recent_active` and `compacted_below` record where
-//!   it stands, so readers skip what is merged and a restart resumes. A
-//!   window may have parts in all three; every read merges them. Batches
-//!   write only the finest resolution of those the day rolls up
-//!   (module `rollup`): its coarser windows (default: the minutes) are merged
-//!   from the fine ones by compaction, and rolled up on reading `recent`;
+//!   active, and appends the frozen one, sorted by window key, to a new run
+//!   in slices of `compaction_slice_windows`, one transaction each, between
+//!   batches or when no batch comes (compaction, module `compaction`);
+//!   `meta` `recent_active` and `compacted_below` record where it stands, so
+//!   readers skip what is in the run already and a restart resumes. A
+//!   window may have parts in `windows`, in several runs and in `recent`;
+//!   every read merges them. Batches write only the finest resolution of
+//!   those the day rolls up (module `rollup`): its coarser windows (default:
+//!   the minutes) are made from the fine ones by compaction, and rolled up
+//!   on reading `recent`;
 //! - `latest`: series 0x00 field → time and value of the newest sample;
 //! - `applied`: stream 0x00 (seq >> 16) → roaring bitmap of the low 16 bits of
 //!   the JetStream sequences applied in this day. It is written in the same
 //!   transaction as the windows the messages changed, which is what makes
 //!   applying idempotent: a redelivery after a crash between commit and ack
 //!   finds its sequence and changes nothing;
-//! - `meta`: `format_version` (4; version 1, without `recent`, is read and
-//!   upgraded to 2 when opened for writing; 1 and 2 have no rollups and
-//!   keep 64-byte values; 3, with 64-byte values only, becomes 4 when
-//!   opened for writing),
+//! - `meta`: `format_version` (5; versions 1 to 4 are read, and become 5
+//!   when opened for writing: a version 1 day gets its `recent` databases,
+//!   every older day its run slots; days of versions 1 and 2 have no
+//!   rollups, and values written before version 4 are 64 bytes),
 //!   `created_at`, `rollups` (e.g. `60:1`: the minutes are rolled up from
-//!   the seconds; fixed when the day is created), `messages_applied`.
+//!   the seconds; fixed when the day is created), `messages_applied`, and
+//!   the runs' slots (`runs`, `run_filling`, `runs_merges`; module `runs`).
 //!
 //! Why a day per environment: retention deletes a whole directory (no per-key
 //! deletes, no free-page churn, the file shrinks at once), a day's map grows

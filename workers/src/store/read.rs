@@ -149,7 +149,7 @@ fn scan<'t>(
 
 /// Calls `f` with the window key and value of every window in the day's
 /// `recent` databases whose `recent` key lies in `range`, except what a
-/// compaction in progress has merged into `windows` already (below its floor
+/// compaction in progress has written to its run already (below its floor
 /// in the frozen database).
 ///
 /// With `roll_up`, only the windows of its fine resolution are taken, each

@@ -8,7 +8,7 @@
 //! resolutions are *rolled up* from the finest one (each coarser resolution
 //! that is a multiple of it). Batches write only the finest of those; a
 //! compaction merges every fine window into its coarse window too, in
-//! `windows`; a read of a coarse resolution takes what `recent` still holds
+//! the run it writes; a read of a coarse resolution takes what `recent` still holds
 //! of the finest and rolls it up as it reads. The answers are the same as
 //! with every resolution written (tested against a model, through
 //! compactions at any point).

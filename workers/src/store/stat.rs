@@ -111,7 +111,8 @@ impl StoreReader {
             day.read(|rtxn| {
                 let name = day.name.as_str();
                 // `recent` is bounded by `recent_max_windows`: held in memory
-                // by window key, merged into the walk over `windows`.
+                // by window key, merged into the walk over `windows` and
+                // the runs.
                 let mut recent = BTreeMap::<Vec<u8>, Aggregate>::new();
                 // Also the windows the day rolls up from them: a scan of
                 // each fine resolution's part of `recent` per rollup.

@@ -235,12 +235,13 @@ impl Store {
     /// One step of compaction for every day that needs one: a day whose
     /// active `recent` database holds `recent_max_windows` or more starts a
     /// compaction (see [`StoreConfig::recent_max_windows`]), and a day with a
-    /// compaction in progress (also one a previous process left) merges its
-    /// next `compaction_slice_windows` windows, or 2 × (1 + rollups) times
+    /// compaction in progress (also one a previous process left) writes its
+    /// next `compaction_slice_windows` windows to its run, or 2 × (1 + rollups) times
     /// what the batch since the last call wrote to `recent` (plus a share of
     /// what was written while the compaction's windows loaded) if that is
-    /// more, so that compaction outpaces the writes. Returns per day the
-    /// windows merged and whether its compaction is done. The writer thread calls it
+    /// more, so that compaction outpaces the writes; then each merge of runs
+    /// in progress (or due) writes as many. Returns per day the slices: the
+    /// windows written and whether the compaction or merge is done. The writer thread calls it
     /// after every batch, so the batches in between wait for one slice at
     /// most, never for a whole compaction, and when no batch came for a
     /// while, so that a compaction also ends when traffic stops.
