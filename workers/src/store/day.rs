@@ -29,20 +29,18 @@ use super::{
 /// The `meta` value of `format_version` this build writes into a new day.
 ///
 /// Version 2 added the `recent` databases, version 3 the `rollups` (coarse
-/// windows derived from fine ones, see [`super::rollup`]). This build also
-/// reads versions 1 and 2 and writes to them as they were written (a
-/// version 1 day gets its `recent` databases and becomes version 2; neither
-/// gets rollups, since its `recent` windows were written at every
-/// resolution). Version 4 stores a window of one sample in 16 bytes
-/// instead of 64 ([`Aggregate::encode`](crate::window::Aggregate::encode));
-/// a version 3 day opened for writing becomes version 4, since the two
-/// differ in nothing else. Older builds refuse a newer day instead of
-/// answering without its recent or rolled-up windows, or failing on a short
-/// value. Version 5 adds the sorted runs ([`super::runs`]): compaction
-/// writes a day's windows there instead of into `windows`. Every day
-/// opened for writing becomes version 5 (its `windows` keep what they
-/// hold, and from then on it writes short values); a version 1 or 2 day
-/// keeps having no rollups.
+/// windows derived from fine ones, see [`super::rollup`]), version 4
+/// stores a window of one sample in 16 bytes instead of 64
+/// ([`Aggregate::encode`](crate::window::Aggregate::encode)), and version
+/// 5 the sorted runs ([`super::runs`]): compaction writes a day's windows
+/// there instead of into `windows`. This build reads every version, and
+/// every day it opens for writing becomes version 5: a version 1 day gets
+/// its `recent` databases, every day its run slots; what `windows` holds
+/// stays there (read, never written again); values are written short from
+/// then on; a version 1 or 2 day keeps having no rollups (its `recent`
+/// windows were written at every resolution). Older builds refuse a newer
+/// day instead of answering without its recent, rolled-up or compacted
+/// windows, or failing on a short value.
 const FORMAT_VERSION: &[u8] = b"5";
 
 /// The versions this build reads.
@@ -71,7 +69,7 @@ pub(super) struct DayEnv {
     /// series. Filled from `recent` by compaction before format version 5;
     /// since, read only.
     pub windows: Database<Bytes, Bytes>,
-    /// The run slots `run.0` to `run.39` ([`super::runs`]): windows keyed as
+    /// The run slots `run.0` to `run.127` ([`super::runs`]): windows keyed as
     /// in `windows`, each slot a sorted run written by appending. Empty in
     /// a day before version 5 opened read-only.
     pub runs: Vec<Database<Bytes, Bytes>>,

@@ -56,6 +56,13 @@ pub enum StoreError {
         /// The day.
         day: String,
     },
+    /// This process opened the day read-only before a worker gave it its
+    /// run slots (format version 5): its runs are out of this view's reach.
+    #[error("day {day} was upgraded to format version 5 after this reader opened it; open the store again")]
+    UpgradedSinceOpened {
+        /// The day.
+        day: String,
+    },
     /// A name cannot be part of a key: it contains 0x00 (the key separator) or
     /// makes the key longer than LMDB allows.
     #[error("invalid {what} {value:?}: {reason}")]
@@ -90,7 +97,10 @@ impl StoreError {
     /// larger `max_map_bytes` helps).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Io { .. } | Self::OpenReadOnly { .. } | Self::NoFreeRunSlot { .. } => true,
+            Self::Io { .. }
+            | Self::OpenReadOnly { .. }
+            | Self::NoFreeRunSlot { .. }
+            | Self::UpgradedSinceOpened { .. } => true,
             Self::MapFull { .. }
             | Self::Corrupt { .. }
             | Self::InvalidKey { .. }

@@ -194,6 +194,9 @@ mod size_tests;
 mod recent_tests;
 
 #[cfg(test)]
+mod runs_tests;
+
+#[cfg(test)]
 mod day_name_tests {
     use super::*;
     use proptest::prelude::*;

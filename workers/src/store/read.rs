@@ -265,12 +265,10 @@ impl StoreReader {
                 // `windows` and the runs: the same keys, each read from its
                 // floor on (what a merge of runs has moved on is skipped).
                 let runs = RunsState::read(day, rtxn)?;
-                let sorted = std::iter::once((day.windows, &[][..])).chain(
-                    day.runs
-                        .iter()
-                        .zip(0u8..)
-                        .map(|(db, slot)| (*db, runs.floor(slot))),
-                );
+                let mut sorted = vec![(day.windows, &[][..])];
+                for (slot, floor) in runs.in_use() {
+                    sorted.push((day.run_db(slot)?, floor));
+                }
                 let mut add = |k: &[u8], v: &[u8]| -> Result<(), StoreError> {
                     let (res, start) =
                         window_key_tail(k).ok_or_else(|| corrupt(&day.name, "window key"))?;

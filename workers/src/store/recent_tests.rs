@@ -17,7 +17,7 @@ const ALL: (i64, i64) = (i64::MIN, i64::MAX);
 /// The next compaction step of the store's only day, once the frozen
 /// windows are loaded (on a thread of their own, so a call may find them not
 /// ready yet and do nothing).
-fn next_step(s: &mut Store) -> CompactionStep {
+pub(super) fn next_step(s: &mut Store) -> CompactionStep {
     for _ in 0..2_000 {
         if let Some(step) = s.compact_due().unwrap().pop() {
             return step;
@@ -27,7 +27,7 @@ fn next_step(s: &mut Store) -> CompactionStep {
     panic!("no compaction step within 10 s");
 }
 
-fn store(dir: &std::path::Path, clock: &ManualClock) -> Store {
+pub(super) fn store(dir: &std::path::Path, clock: &ManualClock) -> Store {
     let config = StoreConfig {
         dir: dir.to_owned(),
         ..StoreConfig::default()
@@ -36,7 +36,7 @@ fn store(dir: &std::path::Path, clock: &ManualClock) -> Store {
 }
 
 /// Entries per database of the only day (`recent`: both together).
-fn entries(s: &StoreReader, db: &str) -> u64 {
+pub(super) fn entries(s: &StoreReader, db: &str) -> u64 {
     let stat = s.stat().unwrap();
     assert_eq!(stat.len(), 1, "{stat:?}");
     let names: &[&str] = match db {
@@ -56,7 +56,7 @@ fn entries(s: &StoreReader, db: &str) -> u64 {
 }
 
 /// Everything a reader can be asked, as one comparable value.
-fn answers(s: &StoreReader) -> (Vec<Vec<WindowRow>>, Vec<LatestRow>, String) {
+pub(super) fn answers(s: &StoreReader) -> (Vec<Vec<WindowRow>>, Vec<LatestRow>, String) {
     let from = T0 + 10 * MIN + 3 * NS_PER_SEC;
     let to = T0 + 11 * MIN + 30 * NS_PER_SEC;
     let windows = vec![
@@ -78,7 +78,7 @@ fn answers(s: &StoreReader) -> (Vec<Vec<WindowRow>>, Vec<LatestRow>, String) {
 
 /// Messages of three series over two minutes; `round` shifts values and
 /// times within the same windows, so rounds merge into each other's windows.
-fn batch(round: i64) -> Vec<Message> {
+pub(super) fn batch(round: i64) -> Vec<Message> {
     (0..90)
         .map(|i| {
             let series = ["a", "b/1", "b/2"][i as usize % 3];

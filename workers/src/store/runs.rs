@@ -16,8 +16,10 @@
 //! its leaves). A window is so written once per level: a day of 1,000
 //! compactions has 5 levels. Each level merges on its own, in slices like a
 //! compaction's, so a long merge high up never holds back the level below.
-//! Readers read every slot; a slot that is a merge's source only from the
-//! merge's floor on (what is below is in the merge's target already).
+//! Readers read every slot in use (free slots are empty); a slot that is a
+//! merge's source only from the merge's floor on (what is below is in the
+//! merge's target already). A merge frees its sources only when it ends, so
+//! while one runs, the windows it merges take their space twice.
 //!
 //! `meta` records the slots (one byte each):
 //! - `runs`: the complete runs, as (slot, level) pairs;
@@ -30,10 +32,11 @@
 //!
 //! A day has [`RUN_SLOTS`] slots, created with it. At [`RUN_FAN_IN`] 4, a
 //! level holds at most 4 runs being merged, about 3 new ones and the
-//! merge's target while the merges keep pace, so 64 slots serve about 8
-//! levels, far beyond a day's windows. With no free slot a compaction
-//! fails (its windows stay in `recent`, where readers find them) until a
-//! merge frees some.
+//! merge's target while the merges keep pace: 128 slots serve about 16
+//! levels, 4^16 compactions. A compaction takes a slot only while another
+//! stays free, which a merge can take: merges always go on, and free slots
+//! as they end. With no slot to spare a compaction waits (its windows stay
+//! in `recent`, where readers find them).
 
 use std::ops::Bound;
 
@@ -45,11 +48,17 @@ use super::{
 };
 use crate::window::Aggregate;
 
-/// Run slots per day (named databases `run.0` to `run.63`).
-pub(super) const RUN_SLOTS: usize = 64;
+/// Run slots per day (named databases `run.0` to `run.127`).
+pub(super) const RUN_SLOTS: usize = 128;
 
 /// Complete runs of one level that are merged into one of the next.
 pub(super) const RUN_FAN_IN: usize = 4;
+
+/// Most windows a merge writes in one transaction (they are read into
+/// memory first, up to a few tens of MB): a merge's slice follows the
+/// writes' pace like a compaction's, but its sources are not bounded by
+/// `recent_max_windows`.
+const MERGE_MAX_SLICE: usize = 1 << 18;
 
 const LIVE: &[u8] = b"runs";
 const FILLING: &[u8] = b"run_filling";
@@ -91,10 +100,20 @@ pub(super) struct RunsState {
 
 impl RunsState {
     /// Reads the state from `meta` (empty in a day without runs).
+    ///
+    /// # Errors
+    /// [`StoreError::UpgradedSinceOpened`] for a day this process opened
+    /// read-only before a worker gave it its run slots; as ever for a read
+    /// failure or a corrupt value.
     pub fn read(day: &DayEnv, txn: &RoTxn<'_>) -> Result<Self, StoreError> {
         let err = lmdb(&day.name);
         let bad = |what: &str| corrupt(&day.name, format!("meta {what}"));
         let slots = day.runs.len();
+        if slots == 0 && day.meta.get(txn, LIVE).map_err(&err)?.is_some() {
+            return Err(StoreError::UpgradedSinceOpened {
+                day: day.name.clone(),
+            });
+        }
         let slot = |s: u8, what: &str| {
             if usize::from(s) < slots {
                 Ok(s)
@@ -185,18 +204,33 @@ impl RunsState {
         })
     }
 
-    /// Takes a free slot for a compaction to fill.
+    /// Takes a free slot for a compaction to fill, if another stays free:
+    /// that one is a merge's, so that merges, which free slots, never wait
+    /// for a compaction, which takes one.
     ///
     /// # Errors
-    /// [`StoreError::NoFreeRunSlot`] when every slot is taken.
+    /// [`StoreError::NoFreeRunSlot`] when fewer than two slots are free.
     pub fn claim_filling(&mut self, day: &DayEnv) -> Result<u8, StoreError> {
-        let slot = self
-            .free_slot(day.runs.len())
-            .ok_or_else(|| StoreError::NoFreeRunSlot {
-                day: day.name.clone(),
-            })?;
+        let no_slot = || StoreError::NoFreeRunSlot {
+            day: day.name.clone(),
+        };
+        let slot = self.free_slot(day.runs.len()).ok_or_else(no_slot)?;
         self.filling = Some(slot);
+        if self.free_slot(day.runs.len()).is_none() {
+            self.filling = None;
+            return Err(no_slot());
+        }
         Ok(slot)
+    }
+
+    /// The slots that may hold windows, with the window key from which
+    /// readers take a slot's windows: the complete runs, the one a
+    /// compaction fills and the merges' targets. The others are empty.
+    pub fn in_use(&self) -> impl Iterator<Item = (u8, &[u8])> {
+        let live = self.live.iter().map(|r| (r.slot, self.floor(r.slot)));
+        let filling = self.filling.map(|s| (s, &[][..]));
+        let targets = self.merges.iter().map(|m| (m.target, &[][..]));
+        live.chain(filling).chain(targets)
     }
 
     /// The window keys of `slot` that readers take: from this one on.
@@ -401,7 +435,7 @@ pub(super) fn merge_step(
             .map(|s| from_key(day.run_db(*s)?, &w.txn, &m.floor).map_err(&err))
             .collect::<Result<Vec<_>, _>>()?;
         let mut merged = Merged::new(&day.name, sources)?;
-        while ends.len() < slice.max(1) {
+        while ends.len() < slice.clamp(1, MERGE_MAX_SLICE) {
             let Some((key, window)) = merged.next_window()? else {
                 break;
             };

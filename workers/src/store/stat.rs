@@ -110,9 +110,10 @@ impl StoreReader {
         for day in self.days.values() {
             day.read(|rtxn| {
                 let name = day.name.as_str();
-                // `recent` is bounded by `recent_max_windows`: held in memory
-                // by window key, merged into the walk over `windows` and
-                // the runs.
+                // `recent` is bounded by about `recent_max_windows` (more
+                // only while compaction cannot keep up): held in memory by
+                // window key, merged into the walk over `windows` and the
+                // runs.
                 let mut recent = BTreeMap::<Vec<u8>, Aggregate>::new();
                 // Also the windows the day rolls up from them: a scan of
                 // each fine resolution's part of `recent` per rollup.
@@ -151,8 +152,8 @@ impl StoreReader {
                 // `windows` and the runs, each from its floor on.
                 let runs = RunsState::read(day, rtxn)?;
                 let mut sorted = vec![from_key(day.windows, rtxn, &[]).map_err(lmdb(name))?];
-                for (db, slot) in day.runs.iter().zip(0u8..) {
-                    sorted.push(from_key(*db, rtxn, runs.floor(slot)).map_err(lmdb(name))?);
+                for (slot, floor) in runs.in_use() {
+                    sorted.push(from_key(day.run_db(slot)?, rtxn, floor).map_err(lmdb(name))?);
                 }
                 let mut sorted = Merged::new(name, sorted)?;
                 while let Some((k, window)) = sorted.next_window()? {

@@ -112,9 +112,6 @@ pub struct CompactionStep {
     pub merge: bool,
 }
 
-/// Windows per transaction of a merge of runs in [`Store::compact_all`].
-const MERGE_ALL_SLICE: usize = 1 << 20;
-
 /// What lateness, the future limit and retention allow, fixed once per batch.
 struct Limits {
     oldest_ns: i64,
@@ -239,12 +236,13 @@ impl Store {
     /// next `compaction_slice_windows` windows to its run, or 2 × (1 + rollups) times
     /// what the batch since the last call wrote to `recent` (plus a share of
     /// what was written while the compaction's windows loaded) if that is
-    /// more, so that compaction outpaces the writes; then each merge of runs
-    /// in progress (or due) writes as many. Returns per day the slices: the
-    /// windows written and whether the compaction or merge is done. The writer thread calls it
-    /// after every batch, so the batches in between wait for one slice at
-    /// most, never for a whole compaction, and when no batch came for a
-    /// while, so that a compaction also ends when traffic stops.
+    /// more, so that compaction outpaces the writes; before it, each merge of
+    /// runs in progress (or due) writes as many. Returns per day the slices:
+    /// the windows written and whether the compaction or merge is done. The
+    /// writer thread calls it after every batch, so the batches in between
+    /// wait for one slice of each at most, never for a whole compaction or
+    /// merge, and when no batch came for a while, so that a compaction also
+    /// ends when traffic stops.
     ///
     /// # Errors
     /// [`StoreError`]; nothing of the failing slice is committed (its windows
@@ -293,16 +291,18 @@ impl Store {
             .unwrap_or(usize::MAX)
             .max(written.saturating_mul(2 * (1 + rollups)));
         for day in days {
+            // Merges first: they free slots, which a compaction needs.
+            self.merge_steps(&day, slice, &mut done)?;
             if let Some(step) = self.compaction_step(&day, slice, false)? {
                 done.push(step);
             }
-            self.merge_steps(&day, slice, &mut done)?;
         }
         Ok(done)
     }
 
     /// Starts the day's merges of runs that are due, and merges up to
-    /// `slice` windows of each merge in progress, one transaction each.
+    /// `slice` windows of each merge in progress (at most a few hundred
+    /// thousand: see `runs`), one transaction each.
     ///
     /// Each level merges on its own, at the pace of the writes, like a
     /// compaction: a merge of level L ends before the level below has
@@ -352,7 +352,7 @@ impl Store {
             // And the merges of runs that are due (or that this makes due).
             loop {
                 let mut steps = Vec::new();
-                self.merge_steps(&day, MERGE_ALL_SLICE, &mut steps)?;
+                self.merge_steps(&day, usize::MAX, &mut steps)?;
                 if steps.is_empty() {
                     break;
                 }
