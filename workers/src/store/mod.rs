@@ -1,7 +1,7 @@
 //! The per-node LMDB store: one environment per UTC day of the sample time.
 //!
 //! Layout: `<dir>/YYYY-MM-DD/data.mdb`, each with these named databases:
-//! - `run.0` to `run.63` (format version 5): sorted runs of windows, keyed
+//! - `run.0` to `run.127` (format version 5): sorted runs of windows, keyed
 //!   series 0x00 field 0x00 resolution (u32 BE) start (u64 BE, sign bit
 //!   flipped so negative times sort first): order preserving, one series is
 //!   a prefix and a time range a contiguous run → the
