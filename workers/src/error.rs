@@ -1,6 +1,6 @@
 //! The worker's error type.
 
-/// Errors that end [`crate::run`]; per-message problems are dead-lettered instead.
+/// Errors that end [`crate::run()`]; per-message problems are dead-lettered instead.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The configuration is invalid; nothing was started.
