@@ -74,17 +74,18 @@ pub struct WriterGone;
 /// it did. A failure leaves the windows in `recent`, where readers find them,
 /// and the next batch or idle tick tries again.
 fn compact_due(store: &mut Store, metrics: &Metrics) {
-    match store.compact_due() {
-        Ok(steps) => {
-            for step in steps {
-                if step.merge {
-                    metrics.merged_runs(&step.day, step.windows, step.seconds, step.done);
-                } else {
-                    metrics.compacted(&step.day, step.windows, step.seconds, step.done);
-                }
-            }
+    let mut steps = Vec::new();
+    // The slices committed count even if a later one failed.
+    let result = store.compact_due_into(&mut steps);
+    for step in steps {
+        if step.merge {
+            metrics.merged_runs(&step.day, step.windows, step.seconds, step.done);
+        } else {
+            metrics.compacted(&step.day, step.windows, step.seconds, step.done);
         }
-        Err(e) => metrics.compaction_failed(&e),
+    }
+    if let Err(e) = result {
+        metrics.compaction_failed(&e);
     }
 }
 

@@ -75,7 +75,9 @@ pub(super) struct Reader {
     /// they come back after the ack wait, and the run waits for them even
     /// once it is offered messages past its end.
     pub(super) earlier_run_held: bool,
-    /// Key of the applied sequences ([`stream_identity`]): the live workers'.
+    /// Key of the applied sequences
+    /// ([`stream_identity`](crate::incoming::stream_identity)): the live
+    /// workers'.
     identity: Arc<str>,
     /// The durable consumer's ack wait (it paces the in-progress acks of held messages).
     pub(super) ack_wait: Duration,

@@ -204,8 +204,8 @@ struct Frozen<'t> {
 /// to it any more.
 ///
 /// # Errors
-/// [`StoreError::NoFreeRunSlot`] when every run slot is taken: nothing is
-/// frozen then.
+/// [`StoreError::NoFreeRunSlot`] when fewer than two run slots are free
+/// (one stays a merge's): nothing is frozen then.
 pub(super) fn start_compaction(day: &DayEnv) -> Result<Option<usize>, StoreError> {
     let err = lmdb(&day.name);
     let mut w = day.write_txn()?;

@@ -42,9 +42,9 @@ pub struct StoreConfig {
     /// each batch (or, if more, 2 × (1 + rollups) times the sum of what
     /// the batch before it wrote and, for 16 slices after the load, a
     /// sixteenth of what was written while the compaction's windows
-    /// loaded, so that compaction outpaces the writes): about the longest
-    /// the writer pauses for compaction between two batches. Default
-    /// 100,000.
+    /// loaded, so that compaction outpaces the writes; a merge's slice at
+    /// most 262,144): about the longest the writer pauses for compaction
+    /// between two batches. Default 100,000.
     pub compaction_slice_windows: u64,
 }
 

@@ -288,11 +288,15 @@ impl DayEnv {
             check_version(name, v)?;
         }
         let rollups = read_rollups(name, meta, &rtxn)?;
-        // All or none: a day gets every slot when it becomes version 5.
-        let runs = (0..RUN_SLOTS)
-            .map(|i| db(&slot_name(i)))
-            .collect::<Result<Option<Vec<_>>, _>>()?
-            .unwrap_or_default();
+        // The slots there are, in order (a day gets them all when it
+        // becomes version 5; none before).
+        let mut runs = Vec::new();
+        for i in 0..RUN_SLOTS {
+            match db(&slot_name(i))? {
+                Some(run) => runs.push(run),
+                None => break,
+            }
+        }
         // Commit, not drop: aborting the transaction that opened the handles
         // closes them, and later reads fail with EINVAL.
         rtxn.commit().map_err(&err)?;

@@ -97,11 +97,9 @@ impl StoreError {
     /// larger `max_map_bytes` helps).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Io { .. }
-            | Self::OpenReadOnly { .. }
-            | Self::NoFreeRunSlot { .. }
-            | Self::UpgradedSinceOpened { .. } => true,
+            Self::Io { .. } | Self::OpenReadOnly { .. } | Self::NoFreeRunSlot { .. } => true,
             Self::MapFull { .. }
+            | Self::UpgradedSinceOpened { .. }
             | Self::Corrupt { .. }
             | Self::InvalidKey { .. }
             | Self::InvalidConfig { .. } => false,

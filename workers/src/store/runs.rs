@@ -57,8 +57,13 @@ pub(super) const RUN_FAN_IN: usize = 4;
 /// Most windows a merge writes in one transaction (they are read into
 /// memory first, up to a few tens of MB): a merge's slice follows the
 /// writes' pace like a compaction's, but its sources are not bounded by
-/// `recent_max_windows`.
-const MERGE_MAX_SLICE: usize = 1 << 18;
+/// `recent_max_windows`. (Batches writing more than a quarter of this each
+/// make merges take more batches than the compactions they follow.)
+#[cfg(not(test))]
+pub(super) const MERGE_MAX_SLICE: usize = 1 << 18;
+/// Small in tests, so that slices of a merge hit it.
+#[cfg(test)]
+pub(super) const MERGE_MAX_SLICE: usize = 50;
 
 const LIVE: &[u8] = b"runs";
 const FILLING: &[u8] = b"run_filling";
@@ -197,7 +202,12 @@ impl RunsState {
     /// The lowest slot holding nothing: no run, none being filled, no
     /// merge's target.
     fn free_slot(&self, slots: usize) -> Option<u8> {
-        (0..slots).filter_map(|s| u8::try_from(s).ok()).find(|s| {
+        self.free_slots(slots).next()
+    }
+
+    /// The slots holding nothing, lowest first.
+    fn free_slots(&self, slots: usize) -> impl Iterator<Item = u8> + '_ {
+        (0..slots).filter_map(|s| u8::try_from(s).ok()).filter(|s| {
             !self.live.iter().any(|r| r.slot == *s)
                 && self.filling != Some(*s)
                 && !self.merges.iter().any(|m| m.target == *s)
@@ -209,17 +219,26 @@ impl RunsState {
     /// for a compaction, which takes one.
     ///
     /// # Errors
-    /// [`StoreError::NoFreeRunSlot`] when fewer than two slots are free.
+    /// [`StoreError::NoFreeRunSlot`] when fewer than two slots are free;
+    /// [`StoreError::Corrupt`] when a slot is being filled already (its
+    /// windows would be lost to readers).
     pub fn claim_filling(&mut self, day: &DayEnv) -> Result<u8, StoreError> {
-        let no_slot = || StoreError::NoFreeRunSlot {
-            day: day.name.clone(),
-        };
-        let slot = self.free_slot(day.runs.len()).ok_or_else(no_slot)?;
-        self.filling = Some(slot);
-        if self.free_slot(day.runs.len()).is_none() {
-            self.filling = None;
-            return Err(no_slot());
+        if let Some(slot) = self.filling {
+            return Err(corrupt(
+                &day.name,
+                format!("meta run_filling: slot {slot} is being filled already"),
+            ));
         }
+        let two = {
+            let mut free = self.free_slots(day.runs.len());
+            (free.next(), free.next())
+        };
+        let (Some(slot), Some(_spare)) = two else {
+            return Err(StoreError::NoFreeRunSlot {
+                day: day.name.clone(),
+            });
+        };
+        self.filling = Some(slot);
         Ok(slot)
     }
 

@@ -1,12 +1,13 @@
 //! Runs (module `runs`): every answer is the same at every slice of a merge
 //! of runs and across a restart in the middle of one; a compaction that a
 //! build before runs began into `windows` ends in a run; a compaction waits
-//! for a free slot while merges go on and free some.
+//! for a free slot while merges go on and free some; a merge's transaction
+//! holds at most [`MERGE_MAX_SLICE`] windows.
 
 use std::sync::Arc;
 
 use super::recent_tests::{answers, batch, entries, next_step, store};
-use super::runs::{Run, RunsState};
+use super::runs::{merge_step, start_merges, Run, RunsState, MERGE_MAX_SLICE};
 use super::tests::{msg, MIN, T0};
 use super::*;
 use crate::window::NS_PER_SEC;
@@ -237,5 +238,45 @@ fn a_compaction_waits_for_a_free_slot_and_merges_go_on_and_free_some() {
             level: 2
         }),
         "{state:?}"
+    );
+}
+
+#[test]
+fn a_merge_writes_at_most_its_cap_in_a_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0 + 60 * MIN);
+    let mut s = small_runs(&dir.path().join("capped"), &clock);
+    // No merges while the runs are made.
+    s.fan_in = usize::MAX;
+    let mut plain = store(&dir.path().join("plain"), &clock);
+    for chunk in readings().chunks(5) {
+        s.apply(chunk).unwrap();
+        plain.apply(chunk).unwrap();
+        s.compact_due().unwrap();
+        if runs_state(&s).live.len() >= 3 {
+            break;
+        }
+    }
+    let day = s.days.values().next().unwrap().clone();
+    let targets = start_merges(&day, 2).unwrap();
+    assert_eq!(targets.len(), 1, "{:?}", runs_state(&s));
+    let mut slices = 0;
+    loop {
+        let (windows, done) = merge_step(&day, targets[0], usize::MAX).unwrap();
+        assert!(windows <= MERGE_MAX_SLICE, "{windows}");
+        assert_eq!(answers(&s), answers(&plain), "after slice {slices}");
+        slices += 1;
+        if done {
+            break;
+        }
+    }
+    // Three runs of over 30 windows each: more than two capped slices.
+    assert!(slices >= 2, "{slices} slices");
+    assert_eq!(
+        runs_state(&s).live,
+        vec![Run {
+            slot: targets[0],
+            level: 1
+        }]
     );
 }

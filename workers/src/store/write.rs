@@ -249,6 +249,17 @@ impl Store {
     /// stay where readers find them) and the next call redoes it.
     pub fn compact_due(&mut self) -> Result<Vec<CompactionStep>, StoreError> {
         let mut done = Vec::new();
+        self.compact_due_into(&mut done)?;
+        Ok(done)
+    }
+
+    /// [`Store::compact_due`], putting the slices committed into `done`
+    /// even when a later one fails. A day's failure does not keep the other
+    /// days from their slices; the first error is returned.
+    ///
+    /// # Errors
+    /// As [`Store::compact_due`].
+    pub fn compact_due_into(&mut self, done: &mut Vec<CompactionStep>) -> Result<(), StoreError> {
         let days: Vec<Day> = self.reader.days.values().cloned().collect();
         // A window written to `recent` becomes up to one more window to
         // merge per rollup (its coarse windows), hence 1 + rollups per
@@ -290,14 +301,20 @@ impl Store {
         let slice = usize::try_from(self.config.compaction_slice_windows)
             .unwrap_or(usize::MAX)
             .max(written.saturating_mul(2 * (1 + rollups)));
+        let mut failed = None;
         for day in days {
             // Merges first: they free slots, which a compaction needs.
-            self.merge_steps(&day, slice, &mut done)?;
-            if let Some(step) = self.compaction_step(&day, slice, false)? {
-                done.push(step);
+            let result = self.merge_steps(&day, slice, done).and_then(|()| {
+                if let Some(step) = self.compaction_step(&day, slice, false)? {
+                    done.push(step);
+                }
+                Ok(())
+            });
+            if let (Err(e), None) = (result, &failed) {
+                failed = Some(e);
             }
         }
-        Ok(done)
+        failed.map_or(Ok(()), Err)
     }
 
     /// Starts the day's merges of runs that are due, and merges up to
@@ -340,6 +357,8 @@ impl Store {
         let days: Vec<Day> = self.reader.days.values().cloned().collect();
         let mut moved = 0;
         for day in days {
+            // Merges first, as in `compact_due`: they free slots.
+            self.finish_merges(&day)?;
             // An unfinished compaction first, then one of what is active.
             for _ in 0..2 {
                 while let Some(step) = self.compaction_step(&day, usize::MAX, true)? {
@@ -349,16 +368,21 @@ impl Store {
                     }
                 }
             }
-            // And the merges of runs that are due (or that this makes due).
-            loop {
-                let mut steps = Vec::new();
-                self.merge_steps(&day, usize::MAX, &mut steps)?;
-                if steps.is_empty() {
-                    break;
-                }
-            }
+            // And the merges of runs that this makes due.
+            self.finish_merges(&day)?;
         }
         Ok(moved)
+    }
+
+    /// Ends the day's merges of runs, and those their runs make due.
+    fn finish_merges(&mut self, day: &Day) -> Result<(), StoreError> {
+        loop {
+            let mut steps = Vec::new();
+            self.merge_steps(day, usize::MAX, &mut steps)?;
+            if steps.is_empty() {
+                return Ok(());
+            }
+        }
     }
 
     /// The day's next compaction slice, starting or resuming a compaction
