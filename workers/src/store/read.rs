@@ -23,7 +23,7 @@ use super::{
     day_start_ns,
     error::{corrupt, io, lmdb, StoreError},
     rollup::{self, Rollup},
-    runs::{Entries, RunsState},
+    runs::RunsState,
 };
 use crate::window::{Aggregate, NS_PER_DAY};
 
@@ -131,6 +131,25 @@ pub fn open_read_only(dir: &Path) -> Result<StoreReader, StoreError> {
     let mut reader = StoreReader::new(dir.to_owned());
     reader.refresh()?;
     Ok(reader)
+}
+
+/// Entries of a database in key order, as heed's iterators give them.
+pub(super) type Entries<'t> = Box<dyn Iterator<Item = heed::Result<(&'t [u8], &'t [u8])>> + 't>;
+
+/// Entries of `db` with keys from `key` on (all for an empty key, which
+/// LMDB cannot seek to).
+pub(super) fn from_key<'t>(
+    db: Database<Bytes, Bytes>,
+    txn: &'t RoTxn<'_>,
+    key: &[u8],
+) -> heed::Result<Entries<'t>> {
+    if key.is_empty() {
+        Ok(Box::new(db.iter(txn)?))
+    } else {
+        Ok(Box::new(
+            db.range(txn, &(Bound::Included(key), Bound::Unbounded))?,
+        ))
+    }
 }
 
 /// Entries with keys starting with `prefix` (LMDB has no empty key, so an

@@ -321,6 +321,20 @@ fn value_lengths(s: &StoreReader) -> (Vec<usize>, String) {
     .unwrap()
 }
 
+/// Every window of `db`, decoded.
+fn aggregates(
+    db: heed::Database<Bytes, Bytes>,
+    txn: &heed::RoTxn<'_>,
+) -> Vec<(Vec<u8>, Aggregate)> {
+    db.iter(txn)
+        .unwrap()
+        .map(|e| {
+            let (k, v) = e.unwrap();
+            (k.to_vec(), Aggregate::from_bytes(v).unwrap())
+        })
+        .collect()
+}
+
 /// Rewrites the only day as a version 3 build wrote it: every window value
 /// in its 64-byte form.
 fn make_version_3(s: &Store) {
@@ -328,15 +342,7 @@ fn make_version_3(s: &Store) {
     let mut w = day.write_txn().unwrap();
     // A version 3 build compacted into `windows`: the runs' windows go there.
     for run in day.runs.clone() {
-        let all: Vec<(Vec<u8>, Aggregate)> = run
-            .iter(&w.txn)
-            .unwrap()
-            .map(|e| {
-                let (k, v) = e.unwrap();
-                (k.to_vec(), Aggregate::from_bytes(v).unwrap())
-            })
-            .collect();
-        for (k, mut agg) in all {
+        for (k, mut agg) in aggregates(run, &w.txn) {
             if let Some(old) = day.windows.get(&w.txn, &k).unwrap() {
                 agg.merge(&Aggregate::from_bytes(old).unwrap());
             }
@@ -348,15 +354,7 @@ fn make_version_3(s: &Store) {
         day.meta.delete(&mut w.txn, key).unwrap();
     }
     for db in window_dbs(&day) {
-        let all: Vec<(Vec<u8>, Aggregate)> = db
-            .iter(&w.txn)
-            .unwrap()
-            .map(|e| {
-                let (k, v) = e.unwrap();
-                (k.to_vec(), Aggregate::from_bytes(v).unwrap())
-            })
-            .collect();
-        for (k, agg) in all {
+        for (k, agg) in aggregates(db, &w.txn) {
             db.put(&mut w.txn, &k, &agg.to_bytes()).unwrap();
         }
     }

@@ -38,13 +38,12 @@
 //! as they end. With no slot to spare a compaction waits (its windows stay
 //! in `recent`, where readers find them).
 
-use std::ops::Bound;
-
 use heed::{types::Bytes, Database, PutFlags, RoTxn, RwTxn};
 
 use super::{
     day::DayEnv,
     error::{corrupt, lmdb, StoreError},
+    read::{from_key, Entries},
 };
 use crate::window::Aggregate;
 
@@ -294,25 +293,6 @@ impl RunsState {
             });
             started = true;
         }
-    }
-}
-
-/// Entries of a database in key order, as heed's iterators give them.
-pub(super) type Entries<'t> = Box<dyn Iterator<Item = heed::Result<(&'t [u8], &'t [u8])>> + 't>;
-
-/// Entries of `db` with keys from `key` on (all for an empty key, which
-/// LMDB cannot seek to).
-pub(super) fn from_key<'t>(
-    db: Database<Bytes, Bytes>,
-    txn: &'t RoTxn<'_>,
-    key: &[u8],
-) -> heed::Result<Entries<'t>> {
-    if key.is_empty() {
-        Ok(Box::new(db.iter(txn)?))
-    } else {
-        Ok(Box::new(
-            db.range(txn, &(Bound::Included(key), Bound::Unbounded))?,
-        ))
     }
 }
 

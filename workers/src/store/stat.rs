@@ -13,8 +13,8 @@ use serde::Serialize;
 use super::{
     codec::{parse_latest_key, parse_latest_value, parse_window_key, recent_head, WindowKey},
     error::{corrupt, io, lmdb, StoreError},
-    read::for_each_recent,
-    runs::{from_key, Merged, RunsState},
+    read::{for_each_recent, from_key},
+    runs::{Merged, RunsState},
     LatestRow, StoreReader,
 };
 use crate::window::Aggregate;
