@@ -304,12 +304,19 @@ impl Store {
         let mut failed = None;
         for day in days {
             // Merges first: they free slots, which a compaction needs.
-            let result = self.merge_steps(&day, slice, done).and_then(|()| {
-                if let Some(step) = self.compaction_step(&day, slice, false)? {
-                    done.push(step);
-                }
-                Ok(())
-            });
+            // Half the compaction's slice for each merge: still more than
+            // the writes bring to a level (each window passes each level
+            // once, 1 + rollups per window written), so a merge of a level
+            // ends before the level below has made its next runs, and a
+            // merge beside a compaction adds half as much to the pause.
+            let result = self
+                .merge_steps(&day, slice.div_ceil(2), done)
+                .and_then(|()| {
+                    if let Some(step) = self.compaction_step(&day, slice, false)? {
+                        done.push(step);
+                    }
+                    Ok(())
+                });
             if let (Err(e), None) = (result, &failed) {
                 failed = Some(e);
             }
@@ -321,9 +328,10 @@ impl Store {
     /// `slice` windows of each merge in progress (at most a few hundred
     /// thousand: see `runs`), one transaction each.
     ///
-    /// Each level merges on its own, at the pace of the writes, like a
-    /// compaction: a merge of level L ends before the level below has
-    /// made [`RUN_FAN_IN`] more runs of level L (module `runs`).
+    /// Each level merges on its own, at the pace of the writes (see
+    /// [`Store::compact_due_into`]): a merge of level L ends before the
+    /// level below has made [`RUN_FAN_IN`] more runs of level L (module
+    /// `runs`).
     fn merge_steps(
         &mut self,
         day: &Day,
