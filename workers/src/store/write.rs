@@ -304,11 +304,11 @@ impl Store {
         let mut failed = None;
         for day in days {
             // Merges first: they free slots, which a compaction needs.
-            // Half the compaction's slice for each merge: still more than
-            // the writes bring to a level (each window passes each level
-            // once, 1 + rollups per window written), so a merge of a level
-            // ends before the level below has made its next runs, and a
-            // merge beside a compaction adds half as much to the pause.
+            // Half the compaction's slice for each merge: at least what the
+            // writes bring to a level (each window passes each level once,
+            // 1 + rollups per window written), more while the minimum
+            // slice holds, so merges keep pace with the writes; and a merge
+            // beside a compaction adds half as much to the pause.
             let result = self
                 .merge_steps(&day, slice.div_ceil(2), done)
                 .and_then(|()| {
@@ -328,10 +328,9 @@ impl Store {
     /// `slice` windows of each merge in progress (at most a few hundred
     /// thousand: see `runs`), one transaction each.
     ///
-    /// Each level merges on its own, at the pace of the writes (see
-    /// [`Store::compact_due_into`]): a merge of level L ends before the
-    /// level below has made [`RUN_FAN_IN`] more runs of level L (module
-    /// `runs`).
+    /// Each level merges on its own, at least at the pace the writes feed
+    /// it (see [`Store::compact_due_into`]), so a level holds about
+    /// [`RUN_FAN_IN`] runs being merged and fewer new ones (module `runs`).
     fn merge_steps(
         &mut self,
         day: &Day,
