@@ -31,9 +31,9 @@
 //!   sources are merged into the target.
 //!
 //! A day has [`RUN_SLOTS`] slots, created with it. At [`RUN_FAN_IN`] 4, a
-//! level holds at most 4 runs being merged, about 3 new ones and the
-//! merge's target while the merges keep pace: 128 slots serve about 16
-//! levels, 4^16 compactions. A compaction takes a slot only while another
+//! level holds 4 runs being merged, up to about 4 new ones and the merge's
+//! target while the merges keep pace: 128 slots serve about 14 levels,
+//! 4^14 compactions. A compaction takes a slot only while another
 //! stays free, which a merge can take: merges always go on, and free slots
 //! as they end. With no slot to spare a compaction waits (its windows stay
 //! in `recent`, where readers find them).
