@@ -37,14 +37,15 @@ pub struct StoreConfig {
     /// for loading them; what the largest compaction so far needed stays
     /// allocated for the next one. Default 1,000,000.
     pub recent_max_windows: u64,
-    /// Windows a compaction (and each merge of runs in progress) writes per
-    /// transaction, one such slice after
+    /// Windows a compaction writes per transaction, one such slice after
     /// each batch (or, if more, 2 × (1 + rollups) times the sum of what
     /// the batch before it wrote and, for 16 slices after the load, a
     /// sixteenth of what was written while the compaction's windows
-    /// loaded, so that compaction outpaces the writes; a merge's slice at
-    /// most 262,144): about the longest the writer pauses for compaction
-    /// between two batches. Default 100,000.
+    /// loaded, so that compaction outpaces the writes): about the longest
+    /// the writer pauses for compaction between two batches. Each merge of
+    /// runs in progress writes half of it per batch, or (1 + rollups)
+    /// times what the batch wrote if more, at most 262,144. Default
+    /// 100,000.
     pub compaction_slice_windows: u64,
 }
 

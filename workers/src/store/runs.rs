@@ -56,8 +56,9 @@ pub(super) const RUN_FAN_IN: usize = 4;
 /// Most windows a merge writes in one transaction (they are read into
 /// memory first, up to a few tens of MB): a merge's slice follows the
 /// writes' pace like a compaction's, but its sources are not bounded by
-/// `recent_max_windows`. (Batches writing more than a quarter of this each
-/// make merges take more batches than the compactions they follow.)
+/// `recent_max_windows`. (A merge's slice is what a batch brings to a
+/// level; with batches bringing more than this, merges take more batches
+/// than the compactions they follow.)
 #[cfg(not(test))]
 pub(super) const MERGE_MAX_SLICE: usize = 1 << 18;
 /// Small in tests, so that slices of a merge hit it.

@@ -282,6 +282,9 @@ impl Store {
             .values()
             .any(|t| matches!(t, Task::Loading { .. }));
         let mut written = std::mem::take(&mut self.written);
+        // Merges are paced on the writes alone: a compaction's load and
+        // backlog are none of theirs.
+        let fresh = written;
         if self.compactions.is_empty() {
             self.backlog = Backlog::default();
         } else if loading {
@@ -298,25 +301,23 @@ impl Store {
             written = written.saturating_add(share);
         }
         let rollups = days.iter().map(|d| d.rollups.len()).max().unwrap_or(0);
-        let slice = usize::try_from(self.config.compaction_slice_windows)
-            .unwrap_or(usize::MAX)
-            .max(written.saturating_mul(2 * (1 + rollups)));
+        let min_slice = usize::try_from(self.config.compaction_slice_windows).unwrap_or(usize::MAX);
+        let slice = min_slice.max(written.saturating_mul(2 * (1 + rollups)));
+        // For each merge: what the writes bring to a level (each window
+        // passes each level once, 1 + rollups per window written), at least
+        // half the minimum slice, so merges keep pace with the writes and
+        // go on when idle; a merge beside a compaction adds about half as
+        // much to the pause.
+        let merge_slice = min_slice.div_ceil(2).max(fresh.saturating_mul(1 + rollups));
         let mut failed = None;
         for day in days {
             // Merges first: they free slots, which a compaction needs.
-            // Half the compaction's slice for each merge: at least what the
-            // writes bring to a level (each window passes each level once,
-            // 1 + rollups per window written), more while the minimum
-            // slice holds, so merges keep pace with the writes; and a merge
-            // beside a compaction adds half as much to the pause.
-            let result = self
-                .merge_steps(&day, slice.div_ceil(2), done)
-                .and_then(|()| {
-                    if let Some(step) = self.compaction_step(&day, slice, false)? {
-                        done.push(step);
-                    }
-                    Ok(())
-                });
+            let result = self.merge_steps(&day, merge_slice, done).and_then(|()| {
+                if let Some(step) = self.compaction_step(&day, slice, false)? {
+                    done.push(step);
+                }
+                Ok(())
+            });
             if let (Err(e), None) = (result, &failed) {
                 failed = Some(e);
             }
@@ -329,8 +330,9 @@ impl Store {
     /// thousand: see `runs`), one transaction each.
     ///
     /// Each level merges on its own, at least at the pace the writes feed
-    /// it (see [`Store::compact_due_into`]), so a level holds about
-    /// [`RUN_FAN_IN`] runs being merged and fewer new ones (module `runs`).
+    /// it (see [`Store::compact_due_into`]), so a level holds
+    /// [`RUN_FAN_IN`] runs being merged and up to about as many new ones
+    /// (module `runs`).
     fn merge_steps(
         &mut self,
         day: &Day,
