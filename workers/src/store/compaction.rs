@@ -254,6 +254,8 @@ pub(super) fn compaction_step(
         .min(c.bufs.windows.len());
     let mut w = day.write_txn()?;
     let mut runs = RunsState::read(day, &w.txn)?;
+    // `meta` changes only when the slot is claimed or the run completes.
+    let mut changed = runs.filling.is_none();
     let slot = match runs.filling {
         Some(slot) => slot,
         None => runs.claim_filling(day)?,
@@ -273,9 +275,12 @@ pub(super) fn compaction_step(
             day.meta.delete(&mut w.txn, COMPACTED_BELOW).map_err(&err)?;
             runs.filling = None;
             runs.live.push(Run { slot, level: 0 });
+            changed = true;
         }
     }
-    runs.write(day, &mut w.txn)?;
+    if changed {
+        runs.write(day, &mut w.txn)?;
+    }
     w.commit(&day.name)?;
     let merged = end - c.next;
     c.next = end;
